@@ -1,0 +1,130 @@
+"""The `grpo-ensemble` command. Only this module turns errors into messages and exit codes:
+0 success, 1 a run that failed, 2 a bad invocation, recipe or input file.
+Set GRPO_ENSEMBLE_DEBUG=1 to see the traceback of any error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import GrpoEnsembleError, UserError
+
+app = typer.Typer(
+    name="grpo-ensemble",
+    help="GRPO for language models with groups pooled from an ensemble of models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field: key.path=value (repeatable)."),
+]
+
+
+@app.command()
+def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Train the policy of a recipe; writes the run directory."""
+    from .recipe import load_recipe
+    from .train import train as run_train
+
+    r = load_recipe(recipe, set_ or [])
+    console.print(f"run directory: {r.output_dir}")
+    result = run_train(r, console=console)
+    last = result.metrics[-1] if result.metrics else {}
+    console.print(
+        f"done: {len(result.metrics)} steps, last reward {last.get('reward', float('nan')):.3f}; "
+        f"final model in {result.model_dir}"
+    )
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe (schema, plugins, models, prompt files) without training."""
+    from .build import check_recipe
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    check_recipe(r)
+    console.print(f"{recipe}: ok (group size {r.group_size}, {r.train.steps} steps)")
+
+
+@app.command("plugins")
+def plugins_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every plugin with its version and the components it registers."""
+    from .plugins import plugin_infos
+
+    infos = plugin_infos()
+    if as_json:
+        typer.echo(json.dumps([vars(i) for i in infos], indent=2))
+        return
+    table = Table("plugin", "version", "components", "hooks")
+    for i in infos:
+        comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in i.components.items())
+        table.add_row(i.name, i.version, comps or "-", ", ".join(i.hooks))
+    console.print(table)
+
+
+def _register_plugin_commands() -> None:
+    from .plugins import get_plugin_manager
+
+    get_plugin_manager().hook.register_commands(app=app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and maps errors to exit codes."""
+    debug = os.environ.get("GRPO_ENSEMBLE_DEBUG") == "1"
+    err = Console(stderr=True)
+    try:
+        _register_plugin_commands()
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except GrpoEnsembleError as exc:
+        if debug:
+            raise
+        err.print(f"run failed: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # click usage errors, then anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if debug:
+            raise
+        err.print(
+            f"run failed: {type(exc).__name__}: {exc} (GRPO_ENSEMBLE_DEBUG=1 shows the traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Built-in group evaluators: rewards (n_prompts, group_size) → advantages, ragged groups allowed.
+
+Each is a small pure tensor function over a padded grid with two masks: `valid` (a real
+candidate) and `stats` (counts in the group statistics). A group whose statistics rewards are
+all equal gets zero advantages, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..components import GroupEvaluator
+from ..hookspecs import hookimpl
+
+
+def _group_mean(rewards: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over `stats` per group, and the count. Shapes (n_prompts, 1)."""
+    w = stats.to(rewards.dtype)
+    count = w.sum(dim=1, keepdim=True)
+    mean = (rewards * w).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    return mean, count
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, stats: torch.Tensor, eps: float = 1e-4
+) -> torch.Tensor:
+    """(r − mean) / (std + eps), std unbiased (as TRL) over the `stats` candidates."""
+    mean, count = _group_mean(rewards, stats)
+    sq = ((rewards - mean) ** 2) * stats.to(rewards.dtype)
+    std = (sq.sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    return torch.where(valid, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
+
+
+def dr_grpo_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, stats: torch.Tensor
+) -> torch.Tensor:
+    """r − mean: Dr. GRPO drops the std normaliser, which over-weights easy and hard groups."""
+    mean, _ = _group_mean(rewards, stats)
+    return torch.where(valid, rewards - mean, torch.zeros_like(rewards))
+
+
+def rloo_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, stats: torch.Tensor
+) -> torch.Tensor:
+    """r − mean of the *other* statistics candidates (leave-one-out baseline).
+
+    For a candidate outside `stats` the baseline is the mean of all statistics candidates.
+    """
+    w = stats.to(rewards.dtype)
+    total = (rewards * w).sum(dim=1, keepdim=True)
+    count = w.sum(dim=1, keepdim=True)
+    others = (count - w).clamp(min=1)
+    baseline = (total - rewards * w) / others
+    return torch.where(valid, rewards - baseline, torch.zeros_like(rewards))
+
+
+class GRPO(GroupEvaluator):
+    name = "grpo"
+
+    def __init__(self, eps: float = 1e-4):
+        self.eps = float(eps)
+
+    def advantages(self, rewards, valid, stats):
+        return grpo_advantages(rewards, valid, stats, self.eps)
+
+
+class DrGRPO(GroupEvaluator):
+    name = "dr_grpo"
+
+    def advantages(self, rewards, valid, stats):
+        return dr_grpo_advantages(rewards, valid, stats)
+
+
+class RLOO(GroupEvaluator):
+    name = "rloo"
+
+    def advantages(self, rewards, valid, stats):
+        return rloo_advantages(rewards, valid, stats)
+
+
+@hookimpl
+def register_group_evaluators(register):
+    for cls in (GRPO, DrGRPO, RLOO):
+        register(cls)

@@ -1,0 +1,11 @@
+"""Built-in generators: `hf`, sampling from a transformers causal LM."""
+
+from __future__ import annotations
+
+from ..generation import HFGenerator
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def register_generators(register):
+    register(HFGenerator)

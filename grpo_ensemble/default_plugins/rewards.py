@@ -1,0 +1,125 @@
+"""Built-in reward scorers. Each returns one float per sample, in order."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Sequence
+
+from ..components import RewardScorer
+from ..errors import UserError
+from ..hookspecs import hookimpl
+from ..types import Sample
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _answer(sample: Sample, field: str) -> str:
+    if field not in sample.row:
+        raise UserError(f"prompt {sample.prompt.index}: no {field!r} field for the reward")
+    return str(sample.row[field])
+
+
+class ExactMatch(RewardScorer):
+    """1.0 when the completion, stripped, equals the answer field (optionally case-folded)."""
+
+    name = "exact_match"
+
+    def __init__(self, field: str = "answer", ignore_case: bool = False):
+        self.field = field
+        self.ignore_case = bool(ignore_case)
+
+    def _norm(self, text: str) -> str:
+        text = text.strip()
+        return text.casefold() if self.ignore_case else text
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        return [
+            float(self._norm(s.completion) == self._norm(_answer(s, self.field))) for s in samples
+        ]
+
+
+class NumericMatch(RewardScorer):
+    """1.0 when the last number in the completion equals the numeric answer within `tolerance`."""
+
+    name = "numeric_match"
+
+    def __init__(self, field: str = "answer", tolerance: float = 1e-6):
+        self.field = field
+        self.tolerance = float(tolerance)
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        out = []
+        for s in samples:
+            found = _NUMBER.findall(s.completion)
+            try:
+                got, want = float(found[-1]), float(_answer(s, self.field))
+            except (IndexError, ValueError):
+                out.append(0.0)
+                continue
+            out.append(float(math.isfinite(got) and abs(got - want) <= self.tolerance))
+        return out
+
+
+class RegexFormat(RewardScorer):
+    """1.0 when the completion matches `pattern` (whole text with `fullmatch`, else anywhere)."""
+
+    name = "regex_format"
+
+    def __init__(self, pattern: str, fullmatch: bool = True):
+        try:
+            self.pattern = re.compile(pattern, re.DOTALL)
+        except re.error as exc:
+            raise UserError(f"regex_format: bad pattern {pattern!r}: {exc}") from None
+        self.fullmatch = bool(fullmatch)
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        match = self.pattern.fullmatch if self.fullmatch else self.pattern.search
+        return [float(match(s.completion.strip()) is not None) for s in samples]
+
+
+class LengthPenalty(RewardScorer):
+    """−per_token × (completion tokens beyond `max_tokens`): 0 for completions within budget."""
+
+    name = "length_penalty"
+
+    def __init__(self, max_tokens: int = 0, per_token: float = 0.01):
+        self.max_tokens = int(max_tokens)
+        self.per_token = float(per_token)
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        return [
+            -self.per_token * max(0, len(s.candidate.token_ids) - self.max_tokens) for s in samples
+        ]
+
+
+class PythonFunction(RewardScorer):
+    """Calls `function: "module:name"`, which takes the list of samples and returns floats.
+
+    The module is imported by name (from the current directory or an installed package); the
+    recipe's text is never evaluated.
+    """
+
+    name = "python"
+
+    def __init__(self, function: str):
+        module_name, sep, attr = function.partition(":")
+        if not sep or not module_name or not attr:
+            raise UserError(f"python reward: function must be 'module:name', got {function!r}")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserError(f"python reward: cannot import module {module_name!r}: {exc}") from None
+        self.fn = getattr(module, attr, None)
+        if not callable(self.fn):
+            raise UserError(f"python reward: {module_name!r} has no function {attr!r}")
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        return [float(x) for x in self.fn(list(samples))]
+
+
+@hookimpl
+def register_reward_scorers(register):
+    for cls in (ExactMatch, NumericMatch, RegexFormat, LengthPenalty, PythonFunction):
+        register(cls)

@@ -1,0 +1,184 @@
+"""Sampling: the `hf` generator over a transformers causal LM, and the ensemble that pools groups.
+
+The ensemble asks each member for `n_k` candidates per prompt and pools them into one group per
+prompt, policy first, each candidate tagged with the member that produced it. A member whose
+tokenizer differs from the policy's contributes text, re-tokenized with the policy's tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .components import Generator, SamplingParams
+from .errors import PluginError, UserError
+from .models import load_model, same_tokenizer
+from .types import POLICY, Candidate, Group, Prompt
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Switch off dropout while sampling, then restore the model's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class HFGenerator(Generator):
+    """Batched sampling with the KV cache of `transformers.generate`.
+
+    `model` is a loadable path (or hub id) or an `nn.Module` (the policy shares the module being
+    trained, so it always samples with the current weights). Returns each completion's token ids
+    (cut after the first EOS, EOS kept) and the per-token log-probs of the distribution actually
+    sampled from (after temperature, top-k and top-p).
+    """
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer=None, batch_size: int = 256, trust_remote_code=False):
+        if isinstance(model, str):
+            try:
+                model, tokenizer = load_model(model, "model", trust_remote_code=trust_remote_code)
+            except UserError as exc:
+                raise UserError(str(exc).removeprefix("model: ")) from None
+            model.requires_grad_(False)
+        if tokenizer is None:
+            raise UserError("the hf generator needs a tokenizer with a model object")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # same module object: nothing to copy
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams
+    ) -> list[list[Candidate]]:
+        texts = [p.text for p in prompts for _ in range(n)]  # each prompt n times, in order
+        flat: list[Candidate] = []
+        with eval_mode(self.model):
+            for start in range(0, len(texts), self.batch_size):
+                flat.extend(self._batch(texts[start : start + self.batch_size], sampling))
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _batch(self, texts: list[str], sampling: SamplingParams) -> list[Candidate]:
+        tok = self.tokenizer
+        enc = tok(texts, return_tensors="pt", padding=True).to(self.model.device)
+        greedy = sampling.temperature == 0
+        knobs = (
+            {}
+            if greedy
+            else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        )
+        out = self.model.generate(
+            **enc,
+            do_sample=not greedy,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            output_scores=not greedy,
+            return_dict_in_generate=True,
+            **knobs,
+        )
+        seqs = out.sequences[:, enc["input_ids"].shape[1] :].cpu()  # (B, T)
+        logps = None
+        if not greedy:
+            # scores[t] are the processed logits the token at t was drawn from: (B, V)
+            logps = (
+                torch.stack(
+                    [
+                        torch.log_softmax(s.float(), -1).gather(-1, seqs[:, t : t + 1].to(s.device))
+                        for t, s in enumerate(out.scores)
+                    ],
+                    dim=1,
+                )
+                .squeeze(-1)
+                .cpu()
+            )  # (B, T)
+        return [
+            self._candidate(seqs[i], None if logps is None else logps[i]) for i in range(len(texts))
+        ]
+
+    def _candidate(self, ids: torch.Tensor, logp: torch.Tensor | None) -> Candidate:
+        eos = self.tokenizer.eos_token_id
+        hits = (ids == eos).nonzero()
+        finished = len(hits) > 0
+        length = int(hits[0]) + 1 if finished else len(ids)
+        token_ids = ids[:length].tolist()
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Candidate(
+            text=text,
+            token_ids=token_ids,
+            source="",
+            behaviour_logprobs=None if logp is None else logp[:length].tolist(),
+            finished=finished,
+        )
+
+
+@dataclass
+class Member:
+    """One ensemble member: who samples, how many candidates, and how they enter the loss."""
+
+    name: str
+    generator: Generator
+    n: int
+    sampling: SamplingParams
+    mode: str = "on_policy"
+
+
+class EnsembleGenerator:
+    """Pools each prompt's group from all members; the first member is the policy."""
+
+    def __init__(self, members: list[Member], policy_tokenizer):
+        if not members or members[0].name != POLICY:
+            raise ValueError("the first ensemble member must be the policy")
+        self.members = members
+        self.tokenizer = policy_tokenizer
+        self._shares_tokens = {
+            m.name: m.generator.tokenizer is not None
+            and same_tokenizer(m.generator.tokenizer, policy_tokenizer)
+            for m in members
+        }
+        self.seconds: dict[str, float] = {}  # generation time per member, last call
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Group]:
+        groups = [Group(prompt=p, candidates=[]) for p in prompts]
+        for m in self.members:
+            if m.n == 0:
+                continue
+            start = time.perf_counter()
+            try:
+                per_prompt = m.generator.generate(prompts, m.n, m.sampling)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    m.generator.name, f"generator of {m.name!r} failed: {exc}"
+                ) from exc
+            self.seconds[m.name] = time.perf_counter() - start
+            if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
+                raise PluginError(
+                    m.generator.name, f"{m.name!r} did not return {m.n} candidates per prompt"
+                )
+            for group, cands in zip(groups, per_prompt, strict=True):
+                group.candidates.extend(self._adopt(c, m.name) for c in cands)
+        return groups
+
+    def _adopt(self, cand: Candidate, source: str) -> Candidate:
+        """Tag the candidate; re-tokenize text from a member with another tokenizer."""
+        cand.source = source
+        if not self._shares_tokens[source]:
+            ids = self.tokenizer(cand.text, add_special_tokens=False)["input_ids"]
+            if cand.finished:
+                ids = ids + [self.tokenizer.eos_token_id]
+            cand.token_ids = ids
+            cand.behaviour_logprobs = None  # the peer's own probabilities are over other tokens
+        return cand

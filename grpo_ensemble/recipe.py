@@ -1,0 +1,254 @@
+"""The recipe: one YAML file, validated once into typed config.
+
+Every field has a default and a one-line description; unknown keys are errors. Cross-field
+checks live in `Recipe._cross_checks`. `load_recipe` turns every problem into a `RecipeError`
+that names the field and, where it came from the file, the line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputFileError, RecipeError
+from .types import POLICY
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SamplingConfig(_Config):
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature for sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens (0: off).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest completion, in tokens.")
+
+
+class MemberConfig(_Config):
+    model: str | None = Field(
+        None, description="Local path, hub id, or `builtin:NAME` of a built-in tiny model."
+    )
+    generator: str = Field("hf", description="Generator plugin that samples for this member.")
+    params: dict[str, Any] = Field({}, description="Keyword arguments for the generator.")
+    n: int = Field(4, ge=0, description="Candidates this member adds to each prompt's group.")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="Sampling settings.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
+
+
+class PolicyConfig(MemberConfig):
+    n: int = Field(8, ge=1, description="Candidates the policy samples for each prompt.")
+
+
+class PeerConfig(MemberConfig):
+    name: str = Field(..., min_length=1, description="Member name, used in metrics.")
+    mode: Literal["on_policy"] = Field(
+        "on_policy", description="How this peer's candidates enter the loss."
+    )
+
+
+class DataConfig(_Config):
+    train: str = Field(
+        "builtin:arithmetic/train",
+        description="Training prompts: a .jsonl/.json/.csv/.parquet file or `builtin:TASK/SPLIT`.",
+    )
+    eval: str | None = Field(
+        "builtin:arithmetic/test", description="Held-out prompts for accuracy (null: none)."
+    )
+    prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    shuffle: bool = Field(True, description="Shuffle the prompts each epoch (seeded).")
+
+
+class RewardConfig(_Config):
+    name: str = Field(..., description="Reward scorer plugin, e.g. `exact_match`.")
+    weight: float = Field(1.0, description="Weight of this scorer in the combined reward.")
+    params: dict[str, Any] = Field({}, description="Keyword arguments for the scorer.")
+
+
+class GroupConfig(_Config):
+    evaluator: str = Field("grpo", description="Group evaluator plugin: grpo, dr_grpo, rloo.")
+    params: dict[str, Any] = Field({}, description="Keyword arguments for the evaluator.")
+    drop_equal_reward_groups: bool = Field(
+        False, description="Leave out of the loss groups whose rewards are all equal."
+    )
+
+
+class LossConfig(_Config):
+    clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio may fall to 1 − clip_low.")
+    clip_high: float = Field(0.2, ge=0, description="Ratio may rise to 1 + clip_high.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (0: no ref).")
+    aggregation: Literal["token_mean", "seq_mean", "constant"] = Field(
+        "token_mean",
+        description="token_mean over the batch, per-sequence mean, or constant-length normaliser.",
+    )
+    mu: int = Field(1, ge=1, description="Optimizer passes over each step's generations.")
+
+
+class TrainConfig(_Config):
+    steps: int = Field(50, ge=1, description="GRPO steps (each: generate, score, update).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per step.")
+    micro_batch_size: int = Field(32, ge=1, description="Candidates per forward/backward.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warmup.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 on a CPU."
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: default).")
+
+
+class EvalConfig(_Config):
+    before: bool = Field(True, description="Measure held-out accuracy before training.")
+    after: bool = Field(True, description="Measure held-out accuracy after training.")
+    max_prompts: int = Field(300, ge=1, description="Held-out prompts to evaluate.")
+    scorer: str = Field("exact_match", description="Reward scorer that decides correctness.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: the policy's.")
+
+
+class LogConfig(_Config):
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Recipe(_Config):
+    seed: int = Field(0, description="Seed of every random number generator.")
+    output_dir: str = Field("runs/run", description="Run directory (created).")
+    policy: PolicyConfig = Field(..., description="The model being trained.")
+    peers: list[PeerConfig] = Field([], description="Other models that add candidates.")
+    data: DataConfig = Field(DataConfig(), description="Prompt sources.")
+    rewards: list[RewardConfig] = Field(
+        [RewardConfig(name="exact_match")], min_length=1, description="Weighted reward scorers."
+    )
+    group: GroupConfig = Field(GroupConfig(), description="How rewards become advantages.")
+    loss: LossConfig = Field(LossConfig(), description="GRPO loss settings.")
+    train: TrainConfig = Field(TrainConfig(), description="Optimisation settings.")
+    eval: EvalConfig = Field(EvalConfig(), description="Held-out evaluation.")
+    log: LogConfig = Field(LogConfig(), description="Logging.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.policy.model is None:
+            raise ValueError("policy.model: required (a path, a hub id or builtin:NAME)")
+        names = [p.name for p in self.peers]
+        for i, name in enumerate(names):
+            if name == POLICY or names.index(name) != i:
+                raise ValueError(f"peers.{i}.name: {name!r} is taken; give each peer its own name")
+        size = self.group_size
+        if size < 2:
+            raise ValueError(
+                f"policy.n: a group needs at least 2 candidates, this recipe pools {size}; "
+                "raise policy.n or add a peer"
+            )
+        return self
+
+    @property
+    def group_size(self) -> int:
+        """Candidates per prompt when every member contributes."""
+        return self.policy.n + sum(p.n for p in self.peers)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node along the pydantic error location `loc`."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists, creating dicts on the way."""
+    keys = dotted.split(".")
+    cur: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(cur, list):
+            if not key.isdigit() or int(key) >= len(cur):
+                raise RecipeError(dotted, f"no list item {key!r}", source="--set")
+            key = int(key)
+        elif not isinstance(cur, dict):
+            raise RecipeError(dotted, f"{'.'.join(keys[:i])} is not a mapping", source="--set")
+        if last:
+            cur[key] = value
+        else:
+            if isinstance(cur, dict) and not isinstance(cur.get(key), dict | list):
+                cur[key] = {}
+            cur = cur[key]
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set key.path=value` overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(item, "expected key.path=value", source="--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value)
+    return data
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(k) for k in loc)
+
+
+def recipe_from_dict(data: dict, source: str = "recipe", root: yaml.Node | None = None) -> Recipe:
+    """Validate a mapping into a Recipe; errors name the field (and line, given the YAML node)."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):  # a cross-field check names its own field
+            field, _, msg = msg.removeprefix("Value error, ").partition(": ")
+            loc = tuple(int(k) if k.isdigit() else k for k in field.split("."))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        line = _line_of(root, loc) if root is not None else None
+        where = f"{source}:{line}" if line is not None else source
+        raise RecipeError(_format_loc(loc), msg, source=where) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(str(path), f"cannot read recipe: {exc.__class__.__name__}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise InputFileError(str(path), f"invalid YAML: {problem}", line=line) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputFileError(str(path), "a recipe must be a YAML mapping", line=1)
+    apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, source=str(path), root=root)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every default written out)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,82 @@
+"""The run directory: resolved recipe, metrics.jsonl, final model; and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .errors import UserError
+from .recipe import Recipe, dump_recipe
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create the run directory and write the resolved recipe; fail early if not writable."""
+    out = Path(recipe.output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    except OSError as exc:
+        raise UserError(
+            f"output_dir: cannot write to {str(out)!r}: {exc.strerror or exc}"
+        ) from None
+    return out
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to metrics.jsonl, flushed so a crash loses nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, metrics: dict) -> None:
+        self._fh.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class StepProgress:
+    """A progress bar with step, mean reward and time left (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool, console: Console | None = None):
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        if not enabled:
+            return
+        self._progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("reward {task.fields[reward]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task("train", total=total, reward="-")
+        self._progress.start()
+
+    def update(self, reward: float) -> None:
+        if self.enabled:
+            self._progress.update(self._task, advance=1, reward=f"{reward:.3f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._progress.stop()

@@ -1,0 +1,357 @@
+"""The training run. `grpo_step` reads top to bottom: sample prompts, generate, score, evaluate
+groups, old/ref log-probs, μ passes of micro-batched updates, sync, metrics.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+from . import plugins
+from .build import (
+    WeightedScorer,
+    build_evaluator,
+    build_peer_generator,
+    build_scorers,
+    load_data,
+    member_fields,
+    sampling_of,
+)
+from .components import Generator, GroupEvaluator, RewardScorer
+from .data import PromptSampler
+from .engine import build_engine, resolve_dtype
+from .evaluation import EvalResult, heldout_accuracy
+from .generation import EnsembleGenerator, HFGenerator, Member
+from .logprobs import TokenBatch, completion_logprobs
+from .loss import BatchSize, grpo_loss
+from .models import load_model
+from .recipe import Recipe, load_recipe
+from .rundir import MetricsWriter, StepProgress, prepare_run_dir
+from .scoring import score_groups
+from .types import POLICY, Candidate, Group, GroupLayout, Prompt
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once from the recipe."""
+
+    recipe: Recipe
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping the policy
+    tokenizer: Any
+    ref_model: torch.nn.Module | None
+    ensemble: EnsembleGenerator
+    scorers: list[WeightedScorer]
+    evaluator: GroupEvaluator
+    sampler: PromptSampler
+    held_out: list[Prompt] | None
+    run_dir: Path
+    prompt_ids: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: list[dict]
+    before: EvalResult | None = None
+    after: EvalResult | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(
+    recipe: Recipe,
+    run_dir: Path,
+    generators: Mapping[str, Generator] | None = None,
+    reward_scorers: Sequence[tuple[RewardScorer, float]] | None = None,
+    group_evaluator: GroupEvaluator | None = None,
+) -> Run:
+    """Load models, build components and the DeepSpeed engine. Python objects win over names."""
+    generators = dict(generators or {})
+    scorers = build_scorers(recipe, reward_scorers)
+    evaluator = build_evaluator(recipe, group_evaluator)
+    train_prompts, held_out = load_data(recipe)
+    dtype = resolve_dtype(recipe)
+    p = recipe.policy
+    policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+    ref = None
+    if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
+        ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        ref.requires_grad_(False).eval()
+    engine = build_engine(recipe, policy, dtype)
+    members = []
+    for name, prefix, m in member_fields(recipe):
+        if name in generators:
+            gen = generators.pop(name)
+        elif name == POLICY:
+            gen = HFGenerator(engine.module, tok)
+        else:
+            gen = build_peer_generator(prefix, m)
+        members.append(Member(name, gen, m.n, sampling_of(m), getattr(m, "mode", "on_policy")))
+    if generators:
+        raise ValueError(f"generators given for members not in the recipe: {sorted(generators)}")
+    return Run(
+        recipe=recipe,
+        engine=engine,
+        tokenizer=tok,
+        ref_model=ref,
+        ensemble=EnsembleGenerator(members, tok),
+        scorers=scorers,
+        evaluator=evaluator,
+        sampler=PromptSampler(train_prompts, recipe.seed, recipe.data.shuffle),
+        held_out=held_out,
+        run_dir=run_dir,
+    )
+
+
+@dataclass
+class Rollout:
+    """One step's generations, rewards and advantages, flat in candidate order."""
+
+    groups: list[Group]
+    layout: GroupLayout
+    candidates: list[Candidate]
+    rewards: torch.Tensor  # (n_candidates,) combined
+    per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,)
+    advantages: torch.Tensor  # (n_candidates,)
+    keep: torch.Tensor  # (n_candidates,) bool: enters the loss
+    equal_groups: int
+
+    @property
+    def candidate_prompt(self) -> list[Prompt]:
+        """The prompt of each candidate, in flat order."""
+        return [g.prompt for g in self.groups for _ in g.candidates]
+
+
+def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
+    """Score the candidates and turn each group's rewards into advantages."""
+    layout = GroupLayout.from_groups(groups)
+    candidates = [c for g in groups for c in g.candidates]
+    rewards, per_scorer = score_groups(groups, run.scorers)
+    grid = layout.to_grid(rewards)  # (n_prompts, group_size)
+    adv = run.evaluator.advantages(grid, layout.valid, layout.valid)
+    if adv.shape != grid.shape or not torch.isfinite(adv[layout.valid]).all():
+        name = getattr(run.evaluator, "name", type(run.evaluator).__name__)
+        raise plugins.PluginError(name, "advantages have the wrong shape or are not finite")
+    lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
+    hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
+    equal = lo == hi  # (n_prompts,) groups with no learning signal
+    keep = layout.valid.clone()
+    if run.recipe.group.drop_equal_reward_groups:
+        keep &= ~equal.unsqueeze(1)
+    return Rollout(
+        groups,
+        layout,
+        candidates,
+        rewards,
+        per_scorer,
+        layout.to_flat(adv),
+        layout.to_flat(keep),
+        int(equal.sum()),
+    )
+
+
+def micro_batches(run: Run, rollout: Rollout) -> list[tuple[TokenBatch, torch.Tensor, list[int]]]:
+    """(tokens, advantages (B,), candidate indices) per micro-batch of kept candidates."""
+    keep = rollout.keep.nonzero().flatten().tolist()
+    mb = run.recipe.train.micro_batch_size
+    out = []
+    for start in range(0, len(keep), mb):
+        idx = keep[start : start + mb]
+        prompts = [prompt_ids(run, rollout.candidate_prompt[i]) for i in idx]
+        comps = [rollout.candidates[i].token_ids for i in idx]
+        batch = TokenBatch.build(prompts, comps, run.tokenizer.pad_token_id)
+        out.append((batch, rollout.advantages[idx], idx))
+    return out
+
+
+def prompt_ids(run: Run, prompt: Prompt) -> list[int]:
+    """The policy tokenizer's ids of a prompt, cached."""
+    text = prompt.text
+    if text not in run.prompt_ids:
+        run.prompt_ids[text] = run.tokenizer(text)["input_ids"]
+    return run.prompt_ids[text]
+
+
+@torch.no_grad()
+def frozen_logprobs(model: torch.nn.Module, batches, temperature: float) -> list[torch.Tensor]:
+    """Log-probs that stay fixed during the update (old policy or reference), per micro-batch."""
+    was_training = model.training
+    model.eval()
+    out = [completion_logprobs(model, b, temperature) for b, _, _ in batches]
+    model.train(was_training)
+    return out
+
+
+def update(run: Run, rollout: Rollout, batches) -> dict[str, float]:
+    """μ optimizer passes over the step's micro-batches; returns loss, KL, clip metrics."""
+    r, engine = run.recipe, run.engine
+    temp = r.policy.sampling.temperature
+    size = BatchSize(
+        sequences=sum(len(i) for _, _, i in batches),
+        tokens=int(sum(b.completion_mask.sum() for b, _, _ in batches)),
+        max_new_tokens=r.policy.sampling.max_new_tokens,
+    )
+    old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 else None
+    ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
+    losses, kl_sum, clipped, tokens, grad_norms = [], 0.0, 0.0, 0.0, []
+    for _ in range(r.loss.mu):
+        total = 0.0
+        for j, (batch, adv, _) in enumerate(batches):
+            engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
+            logp = completion_logprobs(engine, batch, temp)
+            out = grpo_loss(
+                logp,
+                old[j] if old is not None else logp.detach(),  # μ = 1: ratio is exactly 1
+                ref[j] if ref is not None else None,
+                adv,
+                batch.completion_mask,
+                size,
+                r.loss.clip_low,
+                r.loss.clip_high,
+                r.loss.beta,
+                r.loss.aggregation,
+            )
+            engine.backward(out.loss, scale_wrt_gas=False)
+            total += out.loss.item()
+            kl_sum += float((out.kl * batch.completion_mask).sum())
+            clipped += float(out.clipped.sum())
+            tokens += float(batch.completion_mask.sum())
+        engine.step()
+        losses.append(total)
+        grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
+    return {
+        "loss": sum(losses) / len(losses),
+        "kl": kl_sum / max(tokens, 1),
+        "clip_fraction": clipped / max(tokens, 1),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+    }
+
+
+def grpo_step(run: Run, step: int) -> dict[str, Any]:
+    """One GRPO step; returns the metrics row written to metrics.jsonl."""
+    t = {"start": time.perf_counter()}
+    prompts = run.sampler.next(run.recipe.train.prompts_per_step)
+    groups = run.ensemble.generate(prompts)  # each member samples, groups pooled per prompt
+    t["generate"] = time.perf_counter()
+    rollout = evaluate_groups(run, groups)  # rewards (n_candidates,), advantages, keep mask
+    t["score"] = time.perf_counter()
+    batches = micro_batches(run, rollout)
+    upd = update(run, rollout, batches) if batches else {"loss": 0.0, "skipped_update": 1.0}
+    t["update"] = time.perf_counter()
+    run.ensemble.members[0].generator.sync_weights(run.engine.module)  # policy samples anew
+    t["sync"] = time.perf_counter()
+    return step_metrics(run, step, rollout, upd, t)
+
+
+def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[str, Any]:
+    """Rewards (combined, per scorer, per member), advantages, lengths, timings."""
+    lengths = torch.tensor([len(c.token_ids) for c in ro.candidates], dtype=torch.float)
+    m: dict[str, Any] = {
+        "step": step,
+        "reward": float(ro.rewards.mean()),
+        "reward_std": float(ro.rewards.std()) if len(ro.rewards) > 1 else 0.0,
+        **{f"reward/{k}": float(v.mean()) for k, v in ro.per_scorer.items()},
+        "advantage_abs_mean": float(ro.advantages.abs().mean()),
+        "equal_reward_groups": ro.equal_groups,
+        "candidates": len(ro.candidates),
+        "trained_candidates": int(ro.keep.sum()),
+        "completion_len": float(lengths.mean()),
+        **upd,
+        "lr": run.engine.get_lr()[0],
+    }
+    sources = [c.source for c in ro.candidates]
+    for member in run.ensemble.members:
+        idx = [i for i, s in enumerate(sources) if s == member.name]
+        if idx:
+            m[f"member/{member.name}/reward"] = float(ro.rewards[idx].mean())
+            m[f"member/{member.name}/candidates"] = len(idx)
+            m[f"member/{member.name}/completion_len"] = float(lengths[idx].mean())
+        if member.name in run.ensemble.seconds:
+            m[f"time/generate/{member.name}"] = run.ensemble.seconds[member.name]
+    for a, b in (
+        ("start", "generate"),
+        ("generate", "score"),
+        ("score", "update"),
+        ("update", "sync"),
+    ):
+        m[f"time/{b}"] = t[b] - t[a]
+    m["time/step"] = t["sync"] - t["start"]
+    return m
+
+
+def evaluate_policy(run: Run) -> EvalResult | None:
+    """Held-out accuracy of the policy, greedy, judged by the recipe's eval scorer."""
+    if not run.held_out:
+        return None
+    e = run.recipe.eval
+    scorer = plugins.get_component("reward_scorer", e.scorer, "eval.scorer")()
+    max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
+    gen = HFGenerator(run.engine.module, run.tokenizer)
+    return heldout_accuracy(gen, run.held_out[: e.max_prompts], scorer, max_new)
+
+
+def train(
+    recipe: Recipe | str | Path,
+    *,
+    generators: Mapping[str, Generator] | None = None,
+    reward_scorers: Sequence[tuple[RewardScorer, float]] | None = None,
+    group_evaluator: GroupEvaluator | None = None,
+    overrides: Sequence[str] = (),
+    console=None,
+) -> TrainResult:
+    """Run a recipe end to end. Components given as objects replace the recipe's named ones:
+    `generators` maps member names ("policy" or a peer's name) to Generator instances,
+    `reward_scorers` is a list of (scorer, weight), `group_evaluator` an evaluator instance.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides))
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    seed_everything(recipe.seed)
+    hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
+    run_dir = prepare_run_dir(recipe)
+    run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator)
+    result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
+    if recipe.eval.before:
+        result.before = evaluate_policy(run)
+        _say(console, "before", result.before)
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    progress = StepProgress(recipe.train.steps, recipe.log.progress, console)
+    hook = plugins.get_plugin_manager().hook
+    try:
+        for step in range(1, recipe.train.steps + 1):
+            metrics = grpo_step(run, step)
+            writer.write(metrics)
+            result.metrics.append(metrics)
+            hook.on_step_end(step=step, metrics=metrics)
+            progress.update(metrics["reward"])
+    finally:
+        progress.close()
+        writer.close()
+    if recipe.eval.after:
+        result.after = evaluate_policy(run)
+        _say(console, "after", result.after)
+    run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
+    run.tokenizer.save_pretrained(result.model_dir)
+    return result
+
+
+def _say(console, when: str, res: EvalResult | None) -> None:
+    if console is not None and res is not None:
+        console.print(
+            f"held-out accuracy {when} training: {100 * res.accuracy:.1f}% "
+            f"(±{100 * res.ci95:.1f}, n={res.n})"
+        )

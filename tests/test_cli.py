@@ -1,0 +1,95 @@
+"""The CLI as a user runs it: a real subprocess that trains 3 steps and leaves a loadable model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_trains_three_steps_and_saves_a_loadable_model(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": ""}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpo_ensemble",
+            "train",
+            str(ROOT / "recipes" / "quickstart.yaml"),
+            "--set",
+            "train.steps=3",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "seed=1",
+            "--set",
+            "eval.max_prompts=20",
+            "--set",
+            "train.prompts_per_step=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out accuracy before training" in proc.stdout
+    assert "held-out accuracy after training" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["candidates"] == 4 * 8 for r in rows)
+    assert "seed: 1" in (out / "recipe.yaml").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("12+7=", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tok)
+
+
+def test_cli_bad_recipe_is_exit_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy:\n  model: builtin:tiny-arith-small\n  n: two\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_ensemble", "train", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}:3: policy.n: Input should be a valid integer, "
+        "unable to parse string as an integer"
+    ]
+
+
+def test_cli_run_failure_is_exit_1(tmp_path):
+    # a reward function that raises: the run fails (1), the message names the scorer
+    (tmp_path / "boom.py").write_text("def reward(samples):\n    raise RuntimeError('kaput')\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpo_ensemble",
+            "train",
+            str(ROOT / "recipes" / "quickstart.yaml"),
+            "--set",
+            f"output_dir={tmp_path / 'run'}",
+            "--set",
+            "eval.before=false",
+            "--set",
+            "rewards=[{name: python, params: {function: 'boom:reward'}}]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "GRPO_ENSEMBLE_LOAD_PLUGINS": ""},
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "plugin 'python': reward scorer raised RuntimeError: kaput" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,133 @@
+"""Recipe loading, overrides, and every kind of bad input: exit code 2, one line, no traceback."""
+
+import textwrap
+
+import pytest
+import yaml
+
+from grpo_ensemble.cli import main
+from grpo_ensemble.recipe import load_recipe
+
+GOOD = """\
+seed: 0
+output_dir: {out}
+policy:
+  model: builtin:tiny-arith-small
+  n: 2
+train:
+  steps: 1
+"""
+
+
+def _write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).format(out=tmp_path / "run"))
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = _write(tmp_path, GOOD)
+    r = load_recipe(path, ["train.steps=3", "seed=7", "output_dir=runs/x", "loss.beta=0.05"])
+    assert (r.train.steps, r.seed, r.output_dir, r.loss.beta) == (3, 7, "runs/x", 0.05)
+    assert r.group.evaluator == "grpo" and r.rewards[0].name == "exact_match"
+    r2 = load_recipe(path, ["peers=[{name: s, model: builtin:tiny-arith-base, n: 3}]"])
+    assert r2.peers[0].n == 3 and r2.group_size == 5
+
+
+def test_every_field_has_a_description():
+    from pydantic import BaseModel
+
+    from grpo_ensemble import recipe as rmod
+
+    for cls in vars(rmod).values():
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls is not BaseModel:
+            for name, f in cls.model_fields.items():
+                assert f.description, f"{cls.__name__}.{name} has no description"
+
+
+BAD = [
+    # (recipe text or edit, override, expected fragment of the one-line message)
+    (GOOD + "unknown_key: 1\n", None, "unknown_key: unknown key"),
+    (GOOD, "train.steps=many", "train.steps"),
+    (GOOD, "train.lr=-1", "train.lr"),
+    (GOOD, "policy.n=1", "policy.n: a group needs at least 2"),
+    (GOOD, "loss.aggregation=median", "loss.aggregation"),
+    (GOOD, "train.zero_stage=4", "train.zero_stage"),
+    (GOOD, "policy.model=./no/such/model", "policy.model: model path './no/such/model' does not"),
+    (GOOD, "rewards=[{name: no_such_scorer}]", "rewards.0.name: unknown reward scorer"),
+    (GOOD, "group.evaluator=nope", "group.evaluator: unknown group evaluator 'nope'"),
+    (GOOD, "policy.generator=nope", "policy.generator: unknown generator"),
+    (GOOD, "data.train=/no/prompts.jsonl", "data.train: prompt file '/no/prompts.jsonl'"),
+    (GOOD, "data.train=builtin:nope/train", "data.train: unknown built-in task"),
+    (GOOD, "policy.model=builtin:nope", "policy.model: unknown built-in model"),
+    (GOOD, "rewards=[{name: regex_format, params: {}}]", "rewards.0.params"),
+    (GOOD, "peers=[{name: policy, model: builtin:tiny-arith-base}]", "peers.0.name"),
+    ("policy: [1, 2\n", None, "invalid YAML"),
+    ("- 1\n- 2\n", None, "a recipe must be a YAML mapping"),
+    (GOOD, "nokey", "expected key.path=value"),
+]
+
+
+@pytest.mark.parametrize("text, override, fragment", BAD)
+def test_bad_recipe_exit_2_one_line(tmp_path, capsys, text, override, fragment):
+    path = _write(tmp_path, text)
+    args = ["validate", str(path)] + (["--set", override] if override else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_error_names_the_line(tmp_path, capsys):
+    path = _write(tmp_path, GOOD + "loss:\n  clip_low: 2.0\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:9: loss.clip_low" in err  # line 9 holds clip_low
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: cannot read recipe" in capsys.readouterr().err
+
+
+def test_unreadable_prompt_file_names_file_and_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')
+    path = _write(tmp_path, GOOD)
+    assert main(["validate", str(path), "--set", f"data.train={prompts}"]) == 2
+    assert f"{prompts}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_validate_ok_and_resolved_recipe_round_trips(tmp_path, capsys):
+    path = _write(tmp_path, GOOD)
+    assert main(["validate", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+    from grpo_ensemble.recipe import dump_recipe, recipe_from_dict
+
+    r = load_recipe(path)
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
+
+
+def test_every_field_is_in_the_docs():
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from grpo_ensemble.recipe import Recipe
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+
+    def paths(cls, prefix):
+        for name, f in cls.model_fields.items():
+            ann = f.annotation
+            inner = getattr(ann, "__args__", (ann,))[0]
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from paths(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    yield from paths(inner, f"{prefix}{name}[i].")
+
+    missing = [p for p in paths(Recipe, "") if f"`{p}`" not in docs]
+    assert not missing, f"docs/recipes.md lacks {missing}"
