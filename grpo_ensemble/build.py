@@ -27,18 +27,25 @@ class WeightedScorer:
 
 
 def construct(kind: str, name: str, params: Mapping, field: str, **extra) -> object:
-    """Instantiate a registered component; bad parameters are a recipe error on `field`."""
+    """Instantiate a registered component; bad parameters are a recipe error on the entry's
+    `params` (e.g. `rewards.0.params`)."""
     cls = plugins.get_component(kind, name, field)
+    params_field = f"{field.rsplit('.', 1)[0]}.params"
+    check_params(cls, params, params_field, **extra)
     try:
         return cls(**extra, **params)
+    except (TypeError, ValueError, UserError) as exc:
+        raise RecipeError(params_field, f"{name!r} rejected its parameters: {exc}") from None
+
+
+def check_params(cls: type, params: Mapping, field: str, **extra) -> None:
+    """The parameters fit the component's constructor (checked without building it)."""
+    try:
+        inspect.signature(cls).bind(**extra, **params)
     except TypeError as exc:
-        try:
-            inspect.signature(cls).bind(**extra, **params)
-        except TypeError as bind_exc:  # the parameters do not fit the constructor
-            raise RecipeError(f"{field.rsplit('.', 1)[0]}.params", str(bind_exc)) from None
-        raise RecipeError(field, f"{name!r} failed to start: {exc}") from exc
-    except UserError as exc:
-        raise RecipeError(f"{field.rsplit('.', 1)[0]}.params", str(exc)) from None
+        raise RecipeError(field, str(exc)) from None
+    except ValueError:  # no signature to inspect (e.g. a builtin): let construction tell
+        pass
 
 
 def build_scorers(
@@ -76,20 +83,24 @@ def member_fields(recipe: Recipe) -> list[tuple[str, str, MemberConfig]]:
 
 
 def build_peer_generator(prefix: str, member: MemberConfig) -> Generator:
-    """A peer's generator from its recipe entry (the model is loaded and frozen)."""
-    if member.model is None:
-        raise RecipeError(f"{prefix}.model", "required (or pass a generator object from Python)")
-    path = resolve_model(member.model, f"{prefix}.model")
-    extra = {"model": path}
+    """A peer's generator from its recipe entry: built with `model=` the resolved model path
+    when the entry names a model (a text-only generator, e.g. an API, may need none)."""
+    extra = {}
+    if member.model is not None:
+        extra["model"] = resolve_model(member.model, f"{prefix}.model")
     if member.trust_remote_code:
         extra["trust_remote_code"] = True
+    cls = plugins.get_component("generator", member.generator, f"{prefix}.generator")
+    if "model" not in extra and "model" in _required_params(cls):
+        raise RecipeError(f"{prefix}.model", f"{member.generator!r} needs a model")
     try:
         return construct(
             "generator", member.generator, member.params, f"{prefix}.generator", **extra
         )
     except RecipeError as exc:
-        if exc.field.endswith(".params") and "cannot load model" in str(exc):
-            raise RecipeError(f"{prefix}.model", str(exc).split(": ", 1)[-1]) from None
+        if "cannot load model" in str(exc):
+            reason = str(exc).split("cannot load model", 1)[1]
+            raise RecipeError(f"{prefix}.model", f"cannot load model{reason}") from None
         raise
 
 
@@ -104,11 +115,36 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything `validate` checks beyond the schema: plugins, parameters, models, data."""
     build_scorers(recipe)
     build_evaluator(recipe)
-    plugins.get_component("reward_scorer", recipe.eval.scorer, "eval.scorer")
+    build_eval_scorer(recipe)
     for name, prefix, m in member_fields(recipe):
-        plugins.get_component("generator", m.generator, f"{prefix}.generator")
-        if m.model is not None:
-            resolve_model(m.model, f"{prefix}.model")
-        elif name == POLICY:
-            raise RecipeError("policy.model", "required")
+        cls = plugins.get_component("generator", m.generator, f"{prefix}.generator")
+        extra = {"model": resolve_model(m.model, f"{prefix}.model")} if m.model else {}
+        if name == POLICY:
+            check_policy_generator(recipe)
+        elif not extra and "model" in _required_params(cls):
+            raise RecipeError(f"{prefix}.model", f"{m.generator!r} needs a model")
+        check_params(cls, m.params, f"{prefix}.params", **extra)
     load_data(recipe)
+
+
+def _required_params(cls: type) -> set[str]:
+    try:
+        sig = inspect.signature(cls)
+    except ValueError:
+        return set()
+    return {n for n, p in sig.parameters.items() if p.default is inspect.Parameter.empty}
+
+
+def check_policy_generator(recipe: Recipe) -> None:
+    """The policy samples with the module being trained, which only `hf` can share."""
+    if recipe.policy.generator != "hf":
+        raise RecipeError(
+            "policy.generator",
+            f"the policy samples with the model being trained and must use 'hf', not "
+            f"{recipe.policy.generator!r} (a Python caller may pass generators={{'policy': ...}})",
+        )
+
+
+def build_eval_scorer(recipe: Recipe) -> RewardScorer:
+    e = recipe.eval
+    return construct("reward_scorer", e.scorer, e.params, "eval.scorer")

@@ -50,18 +50,36 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, row
 
 
+def _json_array_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A .json file holding one array of objects; rows are numbered from 1."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputFileError(str(path), "not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InputFileError(str(path), f"invalid JSON: {exc.msg}", line=exc.lineno) from None
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise InputFileError(str(path), f"item {i} is not a JSON object")
+        yield i, row
+
+
 def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
+        yield from _json_array_rows(path)
+    elif suffix in (".jsonl", ".json"):
         yield from _jsonl_rows(path)
     elif suffix == ".csv":
-        try:
-            with path.open(newline="", encoding="utf-8") as fh:
-                # line numbers count the header as line 1
-                for i, row in enumerate(csv.DictReader(fh), start=2):
-                    yield i, row
-        except UnicodeDecodeError:
-            raise InputFileError(str(path), "not valid UTF-8") from None
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except UnicodeDecodeError:
+                raise InputFileError(str(path), "not valid UTF-8", reader.line_num + 1) from None
+            except csv.Error as exc:
+                raise InputFileError(str(path), f"bad CSV: {exc}", line=reader.line_num) from None
     elif suffix == ".parquet":
         from datasets import Dataset
 

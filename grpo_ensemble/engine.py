@@ -8,6 +8,7 @@ the number of micro-batches per step may vary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -98,3 +99,14 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     return engine
+
+
+def gathered_params(module: torch.nn.Module):
+    """Whole parameters for the duration of the block: under ZeRO-3 each rank holds only a
+    shard, and generation or saving needs all of it. A no-op for unpartitioned modules."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .components import Generator, SamplingParams
+from .engine import gathered_params
 from .errors import PluginError, UserError
 from .models import load_model, same_tokenizer
 from .types import POLICY, Candidate, Group, Prompt
@@ -64,7 +65,7 @@ class HFGenerator(Generator):
     ) -> list[list[Candidate]]:
         texts = [p.text for p in prompts for _ in range(n)]  # each prompt n times, in order
         flat: list[Candidate] = []
-        with eval_mode(self.model):
+        with eval_mode(self.model), gathered_params(self.model):
             for start in range(0, len(texts), self.batch_size):
                 flat.extend(self._batch(texts[start : start + self.batch_size], sampling))
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]

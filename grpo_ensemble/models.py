@@ -56,7 +56,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, or a config transformers rejects
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(field, f"cannot load model {spec!r}: {first}") from None
     return model, tok

@@ -7,6 +7,7 @@ that names the field and, where it came from the file, the line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,8 @@ class PolicyConfig(MemberConfig):
 class PeerConfig(MemberConfig):
     name: str = Field(..., min_length=1, description="Member name, used in metrics.")
     mode: Literal["on_policy"] = Field(
-        "on_policy", description="How this peer's candidates enter the loss."
+        "on_policy",
+        description="How this peer's candidates enter the loss (this version: on_policy only).",
     )
 
 
@@ -109,6 +111,7 @@ class EvalConfig(_Config):
     after: bool = Field(True, description="Measure held-out accuracy after training.")
     max_prompts: int = Field(300, ge=1, description="Held-out prompts to evaluate.")
     scorer: str = Field("exact_match", description="Reward scorer that decides correctness.")
+    params: dict[str, Any] = Field({}, description="Keyword arguments for the eval scorer.")
     max_new_tokens: int | None = Field(None, ge=1, description="Default: the policy's.")
 
 
@@ -190,8 +193,9 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
             cur = cur[key]
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--set key.path=value` overrides; values are parsed as YAML scalars."""
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Apply `--set key.path=value` overrides (values parsed as YAML); returns the keys set."""
+    keys = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -201,15 +205,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError:
             value = raw
         _set_path(data, key.strip(), value)
-    return data
+        keys.append(key.strip())
+    return keys
 
 
 def _format_loc(loc: tuple) -> str:
     return ".".join(str(k) for k in loc)
 
 
-def recipe_from_dict(data: dict, source: str = "recipe", root: yaml.Node | None = None) -> Recipe:
-    """Validate a mapping into a Recipe; errors name the field (and line, given the YAML node)."""
+def recipe_from_dict(
+    data: dict,
+    source: str = "recipe",
+    root: yaml.Node | None = None,
+    overridden: Sequence[str] = (),
+) -> Recipe:
+    """Validate a mapping into a Recipe; errors name the field (and line, given the YAML node).
+
+    An error inside a field set by `--set` (listed in `overridden`) is blamed on `--set`.
+    """
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -221,9 +234,12 @@ def recipe_from_dict(data: dict, source: str = "recipe", root: yaml.Node | None 
             loc = tuple(int(k) if k.isdigit() else k for k in field.split("."))
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        field = _format_loc(loc)
+        if any(field == k or field.startswith(k + ".") for k in overridden):
+            raise RecipeError(field, msg, source="--set") from None
         line = _line_of(root, loc) if root is not None else None
         where = f"{source}:{line}" if line is not None else source
-        raise RecipeError(_format_loc(loc), msg, source=where) from None
+        raise RecipeError(field, msg, source=where) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -245,8 +261,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise InputFileError(str(path), "a recipe must be a YAML mapping", line=1)
-    apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source=str(path), root=root)
+    keys = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, source=str(path), root=root, overridden=keys)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -18,22 +18,25 @@ from transformers.utils import logging as hf_logging
 from . import plugins
 from .build import (
     WeightedScorer,
+    build_eval_scorer,
     build_evaluator,
     build_peer_generator,
     build_scorers,
+    check_policy_generator,
     load_data,
     member_fields,
     sampling_of,
 )
 from .components import Generator, GroupEvaluator, RewardScorer
 from .data import PromptSampler
-from .engine import build_engine, resolve_dtype
+from .engine import build_engine, gathered_params, resolve_dtype
+from .errors import PluginError, UserError
 from .evaluation import EvalResult, heldout_accuracy
 from .generation import EnsembleGenerator, HFGenerator, Member
 from .logprobs import TokenBatch, completion_logprobs
 from .loss import BatchSize, grpo_loss
 from .models import load_model
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from .rundir import MetricsWriter, StepProgress, prepare_run_dir
 from .scoring import score_groups
 from .types import POLICY, Candidate, Group, GroupLayout, Prompt
@@ -52,6 +55,7 @@ class Run:
     evaluator: GroupEvaluator
     sampler: PromptSampler
     held_out: list[Prompt] | None
+    eval_scorer: RewardScorer
     run_dir: Path
     prompt_ids: dict[str, list[int]] = field(default_factory=dict)
 
@@ -82,6 +86,9 @@ def build_run(
     generators = dict(generators or {})
     scorers = build_scorers(recipe, reward_scorers)
     evaluator = build_evaluator(recipe, group_evaluator)
+    eval_scorer = build_eval_scorer(recipe)
+    if POLICY not in generators:
+        check_policy_generator(recipe)
     train_prompts, held_out = load_data(recipe)
     dtype = resolve_dtype(recipe)
     p = recipe.policy
@@ -95,13 +102,13 @@ def build_run(
     for name, prefix, m in member_fields(recipe):
         if name in generators:
             gen = generators.pop(name)
-        elif name == POLICY:
-            gen = HFGenerator(engine.module, tok)
+        elif name == POLICY:  # shares the module being trained: always current weights
+            gen = HFGenerator(engine.module, tok, **m.params)
         else:
             gen = build_peer_generator(prefix, m)
         members.append(Member(name, gen, m.n, sampling_of(m), getattr(m, "mode", "on_policy")))
     if generators:
-        raise ValueError(f"generators given for members not in the recipe: {sorted(generators)}")
+        raise UserError(f"generators given for members not in the recipe: {sorted(generators)}")
     return Run(
         recipe=recipe,
         engine=engine,
@@ -112,6 +119,7 @@ def build_run(
         evaluator=evaluator,
         sampler=PromptSampler(train_prompts, recipe.seed, recipe.data.shuffle),
         held_out=held_out,
+        eval_scorer=eval_scorer,
         run_dir=run_dir,
     )
 
@@ -141,10 +149,15 @@ def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
     candidates = [c for g in groups for c in g.candidates]
     rewards, per_scorer = score_groups(groups, run.scorers)
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
-    adv = run.evaluator.advantages(grid, layout.valid, layout.valid)
-    if adv.shape != grid.shape or not torch.isfinite(adv[layout.valid]).all():
-        name = getattr(run.evaluator, "name", type(run.evaluator).__name__)
-        raise plugins.PluginError(name, "advantages have the wrong shape or are not finite")
+    name = getattr(run.evaluator, "name", "") or type(run.evaluator).__name__
+    try:
+        adv = run.evaluator.advantages(grid, layout.valid, layout.valid)
+    except Exception as exc:
+        raise PluginError(name, f"group evaluator raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(adv, torch.Tensor) or adv.shape != grid.shape:
+        raise PluginError(name, f"advantages must be a tensor of shape {tuple(grid.shape)}")
+    if not torch.isfinite(adv[layout.valid]).all():
+        raise PluginError(name, "advantages are not finite")
     lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
     hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
     equal = lo == hi  # (n_prompts,) groups with no learning signal
@@ -195,49 +208,67 @@ def frozen_logprobs(model: torch.nn.Module, batches, temperature: float) -> list
     return out
 
 
-def update(run: Run, rollout: Rollout, batches) -> dict[str, float]:
-    """μ optimizer passes over the step's micro-batches; returns loss, KL, clip metrics."""
-    r, engine = run.recipe, run.engine
-    temp = r.policy.sampling.temperature
-    size = BatchSize(
+def batch_size_of(run: Run, batches) -> BatchSize:
+    """Sizes of the whole step's batch: every micro-batch's loss is normalised by them."""
+    return BatchSize(
         sequences=sum(len(i) for _, _, i in batches),
         tokens=int(sum(b.completion_mask.sum() for b, _, _ in batches)),
-        max_new_tokens=r.policy.sampling.max_new_tokens,
+        # the longest completion any member may write: Dr. GRPO's constant normaliser
+        max_new_tokens=max(m.sampling.max_new_tokens for m in run.ensemble.members),
     )
+
+
+def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]:
+    """Forward/backward over every micro-batch into one accumulated gradient (no step)."""
+    r, engine = run.recipe, run.engine
+    total, kl_sum, clipped, tokens = 0.0, 0.0, 0.0, 0.0
+    for j, (batch, adv, _) in enumerate(batches):
+        engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
+        logp = completion_logprobs(engine, batch, r.policy.sampling.temperature)  # (B, C)
+        out = grpo_loss(
+            logp,
+            old[j] if old is not None else logp.detach(),  # μ = 1: ratio is exactly 1
+            ref[j] if ref is not None else None,
+            adv,
+            batch.completion_mask,
+            size,
+            r.loss.clip_low,
+            r.loss.clip_high,
+            r.loss.beta,
+            r.loss.aggregation,
+        )
+        # the loss is already this micro-batch's share of the step: no 1/accumulation scaling
+        engine.backward(out.loss, scale_wrt_gas=False)
+        total += out.loss.item()
+        kl_sum += float((out.kl * batch.completion_mask).sum())
+        clipped += float(out.clipped.sum())
+        tokens += float(batch.completion_mask.sum())
+    return {"loss": total, "kl_sum": kl_sum, "clipped": clipped, "tokens": tokens}
+
+
+def update(run: Run, batches) -> dict[str, float]:
+    """μ optimizer steps over the step's micro-batches; returns loss, KL, clip metrics."""
+    r, engine = run.recipe, run.engine
+    temp = r.policy.sampling.temperature
+    size = batch_size_of(run, batches)
     old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 else None
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
-    losses, kl_sum, clipped, tokens, grad_norms = [], 0.0, 0.0, 0.0, []
+    passes, grad_norms = [], []
     for _ in range(r.loss.mu):
-        total = 0.0
-        for j, (batch, adv, _) in enumerate(batches):
-            engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
-            logp = completion_logprobs(engine, batch, temp)
-            out = grpo_loss(
-                logp,
-                old[j] if old is not None else logp.detach(),  # μ = 1: ratio is exactly 1
-                ref[j] if ref is not None else None,
-                adv,
-                batch.completion_mask,
-                size,
-                r.loss.clip_low,
-                r.loss.clip_high,
-                r.loss.beta,
-                r.loss.aggregation,
-            )
-            engine.backward(out.loss, scale_wrt_gas=False)
-            total += out.loss.item()
-            kl_sum += float((out.kl * batch.completion_mask).sum())
-            clipped += float(out.clipped.sum())
-            tokens += float(batch.completion_mask.sum())
+        passes.append(accumulate(run, batches, size, old, ref))
         engine.step()
-        losses.append(total)
         grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
+    tokens = sum(p["tokens"] for p in passes)
     return {
-        "loss": sum(losses) / len(losses),
-        "kl": kl_sum / max(tokens, 1),
-        "clip_fraction": clipped / max(tokens, 1),
+        "loss": sum(p["loss"] for p in passes) / len(passes),
+        "kl": sum(p["kl_sum"] for p in passes) / max(tokens, 1),
+        "clip_fraction": sum(p["clipped"] for p in passes) / max(tokens, 1),
         "grad_norm": sum(grad_norms) / len(grad_norms),
     }
+
+
+# metrics of a step whose groups were all dropped (no learning signal): no optimizer step
+NO_UPDATE = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped_update": 1}
 
 
 def grpo_step(run: Run, step: int) -> dict[str, Any]:
@@ -249,7 +280,7 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     rollout = evaluate_groups(run, groups)  # rewards (n_candidates,), advantages, keep mask
     t["score"] = time.perf_counter()
     batches = micro_batches(run, rollout)
-    upd = update(run, rollout, batches) if batches else {"loss": 0.0, "skipped_update": 1.0}
+    upd = update(run, batches) if batches else dict(NO_UPDATE)
     t["update"] = time.perf_counter()
     run.ensemble.members[0].generator.sync_weights(run.engine.module)  # policy samples anew
     t["sync"] = time.perf_counter()
@@ -297,10 +328,9 @@ def evaluate_policy(run: Run) -> EvalResult | None:
     if not run.held_out:
         return None
     e = run.recipe.eval
-    scorer = plugins.get_component("reward_scorer", e.scorer, "eval.scorer")()
     max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
     gen = HFGenerator(run.engine.module, run.tokenizer)
-    return heldout_accuracy(gen, run.held_out[: e.max_prompts], scorer, max_new)
+    return heldout_accuracy(gen, run.held_out[: e.max_prompts], run.eval_scorer, max_new)
 
 
 def train(
@@ -318,6 +348,9 @@ def train(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
+    elif overrides:
+        data = recipe.model_dump(mode="json")
+        recipe = recipe_from_dict(data, overridden=apply_overrides(data, list(overrides)))
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
@@ -344,7 +377,8 @@ def train(
     if recipe.eval.after:
         result.after = evaluate_policy(run)
         _say(console, "after", result.after)
-    run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
+    with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
+        run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
     run.tokenizer.save_pretrained(result.model_dir)
     return result
 

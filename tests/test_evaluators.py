@@ -54,6 +54,14 @@ def test_stats_subset_sets_the_baseline_for_everyone():
     assert dr_grpo_advantages(rewards, valid, stats).tolist() == [[-0.5, 0.5, 0.5, 0.5]]
 
 
+def test_rloo_lone_statistics_candidate_gets_zero():
+    rewards = torch.tensor([[1.0, 0.0]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    stats = torch.tensor([[True, False]])
+    # candidate 0 has no other statistics candidate: baseline is itself; candidate 1: 1.0
+    assert rloo_advantages(rewards, valid, stats).tolist() == [[0.0, -1.0]]
+
+
 def test_single_candidate_stats_no_nan():
     rewards = torch.tensor([[1.0, 0.0]])
     valid = torch.ones(1, 2, dtype=torch.bool)

@@ -120,3 +120,58 @@ def test_every_hook_is_documented_and_tested():
         assert f"`{name}(" in docs, f"{name} has no section in docs/plugins.md"
         assert f"def {name}(" in tests, f"{name} has no test"
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
+
+
+class OraclePlugin:
+    """Registers a text-only generator that a recipe then names like any other."""
+
+    class Oracle:
+        name = "oracle"
+        tokenizer = None
+
+        def __init__(self, wrong: bool = False):
+            self.wrong = wrong
+
+        def generate(self, prompts, n, sampling):
+            from grpo_ensemble import Candidate
+
+            text = (lambda p: "0") if self.wrong else (lambda p: p.fields["answer"])
+            return [[Candidate(text(p), [], "") for _ in range(n)] for p in prompts]
+
+        def sync_weights(self, model):
+            pass
+
+    @hookimpl
+    def register_generators(self, register):
+        register(self.Oracle)
+
+
+def test_registered_generator_is_used_by_name(small_recipe, capsys):
+    pm = plugins.get_plugin_manager()
+    pm.register(OraclePlugin(), name="oracle-plugin")
+    recipe = small_recipe(
+        peers=[{"name": "teacher", "generator": "oracle", "n": 2}],
+        train__steps=1,
+        eval__before=False,
+        eval__after=False,
+    )
+    m = train(recipe).metrics[0]
+    assert m["member/teacher/reward"] == 1.0 and m["member/teacher/candidates"] == 8
+    # and `hf` without a model is a recipe error naming the field
+    bad = small_recipe(peers=[{"name": "p", "n": 2}])
+    from grpo_ensemble.build import build_peer_generator
+    from grpo_ensemble.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"peers\.0\.model: 'hf' needs a model"):
+        build_peer_generator("peers.0", bad.peers[0])
+
+
+def test_policy_must_use_hf(small_recipe, tmp_path, capsys):
+    pm = plugins.get_plugin_manager()
+    pm.register(OraclePlugin(), name="oracle-plugin")
+    path = tmp_path / "r.yaml"
+    path.write_text("policy:\n  model: builtin:tiny-arith-small\n  generator: oracle\n")
+    assert main(["validate", str(path)]) == 2
+    assert "policy.generator: the policy samples with the model being trained" in (
+        capsys.readouterr().err
+    )

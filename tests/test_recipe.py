@@ -65,6 +65,13 @@ BAD = [
     ("policy: [1, 2\n", None, "invalid YAML"),
     ("- 1\n- 2\n", None, "a recipe must be a YAML mapping"),
     (GOOD, "nokey", "expected key.path=value"),
+    (GOOD, "train.steps=0", "error: --set: train.steps: Input should be greater than"),
+    (GOOD, "group.params={eps: abc}", "group.params: 'grpo' rejected its parameters"),
+    (GOOD, "group.params={nope: 1}", "group.params: got an unexpected keyword argument 'nope'"),
+    (GOOD, "eval.scorer=nope", "eval.scorer: unknown reward scorer 'nope'"),
+    (GOOD, "eval.scorer=regex_format", "eval.params: missing a required argument: 'pattern'"),
+    (GOOD, "peers=[{name: s, n: 2}]", "peers.0.model: 'hf' needs a model"),
+    (GOOD, "peers=[{name: s, model: builtin:tiny-arith-base, params: {x: 1}}]", "peers.0.params"),
 ]
 
 

@@ -49,8 +49,9 @@ def rloo_advantages(
     w = stats.to(rewards.dtype)
     total = (rewards * w).sum(dim=1, keepdim=True)
     count = w.sum(dim=1, keepdim=True)
-    others = (count - w).clamp(min=1)
-    baseline = (total - rewards * w) / others
+    others = count - w
+    # a lone statistics candidate has no others: its baseline is itself (advantage 0)
+    baseline = torch.where(others > 0, (total - rewards * w) / others.clamp(min=1), rewards)
     return torch.where(valid, rewards - baseline, torch.zeros_like(rewards))
 
 
