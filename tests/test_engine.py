@@ -1,0 +1,39 @@
+"""The DeepSpeed-facing pieces that are plain functions: schedule, config, precision."""
+
+import math
+
+import pytest
+import torch
+
+from grpo_ensemble.engine import deepspeed_config, lr_lambda, resolve_dtype
+
+
+def test_warmup_then_constant(small_recipe):
+    f = lr_lambda(small_recipe(train__warmup_steps=3, train__steps=10))
+    assert [f(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_warmup_then_cosine_over_optimizer_steps(small_recipe):
+    # 4 GRPO steps × μ 2 = 8 optimizer steps; 2 of warmup, cosine over the other 6
+    f = lr_lambda(
+        small_recipe(train__warmup_steps=2, train__steps=4, train__schedule="cosine", loss__mu=2)
+    )
+    assert f(0) == pytest.approx(1 / 3) and f(1) == pytest.approx(2 / 3)
+    assert f(2) == 1.0
+    assert f(5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert f(8) == pytest.approx(0.0)
+
+
+def test_deepspeed_config_from_recipe(small_recipe):
+    r = small_recipe(train__zero_stage=3, train__max_grad_norm=0.5)
+    cfg = deepspeed_config(r, micro_batch=8, dtype=torch.float32)
+    assert cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"] == {"enabled": False}
+    assert cfg["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_precision_auto_is_fp32_on_cpu(small_recipe):
+    assert not torch.cuda.is_available()
+    assert resolve_dtype(small_recipe()) == torch.float32
+    assert resolve_dtype(small_recipe(train__precision="bf16")) == torch.bfloat16
