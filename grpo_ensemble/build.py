@@ -14,7 +14,7 @@ from . import plugins
 from .components import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from .data import load_prompts
 from .errors import RecipeError, UserError
-from .models import resolve_model
+from .models import load_tokenizer, resolve_model, same_tokenizer
 from .recipe import MemberConfig, Recipe
 from .types import POLICY, Prompt
 
@@ -124,7 +124,26 @@ def check_recipe(recipe: Recipe) -> None:
         elif not extra and "model" in _required_params(cls):
             raise RecipeError(f"{prefix}.model", f"{m.generator!r} needs a model")
         check_params(cls, m.params, f"{prefix}.params", **extra)
+    check_tis_tokenizers(recipe)
     load_data(recipe)
+
+
+TIS_TOKENIZER = (
+    "tis needs the peer's own token log-probs over the policy's tokens, but this peer's "
+    "tokenizer differs from the policy's; use mode shaped or on_policy"
+)
+
+
+def check_tis_tokenizers(recipe: Recipe) -> None:
+    """A `tis` peer must share the policy's tokenizer (checked by loading both tokenizers)."""
+    tis = [(i, p) for i, p in enumerate(recipe.peers) if p.mode == "tis" and p.model]
+    if not tis:
+        return
+    policy_tok = load_tokenizer(resolve_model(recipe.policy.model, "policy.model"))
+    for i, p in tis:
+        peer_tok = load_tokenizer(resolve_model(p.model, f"peers.{i}.model"))
+        if not same_tokenizer(policy_tok, peer_tok):
+            raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
 
 
 def _required_params(cls: type) -> set[str]:

@@ -143,7 +143,7 @@ class EnsembleGenerator:
             raise ValueError("the first ensemble member must be the policy")
         self.members = members
         self.tokenizer = policy_tokenizer
-        self._shares_tokens = {
+        self.shares_tokens = {
             m.name: m.generator.tokenizer is not None
             and same_tokenizer(m.generator.tokenizer, policy_tokenizer)
             for m in members
@@ -176,7 +176,7 @@ class EnsembleGenerator:
     def _adopt(self, cand: Candidate, source: str) -> Candidate:
         """Tag the candidate; re-tokenize text from a member with another tokenizer."""
         cand.source = source
-        if not self._shares_tokens[source]:
+        if not self.shares_tokens[source]:
             ids = self.tokenizer(cand.text, add_special_tokens=False)["input_ids"]
             if cand.finished:
                 ids = ids + [self.tokenizer.eos_token_id]

@@ -32,6 +32,27 @@ def clipped_surrogate(
     return -torch.min(unclipped, clipped), clipped < unclipped
 
 
+def shaped_surrogate(logp: torch.Tensor, advantages: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-token −A·f(π_θ), f(p) = p/(p+γ), no clipping (LUFFY): needs no behaviour probability.
+
+    dL/dlogp = −A·γp/(p+γ)², which stays small for tokens the policy finds very unlikely.
+    """
+    p = torch.exp(logp)
+    return -advantages.unsqueeze(1) * p / (p + gamma)
+
+
+def tis_surrogate(
+    logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: torch.Tensor, lo: float, hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token −A·w·logp with w = clamp(π_θ/μ, lo, hi) detached: truncated importance sampling
+    of another model's tokens (μ: that model's own log-probs). dL/dlogp = −A·w.
+
+    Returns the loss (B, C) and the weights w (B, C).
+    """
+    w = torch.exp(logp.detach() - behaviour_logp).clamp(lo, hi)
+    return -advantages.unsqueeze(1) * w * logp, w
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(π‖π_ref): exp(ref − logp) − (ref − logp) − 1 ≥ 0."""
     d = ref_logp - logp
@@ -70,11 +91,26 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchSize], torch.
 }
 
 
+# How a candidate enters the loss, by its member's mode (DESIGN.md §3). baseline_only
+# candidates never reach the loss: they only count in the group statistics.
+MODES = {"on_policy": 0, "shaped": 1, "tis": 2}
+
+
+@dataclass(frozen=True)
+class OffPolicy:
+    """Settings of the off-policy modes."""
+
+    gamma: float = 0.1  # shaped: f(p) = p/(p+γ)
+    tis_low: float = 0.0  # tis: importance weights clamped to [tis_low, tis_high]
+    tis_high: float = 2.0
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar: this micro-batch's share of the step loss
     kl: torch.Tensor  # (B, C) per-token KL (zeros when beta = 0)
     clipped: torch.Tensor  # (B, C) bool
+    weight: torch.Tensor  # (B, C) tis importance weight or shaped f(p), 1 for on_policy rows
 
 
 def grpo_loss(
@@ -88,12 +124,33 @@ def grpo_loss(
     clip_high: float,
     beta: float,
     aggregation: str,
+    modes: torch.Tensor | None = None,
+    behaviour_logp: torch.Tensor | None = None,
+    off_policy: OffPolicy = OffPolicy(),
 ) -> LossOutput:
-    """Clipped surrogate + beta·KL, aggregated by name."""
+    """Per-candidate surrogate (by `modes` (B,), see MODES) + beta·KL, aggregated by name.
+
+    The policy's own candidates and on_policy peers take the clipped surrogate; shaped and
+    tis rows their own surrogate. KL applies to every token that receives gradient.
+    """
     per_token, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    weight = torch.ones_like(logp)
+    if modes is not None and bool((modes != MODES["on_policy"]).any()):
+        row = modes.unsqueeze(1)  # (B, 1)
+        shaped = shaped_surrogate(logp, advantages, off_policy.gamma)
+        p = torch.exp(logp.detach())
+        weight = torch.where(row == MODES["shaped"], p / (p + off_policy.gamma), weight)
+        per_token = torch.where(row == MODES["shaped"], shaped, per_token)
+        if behaviour_logp is not None:
+            tis, w = tis_surrogate(
+                logp, behaviour_logp, advantages, off_policy.tis_low, off_policy.tis_high
+            )
+            per_token = torch.where(row == MODES["tis"], tis, per_token)
+            weight = torch.where(row == MODES["tis"], w, weight)
+        clipped = clipped & (row == MODES["on_policy"])
     kl = torch.zeros_like(logp)
     if beta > 0 and ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + beta * kl
     loss = AGGREGATIONS[aggregation](per_token, mask, size)
-    return LossOutput(loss=loss, kl=kl.detach(), clipped=clipped & mask.bool())
+    return LossOutput(loss=loss, kl=kl.detach(), clipped=clipped & mask.bool(), weight=weight)

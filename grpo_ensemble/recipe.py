@@ -46,9 +46,10 @@ class PolicyConfig(MemberConfig):
 
 class PeerConfig(MemberConfig):
     name: str = Field(..., min_length=1, description="Member name, used in metrics.")
-    mode: Literal["on_policy"] = Field(
+    mode: Literal["on_policy", "shaped", "tis", "baseline_only"] = Field(
         "on_policy",
-        description="How this peer's candidates enter the loss (this version: on_policy only).",
+        description="How this peer's candidates enter the loss: on_policy, shaped, tis, "
+        "baseline_only (docs/algorithm.md).",
     )
 
 
@@ -73,6 +74,9 @@ class RewardConfig(_Config):
 class GroupConfig(_Config):
     evaluator: str = Field("grpo", description="Group evaluator plugin: grpo, dr_grpo, rloo.")
     params: dict[str, Any] = Field({}, description="Keyword arguments for the evaluator.")
+    stats: Literal["group", "policy"] = Field(
+        "group", description="Group mean/std over the whole pooled group or the policy's own."
+    )
     drop_equal_reward_groups: bool = Field(
         False, description="Leave out of the loss groups whose rewards are all equal."
     )
@@ -87,6 +91,9 @@ class LossConfig(_Config):
         description="token_mean over the batch, per-sequence mean, or constant-length normaliser.",
     )
     mu: int = Field(1, ge=1, description="Optimizer passes over each step's generations.")
+    shaped_gamma: float = Field(0.1, gt=0, description="shaped peers: f(p) = p/(p+gamma).")
+    tis_low: float = Field(0.0, ge=0, description="tis peers: lower clamp of π_θ/μ_peer.")
+    tis_high: float = Field(2.0, gt=0, description="tis peers: upper clamp of π_θ/μ_peer.")
 
 
 class TrainConfig(_Config):
@@ -142,6 +149,8 @@ class Recipe(_Config):
         for i, name in enumerate(names):
             if name == POLICY or names.index(name) != i:
                 raise ValueError(f"peers.{i}.name: {name!r} is taken; give each peer its own name")
+        if self.loss.tis_low > self.loss.tis_high:
+            raise ValueError("loss.tis_low: must not exceed loss.tis_high")
         size = self.group_size
         if size < 2:
             raise ValueError(

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from . import plugins
 from .build import (
+    TIS_TOKENIZER,
     WeightedScorer,
     build_eval_scorer,
     build_evaluator,
@@ -30,11 +31,11 @@ from .build import (
 from .components import Generator, GroupEvaluator, RewardScorer
 from .data import PromptSampler
 from .engine import build_engine, gathered_params, resolve_dtype
-from .errors import PluginError, UserError
+from .errors import PluginError, RecipeError, UserError
 from .evaluation import EvalResult, heldout_accuracy
 from .generation import EnsembleGenerator, HFGenerator, Member
 from .logprobs import TokenBatch, completion_logprobs
-from .loss import BatchSize, grpo_loss
+from .loss import MODES, BatchSize, OffPolicy, grpo_loss
 from .models import load_model
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from .rundir import MetricsWriter, StepProgress, prepare_run_dir
@@ -109,12 +110,16 @@ def build_run(
         members.append(Member(name, gen, m.n, sampling_of(m), getattr(m, "mode", "on_policy")))
     if generators:
         raise UserError(f"generators given for members not in the recipe: {sorted(generators)}")
+    ensemble = EnsembleGenerator(members, tok)
+    for i, peer in enumerate(recipe.peers):
+        if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
+            raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
     return Run(
         recipe=recipe,
         engine=engine,
         tokenizer=tok,
         ref_model=ref,
-        ensemble=EnsembleGenerator(members, tok),
+        ensemble=ensemble,
         scorers=scorers,
         evaluator=evaluator,
         sampler=PromptSampler(train_prompts, recipe.seed, recipe.data.shuffle),
@@ -151,7 +156,7 @@ def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
     name = getattr(run.evaluator, "name", "") or type(run.evaluator).__name__
     try:
-        adv = run.evaluator.advantages(grid, layout.valid, layout.valid)
+        adv = run.evaluator.advantages(grid, layout.valid, stats_mask(run, groups, layout))
     except Exception as exc:
         raise PluginError(name, f"group evaluator raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(adv, torch.Tensor) or adv.shape != grid.shape:
@@ -161,7 +166,9 @@ def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
     lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
     hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
     equal = lo == hi  # (n_prompts,) groups with no learning signal
-    keep = layout.valid.clone()
+    mode = {m.name: m.mode for m in run.ensemble.members}
+    trained = [mode[c.source] != "baseline_only" for c in candidates]
+    keep = layout.valid & layout.to_grid(torch.tensor(trained), fill=False)
     if run.recipe.group.drop_equal_reward_groups:
         keep &= ~equal.unsqueeze(1)
     return Rollout(
@@ -176,17 +183,46 @@ def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
     )
 
 
-def micro_batches(run: Run, rollout: Rollout) -> list[tuple[TokenBatch, torch.Tensor, list[int]]]:
-    """(tokens, advantages (B,), candidate indices) per micro-batch of kept candidates."""
+def stats_mask(run: Run, groups: list[Group], layout: GroupLayout) -> torch.Tensor:
+    """(n_prompts, group_size) candidates that count in the group statistics."""
+    if run.recipe.group.stats == "group":
+        return layout.valid
+    own = torch.tensor([c.source == POLICY for g in groups for c in g.candidates])
+    return layout.to_grid(own, fill=False)
+
+
+@dataclass
+class MicroBatch:
+    tokens: TokenBatch
+    advantages: torch.Tensor  # (B,)
+    index: list[int]  # flat candidate indices
+    modes: torch.Tensor  # (B,) long, see loss.MODES
+    sources: list[str]  # member of each candidate
+    behaviour: torch.Tensor | None  # (B, C) sampling log-probs where mode is tis, else 0
+
+
+def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
+    """Micro-batches of the candidates that enter the loss, in candidate order."""
     keep = rollout.keep.nonzero().flatten().tolist()
+    mode = {m.name: m.mode for m in run.ensemble.members}
     mb = run.recipe.train.micro_batch_size
     out = []
     for start in range(0, len(keep), mb):
         idx = keep[start : start + mb]
+        cands = [rollout.candidates[i] for i in idx]
         prompts = [prompt_ids(run, rollout.candidate_prompt[i]) for i in idx]
-        comps = [rollout.candidates[i].token_ids for i in idx]
-        batch = TokenBatch.build(prompts, comps, run.tokenizer.pad_token_id)
-        out.append((batch, rollout.advantages[idx], idx))
+        batch = TokenBatch.build(prompts, [c.token_ids for c in cands], run.tokenizer.pad_token_id)
+        modes = torch.tensor([MODES[mode[c.source]] for c in cands], dtype=torch.long)
+        behaviour = None
+        if (modes == MODES["tis"]).any():
+            behaviour = torch.zeros(batch.completion_ids.shape)
+            for row, c in enumerate(cands):
+                if mode[c.source] == "tis":
+                    if c.behaviour_logprobs is None:
+                        raise PluginError(c.source, "tis needs the peer's token log-probs")
+                    behaviour[row, : len(c.behaviour_logprobs)] = torch.tensor(c.behaviour_logprobs)
+        sources = [c.source for c in cands]
+        out.append(MicroBatch(batch, rollout.advantages[idx], idx, modes, sources, behaviour))
     return out
 
 
@@ -203,7 +239,7 @@ def frozen_logprobs(model: torch.nn.Module, batches, temperature: float) -> list
     """Log-probs that stay fixed during the update (old policy or reference), per micro-batch."""
     was_training = model.training
     model.eval()
-    out = [completion_logprobs(model, b, temperature) for b, _, _ in batches]
+    out = [completion_logprobs(model, b.tokens, temperature) for b in batches]
     model.train(was_training)
     return out
 
@@ -211,8 +247,8 @@ def frozen_logprobs(model: torch.nn.Module, batches, temperature: float) -> list
 def batch_size_of(run: Run, batches) -> BatchSize:
     """Sizes of the whole step's batch: every micro-batch's loss is normalised by them."""
     return BatchSize(
-        sequences=sum(len(i) for _, _, i in batches),
-        tokens=int(sum(b.completion_mask.sum() for b, _, _ in batches)),
+        sequences=sum(len(b.index) for b in batches),
+        tokens=int(sum(b.tokens.completion_mask.sum() for b in batches)),
         # the longest completion any member may write: Dr. GRPO's constant normaliser
         max_new_tokens=max(m.sampling.max_new_tokens for m in run.ensemble.members),
     )
@@ -222,7 +258,10 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
     """Forward/backward over every micro-batch into one accumulated gradient (no step)."""
     r, engine = run.recipe, run.engine
     total, kl_sum, clipped, tokens = 0.0, 0.0, 0.0, 0.0
-    for j, (batch, adv, _) in enumerate(batches):
+    off = OffPolicy(r.loss.shaped_gamma, r.loss.tis_low, r.loss.tis_high)
+    weights = {k: [0.0, 0.0] for k in MODES}  # mode → [Σ weight, tokens]
+    for j, mbatch in enumerate(batches):
+        batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
         logp = completion_logprobs(engine, batch, r.policy.sampling.temperature)  # (B, C)
         out = grpo_loss(
@@ -236,6 +275,9 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
             r.loss.clip_high,
             r.loss.beta,
             r.loss.aggregation,
+            mbatch.modes,
+            mbatch.behaviour,
+            off,
         )
         # the loss is already this micro-batch's share of the step: no 1/accumulation scaling
         engine.backward(out.loss, scale_wrt_gas=False)
@@ -243,7 +285,11 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
         kl_sum += float((out.kl * batch.completion_mask).sum())
         clipped += float(out.clipped.sum())
         tokens += float(batch.completion_mask.sum())
-    return {"loss": total, "kl_sum": kl_sum, "clipped": clipped, "tokens": tokens}
+        for name, k in MODES.items():
+            rows = batch.completion_mask * (mbatch.modes == k).unsqueeze(1)
+            weights[name][0] += float((out.weight * rows).sum())
+            weights[name][1] += float(rows.sum())
+    return {"loss": total, "kl_sum": kl_sum, "clipped": clipped, "tokens": tokens, "w": weights}
 
 
 def update(run: Run, batches) -> dict[str, float]:
@@ -259,12 +305,27 @@ def update(run: Run, batches) -> dict[str, float]:
         engine.step()
         grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
     tokens = sum(p["tokens"] for p in passes)
+    w = passes[0]["w"]
+    mode_metrics = {
+        f"{name}/weight_mean": w[name][0] / w[name][1] for name in ("shaped", "tis") if w[name][1]
+    }
     return {
+        **mode_metrics,
+        "offpolicy_token_fraction": off_policy_tokens(batches) / max(passes[0]["tokens"], 1),
         "loss": sum(p["loss"] for p in passes) / len(passes),
         "kl": sum(p["kl_sum"] for p in passes) / max(tokens, 1),
         "clip_fraction": sum(p["clipped"] for p in passes) / max(tokens, 1),
         "grad_norm": sum(grad_norms) / len(grad_norms),
     }
+
+
+def off_policy_tokens(batches: list[MicroBatch]) -> float:
+    """Completion tokens in the loss that came from a peer, not from the policy."""
+    total = 0.0
+    for b in batches:
+        peer = torch.tensor([s != POLICY for s in b.sources], dtype=torch.float)
+        total += float((b.tokens.completion_mask * peer.unsqueeze(1)).sum())
+    return total
 
 
 # metrics of a step whose groups were all dropped (no learning signal): no optimizer step

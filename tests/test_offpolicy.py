@@ -1,0 +1,145 @@
+"""Per-member modes for peer candidates, against numbers computed by hand."""
+
+import shutil
+
+import pytest
+import torch
+
+from grpo_ensemble import Candidate, Generator
+from grpo_ensemble.build import check_recipe
+from grpo_ensemble.errors import RecipeError
+from grpo_ensemble.loss import (
+    MODES,
+    BatchSize,
+    OffPolicy,
+    grpo_loss,
+    shaped_surrogate,
+    tis_surrogate,
+)
+from grpo_ensemble.models import load_tokenizer, resolve_model
+from grpo_ensemble.train import build_run, evaluate_groups, micro_batches
+
+
+def test_shaped_loss_and_gradient_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.1]], dtype=torch.float64)).requires_grad_(True)
+    loss = shaped_surrogate(logp, torch.tensor([2.0], dtype=torch.float64), gamma=0.1)
+    # −A·p/(p+γ): −2·0.5/0.6 and −2·0.1/0.2
+    assert torch.allclose(loss, torch.tensor([[-2 * 0.5 / 0.6, -1.0]], dtype=torch.float64))
+    loss.sum().backward()
+    # dL/dlogp = −A·γp/(p+γ)²
+    expected = [[-2 * 0.1 * 0.5 / 0.6**2, -2 * 0.1 * 0.1 / 0.2**2]]
+    assert torch.allclose(logp.grad, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_tis_clamps_and_gradient_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.3]], dtype=torch.float64)).requires_grad_(True)
+    mu = torch.log(torch.tensor([[0.25, 0.5, 0.3]], dtype=torch.float64))
+    loss, w = tis_surrogate(logp, mu, torch.tensor([1.0], dtype=torch.float64), lo=0.5, hi=1.5)
+    # ratios 2.0, 0.4, 1.0 → clamped to 1.5, 0.5, 1.0
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 1.0]], dtype=torch.float64))
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.5, -0.5, -1.0]], dtype=torch.float64))
+
+
+def test_mixed_modes_in_one_batch():
+    logp = torch.log(torch.tensor([[0.5], [0.5], [0.5]])).requires_grad_(True)
+    mu = torch.log(torch.tensor([[0.0], [0.0], [0.25]]).clamp(min=1e-30))
+    adv = torch.tensor([1.0, 1.0, 1.0])
+    out = grpo_loss(
+        logp,
+        logp.detach(),
+        None,
+        adv,
+        torch.ones(3, 1),
+        BatchSize(3, 3, 1),
+        0.2,
+        0.2,
+        0.0,
+        "token_mean",
+        torch.tensor([MODES["on_policy"], MODES["shaped"], MODES["tis"]]),
+        mu,
+        OffPolicy(gamma=0.1, tis_low=0.0, tis_high=1.5),
+    )
+    # on_policy: −1; shaped: −0.5/0.6; tis: −1.5·log 0.5; token mean over 3 tokens
+    expected = (-1 - 0.5 / 0.6 - 1.5 * torch.log(torch.tensor(0.5)).item()) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.weight[:, 0].tolist() == pytest.approx([1.0, 0.5 / 0.6, 1.5])
+    out.loss.backward()
+    # d/dlogp: on_policy −A·ρ = −1; shaped −γp/(p+γ)² = −0.05/0.36; tis −w = −1.5; all / 3
+    assert logp.grad[:, 0].tolist() == pytest.approx([-1 / 3, -0.05 / 0.36 / 3, -1.5 / 3])
+
+
+class Oracle(Generator):
+    name = "oracle"
+
+    def generate(self, prompts, n, sampling):
+        return [[Candidate(p.fields["answer"], [], "") for _ in range(n)] for p in prompts]
+
+
+def _rollout(small_recipe, tmp_path, **changes):
+    recipe = small_recipe(peers=[{"name": "oracle", "n": 2, **changes.pop("peer", {})}], **changes)
+    run = build_run(recipe, tmp_path, generators={"oracle": Oracle()})
+    torch.manual_seed(0)
+    return run, evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+
+
+def test_baseline_only_counts_in_stats_but_gets_no_gradient(small_recipe, tmp_path):
+    run, ro = _rollout(
+        small_recipe, tmp_path, peer={"mode": "baseline_only"}, group__evaluator="dr_grpo"
+    )
+    rewards = ro.layout.to_grid(ro.rewards)  # (4, 4): 2 policy, then 2 oracle (always 1.0)
+    assert rewards[:, 2:].eq(1.0).all()
+    # policy candidates' advantage: r − mean of all four (the oracle's 1.0s included)
+    expected = rewards[:, :2] - rewards.mean(dim=1, keepdim=True)
+    assert torch.allclose(ro.layout.to_grid(ro.advantages)[:, :2], expected)
+    sources = [c.source for c in ro.candidates]
+    assert [s for s, k in zip(sources, ro.keep.tolist(), strict=True) if k] == ["policy"] * 8
+    batches = micro_batches(run, ro)
+    assert all(s == "policy" for b in batches for s in b.sources)
+
+
+def test_stats_over_the_policy_only(small_recipe, tmp_path):
+    _, ro = _rollout(small_recipe, tmp_path, group__stats="policy", group__evaluator="dr_grpo")
+    rewards = ro.layout.to_grid(ro.rewards)
+    expected = rewards - rewards[:, :2].mean(dim=1, keepdim=True)
+    assert torch.allclose(ro.layout.to_grid(ro.advantages), expected)
+
+
+def test_tis_needs_the_same_tokenizer(small_recipe, tmp_path):
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(resolve_model("builtin:tiny-arith-base", "x"), other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens(["@"])  # one more token: the vocabularies now differ
+    tok.save_pretrained(other)
+    ok = small_recipe(peers=[{"name": "s", "model": "builtin:tiny-arith-base", "mode": "tis"}])
+    check_recipe(ok)
+    bad = small_recipe(peers=[{"name": "s", "model": str(other), "mode": "tis"}])
+    with pytest.raises(RecipeError, match=r"peers\.0\.mode: tis needs .* tokenizer differs"):
+        check_recipe(bad)
+    with pytest.raises(RecipeError, match=r"peers\.0\.mode"):
+        build_run(bad, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["shaped", "tis", "baseline_only"])
+def test_each_mode_trains_and_logs(small_recipe, mode):
+    from grpo_ensemble import train
+
+    r = small_recipe(
+        peers=[
+            {
+                "name": "strong",
+                "model": "builtin:tiny-arith-base",
+                "n": 2,
+                "mode": mode,
+                "sampling": {"max_new_tokens": 5},
+            }
+        ],
+        eval__before=False,
+        eval__after=False,
+    )
+    m = train(r).metrics[0]
+    if mode == "baseline_only":
+        assert m["offpolicy_token_fraction"] == 0.0 and m["trained_candidates"] == 8
+    else:
+        assert 0 < m["offpolicy_token_fraction"] < 1
+        assert m[f"{mode}/weight_mean"] > 0
