@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -150,28 +150,42 @@ class EnsembleGenerator:
         }
         self.seconds: dict[str, float] = {}  # generation time per member, last call
 
-    def generate(self, prompts: Sequence[Prompt]) -> list[Group]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        needs_peers: Callable[[list[Group]], list[bool]] | None = None,
+    ) -> list[Group]:
+        """Pool each prompt's group. With `needs_peers`, the policy samples first and peers
+        sample only for the prompts it marks (on-failure injection): groups become ragged."""
+        self.seconds = {}
         groups = [Group(prompt=p, candidates=[]) for p in prompts]
+        wanted = list(range(len(prompts)))
         for m in self.members:
-            if m.n == 0:
+            if m.name != POLICY and needs_peers is not None and wanted == list(range(len(prompts))):
+                flags = needs_peers(groups)
+                wanted = [i for i, f in enumerate(flags) if f]
+            targets = wanted if m.name != POLICY else list(range(len(prompts)))
+            if m.n == 0 or not targets:
                 continue
-            start = time.perf_counter()
-            try:
-                per_prompt = m.generator.generate(prompts, m.n, m.sampling)
-            except UserError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    m.generator.name, f"generator of {m.name!r} failed: {exc}"
-                ) from exc
-            self.seconds[m.name] = time.perf_counter() - start
-            if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
-                raise PluginError(
-                    m.generator.name, f"{m.name!r} did not return {m.n} candidates per prompt"
-                )
-            for group, cands in zip(groups, per_prompt, strict=True):
-                group.candidates.extend(self._adopt(c, m.name) for c in cands)
+            per_prompt = self._sample(m, [prompts[i] for i in targets])
+            for i, cands in zip(targets, per_prompt, strict=True):
+                groups[i].candidates.extend(self._adopt(c, m.name) for c in cands)
         return groups
+
+    def _sample(self, m: Member, prompts: list[Prompt]) -> list[list[Candidate]]:
+        start = time.perf_counter()
+        try:
+            per_prompt = m.generator.generate(prompts, m.n, m.sampling)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PluginError(m.generator.name, f"generator of {m.name!r} failed: {exc}") from exc
+        self.seconds[m.name] = time.perf_counter() - start
+        if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
+            raise PluginError(
+                m.generator.name, f"{m.name!r} did not return {m.n} candidates per prompt"
+            )
+        return per_prompt
 
     def _adopt(self, cand: Candidate, source: str) -> Candidate:
         """Tag the candidate; re-tokenize text from a member with another tokenizer."""

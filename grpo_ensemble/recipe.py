@@ -74,6 +74,13 @@ class RewardConfig(_Config):
 class GroupConfig(_Config):
     evaluator: str = Field("grpo", description="Group evaluator plugin: grpo, dr_grpo, rloo.")
     params: dict[str, Any] = Field({}, description="Keyword arguments for the evaluator.")
+    inject: Literal["always", "on_failure"] = Field(
+        "always",
+        description="Peers sample for every prompt, or only where no policy candidate succeeded.",
+    )
+    success_reward: float = Field(
+        1.0, description="on_failure: a policy candidate with this combined reward succeeded."
+    )
     stats: Literal["group", "policy"] = Field(
         "group", description="Group mean/std over the whole pooled group or the policy's own."
     )

@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,17 @@ def off_policy_tokens(batches: list[MicroBatch]) -> float:
     return total
 
 
+def policy_failed(run: Run, groups: list[Group]) -> list[bool]:
+    """On-failure injection: True for prompts where no policy candidate reached success."""
+    rewards, _ = score_groups(groups, run.scorers)  # only the policy's candidates so far
+    out, k = [], 0
+    for g in groups:
+        n = len(g.candidates)
+        out.append(n == 0 or float(rewards[k : k + n].max()) < run.recipe.group.success_reward)
+        k += n
+    return out
+
+
 # metrics of a step whose groups were all dropped (no learning signal): no optimizer step
 NO_UPDATE = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped_update": 1}
 
@@ -336,7 +348,8 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     """One GRPO step; returns the metrics row written to metrics.jsonl."""
     t = {"start": time.perf_counter()}
     prompts = run.sampler.next(run.recipe.train.prompts_per_step)
-    groups = run.ensemble.generate(prompts)  # each member samples, groups pooled per prompt
+    inject = partial(policy_failed, run) if run.recipe.group.inject == "on_failure" else None
+    groups = run.ensemble.generate(prompts, inject)  # members sample, groups pooled per prompt
     t["generate"] = time.perf_counter()
     rollout = evaluate_groups(run, groups)  # rewards (n_candidates,), advantages, keep mask
     t["score"] = time.perf_counter()

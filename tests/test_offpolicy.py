@@ -143,3 +143,34 @@ def test_each_mode_trains_and_logs(small_recipe, mode):
     else:
         assert 0 < m["offpolicy_token_fraction"] < 1
         assert m[f"{mode}/weight_mean"] > 0
+
+
+def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
+    from functools import partial
+
+    from grpo_ensemble.train import grpo_step, policy_failed
+
+    recipe = small_recipe(
+        peers=[{"name": "oracle", "n": 2}],
+        group__inject="on_failure",
+        group__evaluator="dr_grpo",
+        train__prompts_per_step=8,
+    )
+    run = build_run(recipe, tmp_path, generators={"oracle": Oracle()})
+    torch.manual_seed(0)
+    groups = run.ensemble.generate(run.sampler.next(8), partial(policy_failed, run))
+    sizes = []
+    for g in groups:
+        solved = any(c.text.strip() == g.prompt.fields["answer"] for c in g.candidates[:2])
+        assert len(g.candidates) == (2 if solved else 4)  # the oracle only where all failed
+        sizes.append(len(g.candidates))
+    assert 2 in sizes and 4 in sizes  # really ragged
+    ro = evaluate_groups(run, groups)
+    k = 0
+    for g in groups:  # each group's advantages: r − mean over that group only, by hand
+        r = ro.rewards[k : k + len(g.candidates)]
+        assert torch.allclose(ro.advantages[k : k + len(g.candidates)], r - r.mean())
+        k += len(g.candidates)
+    m = grpo_step(run, 1)
+    failed = m["candidates"] - 2 * 8  # oracle candidates injected this step
+    assert m.get("member/oracle/candidates", 0) == failed
