@@ -378,9 +378,11 @@ def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[s
         "lr": run.engine.get_lr()[0],
     }
     sources = [c.source for c in ro.candidates]
+    best = best_candidates(ro)  # (n_candidates,) bool: ties for the top reward of their group
     for member in run.ensemble.members:
         idx = [i for i, s in enumerate(sources) if s == member.name]
         if idx:
+            m[f"member/{member.name}/best_share"] = float(best[idx].sum() / best.sum())
             m[f"member/{member.name}/reward"] = float(ro.rewards[idx].mean())
             m[f"member/{member.name}/candidates"] = len(idx)
             m[f"member/{member.name}/completion_len"] = float(lengths[idx].mean())
@@ -395,6 +397,13 @@ def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[s
         m[f"time/{b}"] = t[b] - t[a]
     m["time/step"] = t["sync"] - t["start"]
     return m
+
+
+def best_candidates(ro: Rollout) -> torch.Tensor:
+    """(n_candidates,) bool: the candidates that tie for their group's highest reward."""
+    grid = ro.layout.to_grid(ro.rewards, fill=float("-inf"))  # (n_prompts, group_size)
+    top = grid.max(dim=1, keepdim=True).values
+    return ro.layout.to_flat(grid == top)
 
 
 def evaluate_policy(run: Run) -> EvalResult | None:

@@ -174,3 +174,16 @@ def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
     m = grpo_step(run, 1)
     failed = m["candidates"] - 2 * 8  # oracle candidates injected this step
     assert m.get("member/oracle/candidates", 0) == failed
+    assert m["member/policy/best_share"] + m.get("member/oracle/best_share", 0) == pytest.approx(1)
+
+
+def test_best_share_by_hand():
+    from grpo_ensemble.train import Rollout, best_candidates
+    from grpo_ensemble.types import Group, GroupLayout, Prompt
+
+    p = Prompt("x")
+    groups = [Group(p, [Candidate("a", [], "policy")] * 3), Group(p, [Candidate("b", [], "s")] * 2)]
+    layout = GroupLayout.from_groups(groups)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.2])  # ties in group 0; 0.5 wins group 1
+    ro = Rollout(groups, layout, [], rewards, {}, rewards, layout.to_flat(layout.valid), 0)
+    assert best_candidates(ro).tolist() == [True, False, True, True, False]

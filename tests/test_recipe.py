@@ -1,6 +1,7 @@
 """Recipe loading, overrides, and every kind of bad input: exit code 2, one line, no traceback."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -138,3 +139,10 @@ def test_every_field_is_in_the_docs():
 
     missing = [p for p in paths(Recipe, "") if f"`{p}`" not in docs]
     assert not missing, f"docs/recipes.md lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")), ids=str
+)
+def test_shipped_recipes_validate(path, capsys):
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
