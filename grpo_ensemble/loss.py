@@ -43,14 +43,15 @@ def shaped_surrogate(logp: torch.Tensor, advantages: torch.Tensor, gamma: float)
 
 def tis_surrogate(
     logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: torch.Tensor, lo: float, hi: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token −A·w·logp with w = clamp(π_θ/μ, lo, hi) detached: truncated importance sampling
     of another model's tokens (μ: that model's own log-probs). dL/dlogp = −A·w.
 
-    Returns the loss (B, C) and the weights w (B, C).
+    Returns the loss (B, C), the weights w (B, C) and where the clamp bit (B, C) bool.
     """
-    w = torch.exp(logp.detach() - behaviour_logp).clamp(lo, hi)
-    return -advantages.unsqueeze(1) * w * logp, w
+    ratio = torch.exp(logp.detach() - behaviour_logp)
+    w = ratio.clamp(lo, hi)
+    return -advantages.unsqueeze(1) * w * logp, w, (ratio < lo) | (ratio > hi)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -111,6 +112,7 @@ class LossOutput:
     kl: torch.Tensor  # (B, C) per-token KL (zeros when beta = 0)
     clipped: torch.Tensor  # (B, C) bool
     weight: torch.Tensor  # (B, C) tis importance weight or shaped f(p), 1 for on_policy rows
+    tis_clamped: torch.Tensor | None = None  # (B, C) bool: a tis weight hit its clamp
 
 
 def grpo_loss(
@@ -135,6 +137,7 @@ def grpo_loss(
     """
     per_token, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
     weight = torch.ones_like(logp)
+    tis_clamped = None
     if modes is not None and bool((modes != MODES["on_policy"]).any()):
         row = modes.unsqueeze(1)  # (B, 1)
         shaped = shaped_surrogate(logp, advantages, off_policy.gamma)
@@ -142,9 +145,10 @@ def grpo_loss(
         weight = torch.where(row == MODES["shaped"], p / (p + off_policy.gamma), weight)
         per_token = torch.where(row == MODES["shaped"], shaped, per_token)
         if behaviour_logp is not None:
-            tis, w = tis_surrogate(
+            tis, w, hit = tis_surrogate(
                 logp, behaviour_logp, advantages, off_policy.tis_low, off_policy.tis_high
             )
+            tis_clamped = hit & (row == MODES["tis"]) & mask.bool()
             per_token = torch.where(row == MODES["tis"], tis, per_token)
             weight = torch.where(row == MODES["tis"], w, weight)
         clipped = clipped & (row == MODES["on_policy"])
@@ -153,4 +157,4 @@ def grpo_loss(
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + beta * kl
     loss = AGGREGATIONS[aggregation](per_token, mask, size)
-    return LossOutput(loss=loss, kl=kl.detach(), clipped=clipped & mask.bool(), weight=weight)
+    return LossOutput(loss, kl.detach(), clipped & mask.bool(), weight, tis_clamped)

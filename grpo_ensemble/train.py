@@ -260,7 +260,7 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
     r, engine = run.recipe, run.engine
     total, kl_sum, clipped, tokens = 0.0, 0.0, 0.0, 0.0
     off = OffPolicy(r.loss.shaped_gamma, r.loss.tis_low, r.loss.tis_high)
-    weights = {k: [0.0, 0.0] for k in MODES}  # mode → [Σ weight, tokens]
+    weights = {k: [0.0, 0.0] for k in (*MODES, "tis_clamped")}  # → [Σ weight, tokens]
     for j, mbatch in enumerate(batches):
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
@@ -286,6 +286,8 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
         kl_sum += float((out.kl * batch.completion_mask).sum())
         clipped += float(out.clipped.sum())
         tokens += float(batch.completion_mask.sum())
+        if out.tis_clamped is not None:
+            weights["tis_clamped"][0] += float(out.tis_clamped.sum())
         for name, k in MODES.items():
             rows = batch.completion_mask * (mbatch.modes == k).unsqueeze(1)
             weights[name][0] += float((out.weight * rows).sum())
@@ -310,6 +312,8 @@ def update(run: Run, batches) -> dict[str, float]:
     mode_metrics = {
         f"{name}/weight_mean": w[name][0] / w[name][1] for name in ("shaped", "tis") if w[name][1]
     }
+    if w["tis"][1]:
+        mode_metrics["tis/clamped_fraction"] = w["tis_clamped"][0] / w["tis"][1]
     return {
         **mode_metrics,
         "offpolicy_token_fraction": off_policy_tokens(batches) / max(passes[0]["tokens"], 1),

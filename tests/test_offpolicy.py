@@ -34,9 +34,10 @@ def test_shaped_loss_and_gradient_by_hand():
 def test_tis_clamps_and_gradient_by_hand():
     logp = torch.log(torch.tensor([[0.5, 0.2, 0.3]], dtype=torch.float64)).requires_grad_(True)
     mu = torch.log(torch.tensor([[0.25, 0.5, 0.3]], dtype=torch.float64))
-    loss, w = tis_surrogate(logp, mu, torch.tensor([1.0], dtype=torch.float64), lo=0.5, hi=1.5)
+    loss, w, hit = tis_surrogate(logp, mu, torch.tensor([1.0], dtype=torch.float64), lo=0.5, hi=1.5)
     # ratios 2.0, 0.4, 1.0 → clamped to 1.5, 0.5, 1.0
     assert torch.allclose(w, torch.tensor([[1.5, 0.5, 1.0]], dtype=torch.float64))
+    assert hit.tolist() == [[True, True, False]]
     loss.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([[-1.5, -0.5, -1.0]], dtype=torch.float64))
 
@@ -143,6 +144,8 @@ def test_each_mode_trains_and_logs(small_recipe, mode):
     else:
         assert 0 < m["offpolicy_token_fraction"] < 1
         assert m[f"{mode}/weight_mean"] > 0
+        if mode == "tis":
+            assert 0 <= m["tis/clamped_fraction"] <= 1
 
 
 def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
