@@ -190,3 +190,74 @@ def test_best_share_by_hand():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.2])  # ties in group 0; 0.5 wins group 1
     ro = Rollout(groups, layout, [], rewards, {}, rewards, layout.to_flat(layout.valid), 0)
     assert best_candidates(ro).tolist() == [True, False, True, True, False]
+
+
+def _permuted_vocab_copy(src: str, dst) -> None:
+    """The same model under another vocabulary: every non-special token gets another id
+    (embedding rows moved along), so text behaviour is unchanged but token ids differ."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = load_tokenizer(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    plain = sorted(i for t, i in vocab.items() if not t.startswith("<"))
+    new_id = dict(zip(plain, reversed(plain), strict=True))
+    spec["model"]["vocab"] = {t: new_id.get(i, i) for t, i in vocab.items()}
+    backend = Tokenizer.from_str(json.dumps(spec))
+    new_tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    emb = model.get_input_embeddings().weight.data
+    order = torch.arange(emb.shape[0])
+    for old, new in new_id.items():
+        order[new] = old
+    emb.copy_(emb[order].clone())  # row `new` now holds what row `old` held
+    model.save_pretrained(dst)
+    new_tok.save_pretrained(dst)
+
+
+def test_peer_with_another_vocabulary_is_retokenized(small_recipe, tmp_path):
+    from grpo_ensemble.components import SamplingParams
+    from grpo_ensemble.generation import HFGenerator
+    from grpo_ensemble.types import Prompt
+
+    base = resolve_model("builtin:tiny-arith-base", "x")
+    other = tmp_path / "permuted"
+    _permuted_vocab_copy(base, other)
+    prompts = [Prompt("12+7=", {"answer": "19"}), Prompt("99+99=", {"answer": "198"})]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=5)
+    same = HFGenerator(base).generate(prompts, 1, greedy)
+    moved = HFGenerator(str(other)).generate(prompts, 1, greedy)
+    assert [c[0].text for c in same] == [c[0].text for c in moved]  # same model, other ids
+    assert [c[0].token_ids for c in same] != [c[0].token_ids for c in moved]
+    recipe = small_recipe(
+        peers=[
+            {
+                "name": "other",
+                "model": str(other),
+                "n": 2,
+                "mode": "shaped",
+                "sampling": {"max_new_tokens": 5},
+            }
+        ],
+        eval__before=False,
+        eval__after=False,
+        train__steps=1,
+    )
+    run = build_run(recipe, tmp_path)
+    assert run.ensemble.shares_tokens == {"policy": True, "other": False}
+    torch.manual_seed(0)
+    groups = run.ensemble.generate(run.sampler.next(4))
+    for g in groups:
+        for c in g.candidates[2:]:
+            ids = run.tokenizer(c.text, add_special_tokens=False)["input_ids"]
+            assert c.token_ids == ids + ([run.tokenizer.eos_token_id] if c.finished else [])
+            assert c.behaviour_logprobs is None
