@@ -7,11 +7,11 @@ set -euo pipefail
 if [ $# -gt 0 ]; then seeds=("$@"); else seeds=(0 1 2); fi
 configs=(
   "solo|recipes/quickstart-solo.yaml|"
-  "on_policy|recipes/quickstart.yaml|peers.0.mode=on_policy"
-  "shaped|recipes/quickstart.yaml|peers.0.mode=shaped"
-  "tis|recipes/quickstart.yaml|peers.0.mode=tis"
-  "baseline_only|recipes/quickstart.yaml|peers.0.mode=baseline_only"
-  "on_failure|recipes/ensemble-on-failure.yaml|"
+  "on_policy|recipes/ensemble-always.yaml|peers.0.mode=on_policy"
+  "shaped|recipes/ensemble-always.yaml|peers.0.mode=shaped"
+  "tis|recipes/ensemble-always.yaml|peers.0.mode=tis"
+  "baseline_only|recipes/ensemble-always.yaml|peers.0.mode=baseline_only"
+  "on_failure|recipes/quickstart.yaml|"
 )
 for seed in "${seeds[@]}"; do
   for c in "${configs[@]}"; do

@@ -43,7 +43,10 @@ def test_cli_trains_three_steps_and_saves_a_loadable_model(tmp_path):
     assert "held-out accuracy after training" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["candidates"] == 4 * 8 for r in rows)
+    # 4 prompts × 4 policy candidates, plus 4 peer candidates per prompt the policy failed
+    assert all(r["member/policy/candidates"] == 16 for r in rows)
+    assert all(r["candidates"] == 16 + r.get("member/strong/candidates", 0) for r in rows)
+    assert all(r.get("member/strong/candidates", 0) % 4 == 0 for r in rows)
     assert "seed: 1" in (out / "recipe.yaml").read_text()
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
