@@ -314,9 +314,13 @@ def update(run: Run, batches) -> dict[str, float]:
     }
     if w["tis"][1]:
         mode_metrics["tis/clamped_fraction"] = w["tis_clamped"][0] / w["tis"][1]
+    by_member = tokens_by_member(batches)
+    total = max(passes[0]["tokens"], 1)
+    shares = {f"member/{k}/token_fraction": v / total for k, v in by_member.items()}
     return {
         **mode_metrics,
-        "offpolicy_token_fraction": off_policy_tokens(batches) / max(passes[0]["tokens"], 1),
+        **shares,
+        "offpolicy_token_fraction": sum(v for k, v in by_member.items() if k != POLICY) / total,
         "loss": sum(p["loss"] for p in passes) / len(passes),
         "kl": sum(p["kl_sum"] for p in passes) / max(tokens, 1),
         "clip_fraction": sum(p["clipped"] for p in passes) / max(tokens, 1),
@@ -324,13 +328,14 @@ def update(run: Run, batches) -> dict[str, float]:
     }
 
 
-def off_policy_tokens(batches: list[MicroBatch]) -> float:
-    """Completion tokens in the loss that came from a peer, not from the policy."""
-    total = 0.0
+def tokens_by_member(batches: list[MicroBatch]) -> dict[str, float]:
+    """Completion tokens in the loss, per member that produced them."""
+    out: dict[str, float] = {}
     for b in batches:
-        peer = torch.tensor([s != POLICY for s in b.sources], dtype=torch.float)
-        total += float((b.tokens.completion_mask * peer.unsqueeze(1)).sum())
-    return total
+        per_row = b.tokens.completion_mask.sum(dim=1).tolist()  # (B,)
+        for source, n in zip(b.sources, per_row, strict=True):
+            out[source] = out.get(source, 0.0) + n
+    return out
 
 
 def policy_failed(run: Run, groups: list[Group]) -> list[bool]:

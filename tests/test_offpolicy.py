@@ -143,6 +143,8 @@ def test_each_mode_trains_and_logs(small_recipe, mode):
         assert m["offpolicy_token_fraction"] == 0.0 and m["trained_candidates"] == 8
     else:
         assert 0 < m["offpolicy_token_fraction"] < 1
+        assert m["member/strong/token_fraction"] == pytest.approx(m["offpolicy_token_fraction"])
+        assert m["member/policy/token_fraction"] + m["offpolicy_token_fraction"] == pytest.approx(1)
         assert m[f"{mode}/weight_mean"] > 0
         if mode == "tis":
             assert 0 <= m["tis/clamped_fraction"] <= 1
