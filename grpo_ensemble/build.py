@@ -126,6 +126,10 @@ def check_recipe(recipe: Recipe) -> None:
         check_params(cls, m.params, f"{prefix}.params", **extra)
     check_tis_tokenizers(recipe)
     load_data(recipe)
+    if recipe.train.deepspeed is not None:  # the merged config: conflicts are recipe errors
+        from .engine import deepspeed_config, resolve_dtype
+
+        deepspeed_config(recipe, recipe.train.micro_batch_size, resolve_dtype(recipe))
 
 
 TIS_TOKENIZER = (

@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
+console = Console(stderr=False, quiet=os.environ.get("RANK", "0") != "0")  # rank 0 speaks
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
 SetOpt = Annotated[
@@ -84,35 +84,74 @@ def _register_plugin_commands() -> None:
     get_plugin_manager().hook.register_commands(app=app)
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, usage error, abort) classes of click and of the click that typer vendors."""
+    import click
+
+    exit_, usage, abort = (
+        [click.exceptions.Exit, typer.Exit],
+        [click.ClickException],
+        [
+            click.exceptions.Abort,
+            typer.Abort,
+        ],
+    )
+    try:
+        from typer._click import exceptions as vendored
+
+        usage.append(vendored.ClickException)
+    except ImportError:  # a typer that uses click itself
+        pass
+    return tuple(exit_), tuple(usage), tuple(abort)
+
+
+def _launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the `deepspeed` launcher puts before the command (the
+    rank is also in the LOCAL_RANK environment variable, which is what we read)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and maps errors to exit codes."""
     debug = os.environ.get("GRPO_ENSEMBLE_DEBUG") == "1"
-    err = Console(stderr=True)
+    # an error every rank agreed on is printed by rank 0 only
+    err = _Stderr(quiet_agreed=os.environ.get("RANK", "0") != "0")
     try:
         _register_plugin_commands()
+        argv = _launcher_args(sys.argv[1:] if argv is None else list(argv))
         app(args=argv, standalone_mode=False)
     except UserError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, exc=exc)
         return 2
     except GrpoEnsembleError as exc:
         if debug:
             raise
-        err.print(f"run failed: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"run failed: {exc}", markup=False, highlight=False, soft_wrap=True, exc=exc)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
     except Exception as exc:  # click usage errors, then anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+        exit_, usage, abort = _click_exceptions()
+        if isinstance(exc, exit_):
             return exc.exit_code
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, usage):
             exc.show()
             return 2
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             return 1
         if debug:
             raise
@@ -124,6 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+class _Stderr:
+    """Error output. On ranks other than 0 an error marked `agreed` (raised on every rank
+    with the same message) is not printed again."""
+
+    def __init__(self, quiet_agreed: bool):
+        self.console = Console(stderr=True)
+        self.quiet_agreed = quiet_agreed
+
+    def print(self, *args, exc: BaseException | None = None, **kwargs) -> None:
+        if not (self.quiet_agreed and getattr(exc, "agreed", False)):
+            self.console.print(*args, **kwargs)
 
 
 def entry() -> None:

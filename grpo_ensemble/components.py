@@ -23,6 +23,24 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     max_new_tokens: int = 32
+    # One seed per prompt, set by the trainer from (recipe seed, step, the prompt's place in the
+    # global batch), so that a prompt's candidates do not depend on its batch or on the number
+    # of ranks. Candidate j of a prompt uses `candidate_seed(seed, j)`. A generator may ignore
+    # them (e.g. a remote API) at the cost of that reproducibility.
+    seeds: tuple[int, ...] | None = None
+
+
+def candidate_seed(prompt_seed: int, j: int) -> int:
+    """The seed of a prompt's j-th candidate (splitmix64 of the pair)."""
+    return mix64(prompt_seed * 1_000_003 + j)
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finalizer: a well-mixed 64-bit value from any integer."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 class Generator:

@@ -9,13 +9,17 @@ the number of micro-batches per step may vary.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
 import socket
+from pathlib import Path
 
 import torch
+import yaml
 
+from .errors import InputFileError, RecipeError
 from .recipe import Recipe
 
 
@@ -25,8 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join the process group (gloo on CPU, nccl on GPU); a lone process becomes rank 0 of 1."""
+def init_distributed(timeout_s: int = 1800) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU); a lone process becomes rank 0 of 1.
+
+    Under `torchrun` or the `deepspeed` launcher the environment names the rank and world;
+    a collective that waits longer than `timeout_s` fails the run instead of hanging it.
+    """
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -34,8 +42,15 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def quiet_deepspeed() -> None:
@@ -53,17 +68,84 @@ def resolve_dtype(recipe: Recipe) -> torch.dtype:
 
 
 def deepspeed_config(recipe: Recipe, micro_batch: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config the recipe implies, merged with the recipe's raw `train.deepspeed`."""
     t = recipe.train
-    return {
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    implied = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,  # we mark the boundary ourselves
         "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # offload with our torch AdamW (DeepSpeedCPUAdam would need a compiled op)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if t.deepspeed is None:
+        return implied
+    return merge_config(implied, raw_deepspeed_config(t.deepspeed))
+
+
+# Keys a raw DeepSpeed config may not set: the recipe owns them, with the field to use instead.
+OWNED = {
+    "optimizer": "train.lr, train.adam_betas, train.weight_decay (we build AdamW)",
+    "scheduler": "train.warmup_steps and train.schedule",
+    "train_batch_size": "train.micro_batch_size (the step's batch is the step's candidates)",
+    "fp16": "train.precision (fp16 is not supported; use bf16)",
+}
+
+# Where a raw config key comes from in the recipe, to name it in a conflict.
+SOURCE = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "the trainer (one optimizer step per GRPO pass)",
+    "gradient_clipping": "train.max_grad_norm",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_params",
+    "bf16.enabled": "train.precision",
+}
+
+
+def raw_deepspeed_config(raw: str | dict) -> dict:
+    """The user's DeepSpeed config: a mapping, or a JSON/YAML file (read with a safe loader)."""
+    if isinstance(raw, dict):
+        return raw
+    path = Path(raw).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except OSError as exc:
+        raise RecipeError("train.deepspeed", f"cannot read {raw!r}: {exc.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputFileError(raw, f"not a JSON or YAML DeepSpeed config: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputFileError(raw, "a DeepSpeed config must be a mapping")
+    return data
+
+
+def merge_config(implied: dict, raw: dict, prefix: str = "") -> dict:
+    """`implied` with `raw`'s keys added; a key both set to different values is an error."""
+    out = dict(implied)
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if not prefix and key in OWNED:
+            raise RecipeError("train.deepspeed", f"{key}: set by the recipe; use {OWNED[key]}")
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge_config(out[key], value, f"{path}.")
+        elif out[key] != value:
+            raise RecipeError(
+                "train.deepspeed",
+                f"{path} is {value!r} there but {out[key]!r} from "
+                f"{SOURCE.get(path, 'the recipe')}; make them agree or drop the key",
+            )
+    return out
 
 
 def lr_lambda(recipe: Recipe):
@@ -86,7 +168,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     """A DeepSpeed engine over `model` with AdamW and the recipe's schedule."""
     import deepspeed
 
-    init_distributed()
+    init_distributed(recipe.train.dist_timeout_s)
     quiet_deepspeed()
     t = recipe.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,6 +181,23 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     return engine
+
+
+def shard_frozen(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen model (reference, peer) partitioned across ranks as a ZeRO-3 inference engine:
+    each rank keeps 1/world of its weights; every forward gathers them layer by layer, so every
+    rank must run the same forwards. Returns the partitioned module."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.module.eval()
+    return engine.module
 
 
 def gathered_params(module: torch.nn.Module):

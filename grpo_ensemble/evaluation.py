@@ -51,6 +51,25 @@ class EvalResult:
     ci95: float
 
 
+def heldout_scores(
+    generator: Generator, prompts: Sequence[Prompt], scorer: RewardScorer, max_new_tokens: int
+) -> list[float]:
+    """Greedy-decode each prompt once; the judging scorer's score of each completion."""
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    completions = [c[0] for c in generator.generate(prompts, 1, greedy)]
+    if not prompts:
+        return []
+    scores = scorer.score([Sample(p, c) for p, c in zip(prompts, completions, strict=True)])
+    return list(map(float, scores))
+
+
+def accuracy_of(scores: Sequence[float]) -> EvalResult:
+    """Share of scores ≥ 0.5, with its 95% half-width."""
+    metric = _metric_class()(keep_in_memory=True)
+    out = metric.compute(predictions=list(scores), references=[0.5] * len(scores))
+    return EvalResult(accuracy=out["accuracy"], n=out["n"], ci95=out["ci95"])
+
+
 def heldout_accuracy(
     generator: Generator,
     prompts: Sequence[Prompt],
@@ -58,9 +77,4 @@ def heldout_accuracy(
     max_new_tokens: int,
 ) -> EvalResult:
     """Greedy-decode each prompt once and judge the completions with `scorer`."""
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    completions = [c[0] for c in generator.generate(prompts, 1, greedy)]
-    scores = scorer.score([Sample(p, c) for p, c in zip(prompts, completions, strict=True)])
-    metric = _metric_class()(keep_in_memory=True)
-    out = metric.compute(predictions=list(map(float, scores)), references=[0.5] * len(scores))
-    return EvalResult(accuracy=out["accuracy"], n=out["n"], ci95=out["ci95"])
+    return accuracy_of(heldout_scores(generator, prompts, scorer, max_new_tokens))

@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .components import Generator, SamplingParams
+from . import dist
+from .components import Generator, SamplingParams, candidate_seed, mix64
 from .engine import gathered_params
 from .errors import PluginError, UserError
 from .models import load_model, same_tokenizer
+from .sampling import sample
 from .types import POLICY, Candidate, Group, Prompt
 
 
@@ -33,17 +35,29 @@ def eval_mode(model: torch.nn.Module):
 
 
 class HFGenerator(Generator):
-    """Batched sampling with the KV cache of `transformers.generate`.
+    """Batched sampling over the KV cache of a transformers causal LM (see `sampling.py`).
 
     `model` is a loadable path (or hub id) or an `nn.Module` (the policy shares the module being
     trained, so it always samples with the current weights). Returns each completion's token ids
     (cut after the first EOS, EOS kept) and the per-token log-probs of the distribution actually
     sampled from (after temperature, top-k and top-p).
+
+    Under ZeRO-3 the module's parameters are sharded across ranks. With `gather` (the default)
+    they are gathered whole for the duration of a `generate` call: fast, but the whole model is
+    in memory for that time. Without it every forward gathers one layer at a time, which keeps
+    memory low but makes each token a round of collectives; ranks then step in lockstep.
     """
 
     name = "hf"
 
-    def __init__(self, model, tokenizer=None, batch_size: int = 256, trust_remote_code=False):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        batch_size: int = 256,
+        trust_remote_code: bool = False,
+        gather: bool = True,
+    ):
         if isinstance(model, str):
             try:
                 model, tokenizer = load_model(model, "model", trust_remote_code=trust_remote_code)
@@ -55,6 +69,13 @@ class HFGenerator(Generator):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
+        self.gather = bool(gather)
+
+    @property
+    def collective(self) -> bool:
+        """True when generating takes part in collectives (ZeRO-3 sharded weights, >1 rank):
+        then every rank must call `generate` at the same points, even with no prompts."""
+        return dist.world_size() > 1 and any(hasattr(p, "ds_id") for p in self.model.parameters())
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same module object: nothing to copy
@@ -64,46 +85,45 @@ class HFGenerator(Generator):
         self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams
     ) -> list[list[Candidate]]:
         texts = [p.text for p in prompts for _ in range(n)]  # each prompt n times, in order
+        seeds = None
+        if sampling.seeds is not None:
+            seeds = [candidate_seed(s, j) for s in sampling.seeds for j in range(n)]
+        starts = list(range(0, len(texts), self.batch_size))
+        lockstep = self.collective and not self.gather
+        if lockstep:  # every rank runs as many batches as the rank with the most
+            extra = int(dist.all_max([len(starts)])[0]) - len(starts)
+            starts += [-1] * extra
         flat: list[Candidate] = []
-        with eval_mode(self.model), gathered_params(self.model):
-            for start in range(0, len(texts), self.batch_size):
-                flat.extend(self._batch(texts[start : start + self.batch_size], sampling))
+        context = gathered_params(self.model) if self.gather else contextlib.nullcontext()
+        with eval_mode(self.model), context:
+            for start in starts:
+                if start < 0:  # a batch only to keep this rank in step with the others
+                    self._batch([self.tokenizer.eos_token or "0"], sampling, None, lockstep)
+                    continue
+                end = start + self.batch_size
+                flat.extend(
+                    self._batch(texts[start:end], sampling, seeds and seeds[start:end], lockstep)
+                )
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _batch(self, texts: list[str], sampling: SamplingParams) -> list[Candidate]:
+    def _batch(self, texts, sampling: SamplingParams, seeds, lockstep: bool) -> list[Candidate]:
         tok = self.tokenizer
         enc = tok(texts, return_tensors="pt", padding=True).to(self.model.device)
-        greedy = sampling.temperature == 0
-        knobs = (
-            {}
-            if greedy
-            else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        seqs, logps = sample(
+            self.model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            sampling.max_new_tokens,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seeds=seeds,
+            synced=lockstep,
         )
-        out = self.model.generate(
-            **enc,
-            do_sample=not greedy,
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            output_scores=not greedy,
-            return_dict_in_generate=True,
-            **knobs,
-        )
-        seqs = out.sequences[:, enc["input_ids"].shape[1] :].cpu()  # (B, T)
-        logps = None
-        if not greedy:
-            # scores[t] are the processed logits the token at t was drawn from: (B, V)
-            logps = (
-                torch.stack(
-                    [
-                        torch.log_softmax(s.float(), -1).gather(-1, seqs[:, t : t + 1].to(s.device))
-                        for t, s in enumerate(out.scores)
-                    ],
-                    dim=1,
-                )
-                .squeeze(-1)
-                .cpu()
-            )  # (B, T)
+        seqs = seqs.cpu()
+        logps = None if logps is None else logps.cpu()
         return [
             self._candidate(seqs[i], None if logps is None else logps[i]) for i in range(len(texts))
         ]
@@ -154,28 +174,37 @@ class EnsembleGenerator:
         self,
         prompts: Sequence[Prompt],
         needs_peers: Callable[[list[Group]], list[bool]] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Group]:
         """Pool each prompt's group. With `needs_peers`, the policy samples first and peers
-        sample only for the prompts it marks (on-failure injection): groups become ragged."""
+        sample only for the prompts it marks (on-failure injection): groups become ragged.
+        `seeds` (one per prompt) make each member's candidates of a prompt reproducible."""
         self.seconds = {}
         groups = [Group(prompt=p, candidates=[]) for p in prompts]
         wanted = list(range(len(prompts)))
-        for m in self.members:
+        for k, m in enumerate(self.members):
             if m.name != POLICY and needs_peers is not None and wanted == list(range(len(prompts))):
                 flags = needs_peers(groups)
                 wanted = [i for i, f in enumerate(flags) if f]
             targets = wanted if m.name != POLICY else list(range(len(prompts)))
-            if m.n == 0 or not targets:
+            # a generator with sharded weights must be called on every rank, even with nothing
+            if m.n == 0 or (not targets and not getattr(m.generator, "collective", False)):
                 continue
-            per_prompt = self._sample(m, [prompts[i] for i in targets])
+            sampling = m.sampling
+            if seeds is not None:
+                member_seeds = tuple(mix64(seeds[i] * 31 + k) for i in targets)
+                sampling = replace(m.sampling, seeds=member_seeds)
+            per_prompt = self._sample(m, [prompts[i] for i in targets], sampling)
             for i, cands in zip(targets, per_prompt, strict=True):
                 groups[i].candidates.extend(self._adopt(c, m.name) for c in cands)
         return groups
 
-    def _sample(self, m: Member, prompts: list[Prompt]) -> list[list[Candidate]]:
+    def _sample(
+        self, m: Member, prompts: list[Prompt], sampling: SamplingParams
+    ) -> list[list[Candidate]]:
         start = time.perf_counter()
         try:
-            per_prompt = m.generator.generate(prompts, m.n, m.sampling)
+            per_prompt = m.generator.generate(prompts, m.n, sampling)
         except UserError:
             raise
         except Exception as exc:

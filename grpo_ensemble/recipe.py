@@ -118,6 +118,30 @@ class TrainConfig(_Config):
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on a CPU."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: default).")
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer state in CPU memory (ZeRO stage 1 or more)."
+    )
+    offload_params: bool = Field(
+        False, description="Keep parameters in CPU memory between uses (ZeRO stage 3)."
+    )
+    generation_weights: Literal["gather", "sharded"] = Field(
+        "gather",
+        description="ZeRO-3: gather whole weights to generate (fast) or keep them sharded (low "
+        "memory, slow).",
+    )
+    frozen_models: Literal["replicate", "shard"] = Field(
+        "replicate",
+        description="Reference model and peers: a whole copy on each rank, or sharded across "
+        "ranks as ZeRO-3 inference engines (needs zero_stage 3).",
+    )
+    deepspeed: str | dict[str, Any] | None = Field(
+        None,
+        description="Raw DeepSpeed config (a .json/.yaml file or a mapping) merged into the one "
+        "the recipe implies; a conflicting value is an error.",
+    )
+    dist_timeout_s: int = Field(
+        1800, ge=10, description="Seconds a rank waits for the others before the run fails."
+    )
 
 
 class EvalConfig(_Config):
@@ -156,6 +180,13 @@ class Recipe(_Config):
         for i, name in enumerate(names):
             if name == POLICY or names.index(name) != i:
                 raise ValueError(f"peers.{i}.name: {name!r} is taken; give each peer its own name")
+        t = self.train
+        if t.offload_optimizer and t.zero_stage == 0:
+            raise ValueError("train.offload_optimizer: needs train.zero_stage 1, 2 or 3")
+        if t.offload_params and t.zero_stage != 3:
+            raise ValueError("train.offload_params: needs train.zero_stage 3")
+        if t.frozen_models == "shard" and t.zero_stage != 3:
+            raise ValueError("train.frozen_models: shard needs train.zero_stage 3")
         if self.loss.tis_low > self.loss.tis_high:
             raise ValueError("loss.tis_low: must not exceed loss.tis_high")
         size = self.group_size

@@ -14,9 +14,12 @@ from .errors import UserError
 from .recipe import Recipe, dump_recipe
 
 
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create the run directory and write the resolved recipe; fail early if not writable."""
+def prepare_run_dir(recipe: Recipe, write: bool = True) -> Path:
+    """Create the run directory and write the resolved recipe; fail early if not writable.
+    Ranks other than 0 (`write=False`) only learn the path."""
     out = Path(recipe.output_dir).expanduser()
+    if not write:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
@@ -39,7 +42,7 @@ class MetricsWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh = path.open("w", encoding="utf-8")
 
     def write(self, metrics: dict) -> None:
         self._fh.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import plugins
+from . import dist, plugins
 from .build import (
     TIS_TOKENIZER,
     WeightedScorer,
@@ -29,14 +29,27 @@ from .build import (
     member_fields,
     sampling_of,
 )
-from .components import Generator, GroupEvaluator, RewardScorer
+from .components import Generator, GroupEvaluator, RewardScorer, mix64
 from .data import PromptSampler
-from .engine import build_engine, gathered_params, resolve_dtype
+from .engine import (
+    build_engine,
+    gathered_params,
+    init_distributed,
+    resolve_dtype,
+    shard_frozen,
+)
 from .errors import PluginError, RecipeError, UserError
-from .evaluation import EvalResult, heldout_accuracy
+from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .generation import EnsembleGenerator, HFGenerator, Member
 from .logprobs import TokenBatch, completion_logprobs
 from .loss import MODES, BatchSize, OffPolicy, grpo_loss
+from .metrics import (  # noqa: F401 — best_candidates is re-exported
+    WEIGHT_KEYS,
+    best_candidates,
+    step_metrics,
+    tokens_by_member,
+    update_metrics,
+)
 from .models import load_model
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from .rundir import MetricsWriter, StepProgress, prepare_run_dir
@@ -86,31 +99,52 @@ def build_run(
 ) -> Run:
     """Load models, build components and the DeepSpeed engine. Python objects win over names."""
     generators = dict(generators or {})
-    scorers = build_scorers(recipe, reward_scorers)
-    evaluator = build_evaluator(recipe, group_evaluator)
-    eval_scorer = build_eval_scorer(recipe)
-    if POLICY not in generators:
-        check_policy_generator(recipe)
-    train_prompts, held_out = load_data(recipe)
+    init_distributed(recipe.train.dist_timeout_s)
     dtype = resolve_dtype(recipe)
-    p = recipe.policy
-    policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
-    ref = None
-    if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
-        ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
-        ref.requires_grad_(False).eval()
+
+    def load():  # every rank checks and loads; a failure on any rank stops all of them
+        scorers = build_scorers(recipe, reward_scorers)
+        evaluator = build_evaluator(recipe, group_evaluator)
+        eval_scorer = build_eval_scorer(recipe)
+        if POLICY not in generators:
+            check_policy_generator(recipe)
+        data = load_data(recipe)
+        p = recipe.policy
+        policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        ref = None
+        if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
+            ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+            ref.requires_grad_(False).eval()
+        peers = {
+            name: generators.pop(name) if name in generators else build_peer_generator(prefix, m)
+            for name, prefix, m in member_fields(recipe)
+            if name != POLICY
+        }
+        if set(generators) - {POLICY}:
+            extra = sorted(set(generators) - {POLICY})
+            raise UserError(f"generators given for members not in the recipe: {extra}")
+        return scorers, evaluator, eval_scorer, data, policy, tok, ref, peers
+
+    scorers, evaluator, eval_scorer, (train_prompts, held_out), policy, tok, ref, peers = (
+        dist.agree(load)
+    )
+    check_world(recipe.train.prompts_per_step, dist.world_size())
     engine = build_engine(recipe, policy, dtype)
+    gather = recipe.train.generation_weights == "gather"
+    if recipe.train.frozen_models == "shard":  # ZeRO-3 inference engines, 1/world each
+        ref = shard_frozen(ref, dtype) if ref is not None else None
+        for gen in peers.values():
+            if isinstance(gen, HFGenerator):
+                gen.model, gen.gather = shard_frozen(gen.model, dtype), gather
     members = []
-    for name, prefix, m in member_fields(recipe):
-        if name in generators:
-            gen = generators.pop(name)
-        elif name == POLICY:  # shares the module being trained: always current weights
-            gen = HFGenerator(engine.module, tok, **m.params)
+    for name, _, m in member_fields(recipe):
+        if name == POLICY:  # shares the module being trained: always current weights
+            gen = generators.pop(POLICY, None) or HFGenerator(
+                engine.module, tok, **{"gather": gather, **m.params}
+            )
         else:
-            gen = build_peer_generator(prefix, m)
+            gen = peers[name]
         members.append(Member(name, gen, m.n, sampling_of(m), getattr(m, "mode", "on_policy")))
-    if generators:
-        raise UserError(f"generators given for members not in the recipe: {sorted(generators)}")
     ensemble = EnsembleGenerator(members, tok)
     for i, peer in enumerate(recipe.peers):
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
@@ -128,6 +162,16 @@ def build_run(
         eval_scorer=eval_scorer,
         run_dir=run_dir,
     )
+
+
+def check_world(prompts_per_step: int, world: int) -> None:
+    """Each rank holds whole groups, so a step needs at least one prompt per rank."""
+    if prompts_per_step < world:
+        raise RecipeError(
+            "train.prompts_per_step",
+            f"{prompts_per_step} prompt per step cannot be shared by {world} ranks; "
+            f"use at least {world} (one group per rank)",
+        )
 
 
 @dataclass
@@ -227,6 +271,16 @@ def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
     return out
 
 
+def filler_batch(run: Run) -> MicroBatch:
+    """A micro-batch that contributes nothing (no completion tokens, loss × 0). A rank with
+    fewer micro-batches than another runs these, because under ZeRO every forward and backward
+    takes part in collectives that all ranks must enter."""
+    pad = run.tokenizer.pad_token_id
+    tokens = TokenBatch.build([[pad]], [[pad]], pad)
+    tokens.completion_mask.zero_()
+    return MicroBatch(tokens, torch.zeros(1), [], torch.zeros(1, dtype=torch.long), [], None)
+
+
 def prompt_ids(run: Run, prompt: Prompt) -> list[int]:
     """The policy tokenizer's ids of a prompt, cached."""
     text = prompt.text
@@ -246,21 +300,31 @@ def frozen_logprobs(model: torch.nn.Module, batches, temperature: float) -> list
 
 
 def batch_size_of(run: Run, batches) -> BatchSize:
-    """Sizes of the whole step's batch: every micro-batch's loss is normalised by them."""
+    """Sizes of the whole step's batch over all ranks: every micro-batch's loss is normalised
+    by them, so the gradients summed over ranks are those of one rank holding everything."""
+    mine = [
+        sum(len(b.index) for b in batches),
+        sum(float(b.tokens.completion_mask.sum()) for b in batches),
+    ]
+    sequences, tokens = dist.all_sum(mine)
     return BatchSize(
-        sequences=sum(len(b.index) for b in batches),
-        tokens=int(sum(b.tokens.completion_mask.sum() for b in batches)),
+        sequences=int(sequences),
+        tokens=int(tokens),
         # the longest completion any member may write: Dr. GRPO's constant normaliser
         max_new_tokens=max(m.sampling.max_new_tokens for m in run.ensemble.members),
     )
 
 
 def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]:
-    """Forward/backward over every micro-batch into one accumulated gradient (no step)."""
+    """Forward/backward over every micro-batch into one accumulated gradient (no step).
+    Returns this rank's sums for the metrics."""
     r, engine = run.recipe, run.engine
-    total, kl_sum, clipped, tokens = 0.0, 0.0, 0.0, 0.0
+    # DeepSpeed averages gradients over ranks; each rank's loss is already its share of the
+    # global batch, so scaling by the number of ranks turns that average into the sum
+    scale = float(dist.world_size())
+    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0}
+    sums.update({f"w/{k}/{x}": 0.0 for k in WEIGHT_KEYS for x in ("weight", "tokens")})
     off = OffPolicy(r.loss.shaped_gamma, r.loss.tis_low, r.loss.tis_high)
-    weights = {k: [0.0, 0.0] for k in (*MODES, "tis_clamped")}  # → [Σ weight, tokens]
     for j, mbatch in enumerate(batches):
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
@@ -280,67 +344,55 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
             mbatch.behaviour,
             off,
         )
+        filler = not mbatch.index
         # the loss is already this micro-batch's share of the step: no 1/accumulation scaling
-        engine.backward(out.loss, scale_wrt_gas=False)
-        total += out.loss.item()
-        kl_sum += float((out.kl * batch.completion_mask).sum())
-        clipped += float(out.clipped.sum())
-        tokens += float(batch.completion_mask.sum())
+        engine.backward(out.loss * (0.0 if filler else scale), scale_wrt_gas=False)
+        if filler:
+            continue
+        mask = batch.completion_mask
+        sums["loss"] += out.loss.item()
+        sums["kl_sum"] += float((out.kl * mask).sum())
+        sums["clipped"] += float(out.clipped.sum())
+        sums["tokens"] += float(mask.sum())
         if out.tis_clamped is not None:
-            weights["tis_clamped"][0] += float(out.tis_clamped.sum())
+            sums["w/tis_clamped/weight"] += float(out.tis_clamped.sum())
         for name, k in MODES.items():
-            rows = batch.completion_mask * (mbatch.modes == k).unsqueeze(1)
-            weights[name][0] += float((out.weight * rows).sum())
-            weights[name][1] += float(rows.sum())
-    return {"loss": total, "kl_sum": kl_sum, "clipped": clipped, "tokens": tokens, "w": weights}
+            rows = mask * (mbatch.modes == k).unsqueeze(1)
+            sums[f"w/{name}/weight"] += float((out.weight * rows).sum())
+            sums[f"w/{name}/tokens"] += float(rows.sum())
+    return sums
 
 
-def update(run: Run, batches) -> dict[str, float]:
-    """μ optimizer steps over the step's micro-batches; returns loss, KL, clip metrics."""
+def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) -> dict[str, float]:
+    """μ optimizer steps over the step's micro-batches; returns loss, KL, clip metrics.
+    `n_batches` is the most micro-batches any rank has; this rank fills up to it."""
     r, engine = run.recipe, run.engine
+    n_batches = len(batches) if n_batches is None else n_batches
+    batches = batches + [filler_batch(run)] * (n_batches - len(batches))
     temp = r.policy.sampling.temperature
     size = batch_size_of(run, batches)
     old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 else None
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
-    passes, grad_norms = [], []
-    for _ in range(r.loss.mu):
-        passes.append(accumulate(run, batches, size, old, ref))
+    total: dict[str, float] = {}
+    first: dict[str, float] = {}
+    grad_norms = []
+    for i in range(r.loss.mu):
+        sums = accumulate(run, batches, size, old, ref)
+        if i == 0:  # per-mode weights and token shares: of the first pass
+            first = {k: v for k, v in sums.items() if k.startswith("w/")}
+            first["tokens/first"] = sums["tokens"]
+        for k in ("loss", "kl_sum", "clipped", "tokens"):
+            total[k] = total.get(k, 0.0) + sums[k]
         engine.step()
         grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
-    tokens = sum(p["tokens"] for p in passes)
-    w = passes[0]["w"]
-    mode_metrics = {
-        f"{name}/weight_mean": w[name][0] / w[name][1] for name in ("shaped", "tis") if w[name][1]
-    }
-    if w["tis"][1]:
-        mode_metrics["tis/clamped_fraction"] = w["tis_clamped"][0] / w["tis"][1]
-    by_member = tokens_by_member(batches)
-    total = max(passes[0]["tokens"], 1)
-    shares = {f"member/{k}/token_fraction": v / total for k, v in by_member.items()}
-    return {
-        **mode_metrics,
-        **shares,
-        "offpolicy_token_fraction": sum(v for k, v in by_member.items() if k != POLICY) / total,
-        "loss": sum(p["loss"] for p in passes) / len(passes),
-        "kl": sum(p["kl_sum"] for p in passes) / max(tokens, 1),
-        "clip_fraction": sum(p["clipped"] for p in passes) / max(tokens, 1),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
-    }
-
-
-def tokens_by_member(batches: list[MicroBatch]) -> dict[str, float]:
-    """Completion tokens in the loss, per member that produced them."""
-    out: dict[str, float] = {}
-    for b in batches:
-        per_row = b.tokens.completion_mask.sum(dim=1).tolist()  # (B,)
-        for source, n in zip(b.sources, per_row, strict=True):
-            out[source] = out.get(source, 0.0) + n
-    return out
+    by_member = {f"member/{k}": v for k, v in tokens_by_member(run, batches).items()}
+    return update_metrics(run, dist.sum_dict({**total, **first, **by_member}), grad_norms)
 
 
 def policy_failed(run: Run, groups: list[Group]) -> list[bool]:
     """On-failure injection: True for prompts where no policy candidate reached success."""
-    rewards, _ = score_groups(groups, run.scorers)  # only the policy's candidates so far
+    # only the policy's candidates so far; a scorer failing on any rank stops every rank
+    rewards, _ = dist.agree(lambda: score_groups(groups, run.scorers))
     out, k = [], 0
     for g in groups:
         n = len(g.candidates)
@@ -353,76 +405,47 @@ def policy_failed(run: Run, groups: list[Group]) -> list[bool]:
 NO_UPDATE = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped_update": 1}
 
 
+def prompt_seed(seed: int, step: int, slot: int) -> int:
+    """The sampling seed of the prompt in place `slot` of step `step`'s global batch: the same
+    whichever rank holds the prompt, so results do not depend on the number of ranks."""
+    return mix64(mix64(mix64(seed) + step) + slot)
+
+
 def grpo_step(run: Run, step: int) -> dict[str, Any]:
     """One GRPO step; returns the metrics row written to metrics.jsonl."""
     t = {"start": time.perf_counter()}
-    prompts = run.sampler.next(run.recipe.train.prompts_per_step)
+    prompts = run.sampler.next(run.recipe.train.prompts_per_step)  # global: same on every rank
+    mine = dist.shard(len(prompts))  # this rank's whole groups
+    seeds = [prompt_seed(run.recipe.seed, step, i) for i in mine]
     inject = partial(policy_failed, run) if run.recipe.group.inject == "on_failure" else None
-    groups = run.ensemble.generate(prompts, inject)  # members sample, groups pooled per prompt
+    groups = dist.agree(  # members sample, groups pooled per prompt
+        lambda: run.ensemble.generate([prompts[i] for i in mine], inject, seeds)
+    )
     t["generate"] = time.perf_counter()
-    rollout = evaluate_groups(run, groups)  # rewards (n_candidates,), advantages, keep mask
+    rollout = dist.agree(lambda: evaluate_groups(run, groups))  # rewards, advantages, keep
     t["score"] = time.perf_counter()
-    batches = micro_batches(run, rollout)
-    upd = update(run, batches) if batches else dict(NO_UPDATE)
+    batches = dist.agree(lambda: micro_batches(run, rollout))
+    n_batches = int(dist.all_max([len(batches)])[0])  # ranks may hold different counts
+    upd = update(run, batches, n_batches) if n_batches else dict(NO_UPDATE)
     t["update"] = time.perf_counter()
     run.ensemble.members[0].generator.sync_weights(run.engine.module)  # policy samples anew
     t["sync"] = time.perf_counter()
     return step_metrics(run, step, rollout, upd, t)
 
 
-def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[str, Any]:
-    """Rewards (combined, per scorer, per member), advantages, lengths, timings."""
-    lengths = torch.tensor([len(c.token_ids) for c in ro.candidates], dtype=torch.float)
-    m: dict[str, Any] = {
-        "step": step,
-        "reward": float(ro.rewards.mean()),
-        "reward_std": float(ro.rewards.std()) if len(ro.rewards) > 1 else 0.0,
-        **{f"reward/{k}": float(v.mean()) for k, v in ro.per_scorer.items()},
-        "advantage_abs_mean": float(ro.advantages.abs().mean()),
-        "equal_reward_groups": ro.equal_groups,
-        "candidates": len(ro.candidates),
-        "trained_candidates": int(ro.keep.sum()),
-        "completion_len": float(lengths.mean()),
-        **upd,
-        "lr": run.engine.get_lr()[0],
-    }
-    sources = [c.source for c in ro.candidates]
-    best = best_candidates(ro)  # (n_candidates,) bool: ties for the top reward of their group
-    for member in run.ensemble.members:
-        idx = [i for i, s in enumerate(sources) if s == member.name]
-        if idx:
-            m[f"member/{member.name}/best_share"] = float(best[idx].sum() / best.sum())
-            m[f"member/{member.name}/reward"] = float(ro.rewards[idx].mean())
-            m[f"member/{member.name}/candidates"] = len(idx)
-            m[f"member/{member.name}/completion_len"] = float(lengths[idx].mean())
-        if member.name in run.ensemble.seconds:
-            m[f"time/generate/{member.name}"] = run.ensemble.seconds[member.name]
-    for a, b in (
-        ("start", "generate"),
-        ("generate", "score"),
-        ("score", "update"),
-        ("update", "sync"),
-    ):
-        m[f"time/{b}"] = t[b] - t[a]
-    m["time/step"] = t["sync"] - t["start"]
-    return m
-
-
-def best_candidates(ro: Rollout) -> torch.Tensor:
-    """(n_candidates,) bool: the candidates that tie for their group's highest reward."""
-    grid = ro.layout.to_grid(ro.rewards, fill=float("-inf"))  # (n_prompts, group_size)
-    top = grid.max(dim=1, keepdim=True).values
-    return ro.layout.to_flat(grid == top)
-
-
 def evaluate_policy(run: Run) -> EvalResult | None:
-    """Held-out accuracy of the policy, greedy, judged by the recipe's eval scorer."""
+    """Held-out accuracy of the policy, greedy, judged by the recipe's eval scorer; each rank
+    decodes its share of the prompts and the scores are gathered."""
     if not run.held_out:
         return None
     e = run.recipe.eval
     max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
-    gen = HFGenerator(run.engine.module, run.tokenizer)
-    return heldout_accuracy(gen, run.held_out[: e.max_prompts], run.eval_scorer, max_new)
+    gather = run.recipe.train.generation_weights == "gather"
+    gen = HFGenerator(run.engine.module, run.tokenizer, gather=gather)
+    prompts = run.held_out[: e.max_prompts]
+    mine = [prompts[i] for i in dist.shard(len(prompts))]
+    scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
+    return accuracy_of([x for part in dist.all_gather_objects(scores) for x in part])
 
 
 def train(
@@ -437,6 +460,10 @@ def train(
     """Run a recipe end to end. Components given as objects replace the recipe's named ones:
     `generators` maps member names ("policy" or a peer's name) to Generator instances,
     `reward_scorers` is a list of (scorer, weight), `group_evaluator` an evaluator instance.
+
+    Under `torchrun` or `deepspeed` every rank calls this with the same recipe; rank 0 alone
+    writes the run directory, the progress bar and the final model. Every rank returns the
+    same (global) metrics.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -447,31 +474,38 @@ def train(
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
     hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
-    run_dir = prepare_run_dir(recipe)
+    init_distributed(recipe.train.dist_timeout_s)
+    main = dist.is_main()
+    run_dir = dist.agree(lambda: prepare_run_dir(recipe, write=main))
     run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator)
+    console = console if main else None
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
     if recipe.eval.before:
         result.before = evaluate_policy(run)
         _say(console, "before", result.before)
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
-    progress = StepProgress(recipe.train.steps, recipe.log.progress, console)
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if main else None
+    progress = StepProgress(recipe.train.steps, recipe.log.progress and main, console)
     hook = plugins.get_plugin_manager().hook
     try:
         for step in range(1, recipe.train.steps + 1):
             metrics = grpo_step(run, step)
-            writer.write(metrics)
             result.metrics.append(metrics)
-            hook.on_step_end(step=step, metrics=metrics)
+            if writer is not None:
+                writer.write(metrics)
+                hook.on_step_end(step=step, metrics=metrics)  # observers run on rank 0 only
             progress.update(metrics["reward"])
     finally:
         progress.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     if recipe.eval.after:
         result.after = evaluate_policy(run)
         _say(console, "after", result.after)
     with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
-        run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
-    run.tokenizer.save_pretrained(result.model_dir)
+        if main:
+            run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
+            run.tokenizer.save_pretrained(result.model_dir)
+    dist.barrier()  # no rank returns before the final model is on disk
     return result
 
 

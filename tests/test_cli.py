@@ -96,3 +96,19 @@ def test_cli_run_failure_is_exit_1(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "plugin 'python': reward scorer raised RuntimeError: kaput" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unknown_option_is_a_usage_error_exit_2(capsys):
+    from grpo_ensemble.cli import main
+
+    assert main(["train", "--bogus", "x"]) == 2
+    assert "No such option: --bogus" in capsys.readouterr().err
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys, monkeypatch):
+    from grpo_ensemble.cli import _launcher_args
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _launcher_args(["--local_rank=1", "train", "r.yaml"]) == ["train", "r.yaml"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert _launcher_args(["--local_rank", "0", "plugins"]) == ["plugins"]

@@ -73,6 +73,14 @@ BAD = [
     (GOOD, "eval.scorer=regex_format", "eval.params: missing a required argument: 'pattern'"),
     (GOOD, "peers=[{name: s, n: 2}]", "peers.0.model: 'hf' needs a model"),
     (GOOD, "peers=[{name: s, model: builtin:tiny-arith-base, params: {x: 1}}]", "peers.0.params"),
+    (GOOD, "train.offload_optimizer=true", "train.offload_optimizer: needs train.zero_stage 1"),
+    (GOOD, "train.offload_params=true", "train.offload_params: needs train.zero_stage 3"),
+    (GOOD, "train.frozen_models=shard", "train.frozen_models: shard needs train.zero_stage 3"),
+    (GOOD, "train.generation_weights=half", "train.generation_weights"),
+    (GOOD, "train.deepspeed={zero_optimization: {stage: 3}}", "zero_optimization.stage is 3"),
+    (GOOD, "train.deepspeed={optimizer: {type: Adam}}", "train.deepspeed: optimizer: set by"),
+    (GOOD, "train.deepspeed=/no/ds.json", "train.deepspeed: cannot read '/no/ds.json'"),
+    (GOOD, "train.deepspeed={fp16: {enabled: true}}", "fp16 is not supported"),
 ]
 
 

@@ -1,0 +1,147 @@
+"""Ranks: who we are, which prompts are ours, sums across ranks, and errors every rank agrees on.
+
+Everything here is a no-op in a single process, so the training code reads the same for one
+rank and for many. Collectives must be entered by every rank in the same order; the training
+step is arranged so that they are (see `train.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from .errors import GrpoEnsembleError, RunError, UserError
+
+T = TypeVar("T")
+
+
+def _dist():
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
+def world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def is_main() -> bool:
+    """Rank 0 writes logs, the progress bar and the final model."""
+    return rank() == 0
+
+
+def shard(n: int, world: int | None = None, r: int | None = None) -> range:
+    """This rank's contiguous slice of `n` items; the first `n % world` ranks get one more.
+    Concatenating the slices of ranks 0…world-1 gives 0…n-1 in order."""
+    world = world_size() if world is None else world
+    r = rank() if r is None else r
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+def _device() -> torch.device:
+    d = _dist()
+    if d and d.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return t
+    x = t.to(_device())
+    d.all_reduce(x, op=op)
+    return x.to(t.device)
+
+
+def all_max_tensor(t: torch.Tensor) -> torch.Tensor:
+    return _reduce(t.clone(), torch.distributed.ReduceOp.MAX) if _dist() else t
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks, in float64 (exact for counts)."""
+    if _dist() is None:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return _reduce(t, torch.distributed.ReduceOp.SUM).tolist()
+
+
+def all_max(values: Sequence[float]) -> list[float]:
+    if _dist() is None:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return _reduce(t, torch.distributed.ReduceOp.MAX).tolist()
+
+
+def sum_dict(values: dict[str, float]) -> dict[str, float]:
+    """Sum a dict of floats over ranks. Every rank must hold the same keys."""
+    keys = sorted(values)
+    return dict(zip(keys, all_sum([values[k] for k in keys]), strict=True))
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (picklable objects only)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    d = _dist()
+    if d is not None and d.get_world_size() > 1:
+        d.barrier()
+
+
+def agree(fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank; if it raises on any rank, raise on every rank.
+
+    Without this, a rank whose reward scorer fails would leave the others waiting in the next
+    collective. Every rank instead learns the first failing rank's message and raises it: a
+    `UserError` stays one (exit code 2), anything else becomes a `RunError` (exit code 1).
+    The error is marked `agreed`, so that only rank 0 prints it.
+    """
+    err: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 — reported on every rank below
+        err = exc
+    world = world_size()
+    if world == 1 or getattr(err, "agreed", False):  # an agreed error is on every rank already
+        if err is not None:
+            raise err
+        return result  # type: ignore[return-value]
+    if world == 1:
+        if err is not None:
+            raise err
+        return result  # type: ignore[return-value]
+    flag = torch.tensor([rank() if err is not None else world], dtype=torch.long)
+    first = int(_reduce(flag, torch.distributed.ReduceOp.MIN))
+    if first == world:
+        return result  # type: ignore[return-value]
+    payload = [None]
+    if rank() == first:
+        payload = [(isinstance(err, UserError), _describe(err))]
+    torch.distributed.broadcast_object_list(payload, src=first)
+    user, message = payload[0]
+    exc = (UserError if user else RunError)(f"rank {first}: {message}")
+    exc.agreed = True
+    raise exc from err
+
+
+def _describe(err: BaseException | None) -> str:
+    if isinstance(err, GrpoEnsembleError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"

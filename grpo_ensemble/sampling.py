@@ -1,0 +1,145 @@
+"""Our own sampling loop over the KV cache, with noise that depends only on a row's seed.
+
+`transformers.generate` draws tokens with `torch.multinomial` from one global random stream,
+so what a prompt gets depends on which other prompts share its batch, and on how many ranks
+split the step. Here every row carries its own seed and token t of that row is the Gumbel-max
+choice `argmax(log p + g)`, where `g` is computed from (seed, t, token id) by an integer hash.
+`argmax(log p + Gumbel)` is an exact draw from `p`; and because the noise is a pure function of
+the row's seed, a prompt's candidates are the same in any batch, on any number of ranks, on a
+CPU or a GPU (up to the floating-point noise of the logits themselves).
+
+The distribution sampled from is the one `generate` uses: logits / temperature, then top-k,
+then top-p (nucleus), and the behaviour log-probs returned are those of that processed
+distribution, which the `tis` mode needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+M32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash ("lowbias32") on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32  # the product may wrap int64; its low 32 bits are still right
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def row_keys(seeds: Sequence[int], device=None) -> torch.Tensor:
+    """(B,) 32-bit keys from arbitrary non-negative Python ints."""
+    s = torch.tensor([int(x) % (1 << 62) for x in seeds], dtype=torch.long, device=device)
+    return _mix32((s & M32) ^ _mix32((s >> 32) & M32))
+
+
+def gumbel_noise(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+    """(B, V) standard Gumbel noise for position `t` of each row: a pure function of the key."""
+    step = _mix32(keys ^ ((t * GOLDEN) & M32))  # (B,)
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.long)
+    h = _mix32((step.unsqueeze(1) + ids) & M32)  # (B, V), distinct ids → distinct hashes
+    u = (h.double() + 0.5) / 2.0**32  # uniform on (0, 1), never 0 or 1
+    return (-torch.log(-torch.log(u))).float()
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """(B, V) log-probs of the distribution sampled from: temperature, top-k, top-p."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        probs, order = torch.softmax(logits, -1).sort(dim=-1, descending=True)
+        before = probs.cumsum(-1) - probs  # mass strictly above each token
+        drop_sorted = before >= top_p  # the top token always stays (its `before` is 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _cache_kwargs(model: torch.nn.Module, out) -> dict:
+    """The KV cache of the last forward, under the name this transformers version uses
+    (`cache` from 5.2x on, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        return {"past_key_values": out.past_key_values}
+    return {"cache": cache}
+
+
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """True when every row is finished, on every rank when `synced` (ZeRO-3: each forward is a
+    collective, so a rank whose rows are finished keeps stepping until all ranks are)."""
+    flag = torch.tensor([0 if bool(done.all()) else 1], dtype=torch.long)
+    if synced:
+        from . import dist
+
+        flag = dist.all_max_tensor(flag)
+    return int(flag) == 0
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seeds: Sequence[int] | None = None,
+    synced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample completions of left-padded prompts (B, P).
+
+    Returns tokens (B, T) with T ≤ max_new_tokens, padded with `pad_id` after a row's EOS, and
+    the (B, T) log-probs of each sampled token under the processed distribution (None when
+    greedy, temperature 0). Without `seeds`, row seeds are drawn from torch's global generator.
+    """
+    b = input_ids.shape[0]
+    greedy = temperature == 0
+    if not greedy and seeds is None:
+        seeds = torch.randint(0, 2**62, (b,)).tolist()
+    keys = None if greedy else row_keys(seeds, input_ids.device)
+    mask = attention_mask.clone()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :]  # (B, V)
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            logp = process_logits(logits, temperature, top_k, top_p)  # (B, V)
+            nxt = (logp + gumbel_noise(keys, t, logp.shape[-1])).argmax(-1)
+            logps.append(logp.gather(-1, nxt.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
+        nxt = nxt.masked_fill(done, pad_id)
+        tokens.append(nxt)
+        done = done | (nxt == eos_id)
+        if t == max_new_tokens - 1 or _all_done(done, synced):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=next_pos,
+            use_cache=True,
+            **_cache_kwargs(model, out),
+        )
+        next_pos = next_pos + 1
+    seq = torch.stack(tokens, dim=1)  # (B, T)
+    return seq, None if greedy else torch.stack(logps, dim=1)

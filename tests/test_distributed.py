@@ -1,0 +1,253 @@
+"""Several ranks: 2 CPU processes (gloo) against 1, launched as a user launches them.
+
+The recipe is built so that the ranks disagree in every way a real run makes them: 5 prompts
+split 3/2, peers injected only where the policy failed (so each rank has its own number of
+candidates and micro-batches), a reference model (beta > 0), μ = 2, and 7 held-out prompts.
+
+Tolerance, stated once: the rewards and candidate counts of every step are equal exactly (a
+prompt's candidates depend only on its seed, never on its rank); the loss, KL and gradient norm
+agree to a relative 1e-4, and the final weights to 1e-4 absolute (observed: about 3e-6). The
+only source of difference is the order of floating-point sums: over ranks instead of within
+one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from grpo_ensemble.dist import shard
+from grpo_ensemble.engine import deepspeed_config, merge_config
+from grpo_ensemble.errors import RecipeError
+from grpo_ensemble.train import train
+
+pytestmark = pytest.mark.multirank
+
+RECIPE = {
+    "seed": 3,
+    "policy": {"model": "builtin:tiny-arith-small", "n": 3, "sampling": {"max_new_tokens": 5}},
+    "peers": [
+        {
+            "name": "strong",
+            "model": "builtin:tiny-arith-base",
+            "n": 2,
+            "sampling": {"max_new_tokens": 5, "temperature": 0.7},
+        }
+    ],
+    "group": {"inject": "on_failure"},
+    "loss": {"beta": 0.05, "mu": 2},
+    "train": {"steps": 3, "prompts_per_step": 5, "micro_batch_size": 3, "lr": 1e-3},
+    "eval": {"max_prompts": 7},
+    "log": {"progress": False},
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the launcher sets these; this test process has its own
+    return env
+
+
+def _recipe_file(tmp_path: Path, train_changes: dict) -> Path:
+    data = json.loads(json.dumps(RECIPE))
+    data["train"].update(train_changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(one: Path, two: Path) -> None:
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        for key in ("reward", "candidates", "trained_candidates", "member/strong/candidates"):
+            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+        for key in ("loss", "kl", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    wa, wb = load_file(one / "final/model.safetensors"), load_file(two / "final/model.safetensors")
+    assert wa.keys() == wb.keys()
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff < 1e-4, diff
+    base = load_file(Path(RECIPE_BASE()) / "model.safetensors")
+    assert any(not torch.equal(wa[k], base[k]) for k in wa)  # the runs did train
+
+
+def RECIPE_BASE() -> str:
+    from grpo_ensemble.models import resolve_model
+
+    return resolve_model("builtin:tiny-arith-small", "policy.model")
+
+
+def _launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize(
+    "launcher, train_changes",
+    [
+        ("torchrun", {"zero_stage": 2}),
+        # ZeRO-3 with everything sharded: policy weights kept sharded while generating,
+        # reference and peer as ZeRO-3 inference engines
+        (
+            "deepspeed",
+            {"zero_stage": 3, "generation_weights": "sharded", "frozen_models": "shard"},
+        ),
+    ],
+)
+def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
+    recipe = _recipe_file(tmp_path, train_changes)
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    two = tmp_path / "two"
+    args = ["train", str(recipe), "--set", f"output_dir={two}"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+        cmd += ["--master_port", str(_port()), "--module", "grpo_ensemble", *args]
+    proc = _launch(cmd, tmp_path)
+    assert proc.stdout.count("done: 3 steps") == 1  # only rank 0 speaks
+    assert len(one.metrics) == 3
+    _assert_same_run(one.run_dir, two)
+    recipe_written = yaml.safe_load((two / "recipe.yaml").read_text())
+    assert recipe_written["train"]["zero_stage"] == train_changes["zero_stage"]
+
+
+FAILING_RANK = """
+import os, sys
+from grpo_ensemble import RewardScorer, hookimpl
+from grpo_ensemble.cli import main
+from grpo_ensemble.plugins import get_plugin_manager
+
+class FailsOnRankOne(RewardScorer):
+    name = "fails_on_rank_one"
+    def score(self, samples):
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("scorer broke on purpose")
+        return [0.0 for _ in samples]
+
+class Plugin:
+    @hookimpl
+    def register_reward_scorers(self, register):
+        register(FailsOnRankOne)
+
+get_plugin_manager().register(Plugin(), name="fails-on-rank-one")
+sys.exit(main())
+"""
+
+
+def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
+    """Rank 1's scorer raises in step 1 while rank 0 is fine: both ranks exit with code 1
+    within the subprocess timeout (no deadlock), and rank 0 prints rank 1's message."""
+    script = tmp_path / "launch.py"
+    script.write_text(FAILING_RANK)
+    recipe = _recipe_file(tmp_path, {"zero_stage": 3})
+    data = yaml.safe_load(recipe.read_text())
+    data["rewards"] = [{"name": "fails_on_rank_one"}]
+    data["eval"] = {"before": False, "after": False}
+    recipe.write_text(yaml.safe_dump(data))
+    port = str(_port())
+    procs = []
+    for rank in (0, 1):
+        env = {
+            **_env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        cmd = [sys.executable, str(script), "train", str(recipe)]
+        cmd += ["--set", f"output_dir={tmp_path / 'run'}"]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    errs = [e.decode() for _, e in outs]
+    assert [p.returncode for p in procs] == [1, 1], errs
+    message = "run failed: rank 1: plugin 'fails_on_rank_one': reward scorer raised RuntimeError: "
+    assert message + "scorer broke on purpose" in errs[0], errs[0]
+    assert "Traceback" not in errs[0] and "Traceback" not in errs[1]
+    assert "run failed" not in errs[1]  # the same error is printed once, by rank 0
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_too_few_prompts_for_the_ranks_is_a_recipe_error():
+    from grpo_ensemble.train import check_world
+
+    with pytest.raises(RecipeError, match="train.prompts_per_step: 1 prompt per step"):
+        check_world(1, world=2)
+    check_world(2, world=2)
+
+
+@pytest.mark.parametrize(
+    "n, world, expected",
+    [
+        (5, 2, [range(0, 3), range(3, 5)]),
+        (4, 2, [range(0, 2), range(2, 4)]),
+        (7, 3, [range(0, 3), range(3, 5), range(5, 7)]),
+        (1, 2, [range(0, 1), range(1, 1)]),
+    ],
+)
+def test_shards_are_contiguous_and_cover_every_item_once(n, world, expected):
+    assert [shard(n, world, r) for r in range(world)] == expected
+
+
+def test_raw_deepspeed_config_merges_and_conflicts_name_both_values(tmp_path, small_recipe):
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2, "reduce_bucket_size": 500000},
+                "gradient_clipping": 1.0,
+            }
+        )
+    )
+    r = small_recipe(train__zero_stage=2, train__deepspeed=str(ds))
+    cfg = deepspeed_config(r, 8, torch.float32)
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 500000}
+    assert cfg["gradient_clipping"] == 1.0
+    with pytest.raises(RecipeError) as info:
+        deepspeed_config(small_recipe(train__deepspeed=str(ds)), 8, torch.float32)
+    assert str(info.value) == (
+        "train.deepspeed: zero_optimization.stage is 2 there but 0 from train.zero_stage; "
+        "make them agree or drop the key"
+    )
+    assert merge_config({"a": {"b": 1}}, {"a": {"c": 2}, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
+
+
+def test_the_engine_uses_the_merged_config(small_recipe, tmp_path):
+    from grpo_ensemble.train import build_run
+
+    raw = {"zero_optimization": {"reduce_bucket_size": 123456}, "gradient_clipping": 0.5}
+    r = small_recipe(train__zero_stage=2, train__max_grad_norm=0.5, train__deepspeed=raw)
+    engine = build_run(r, tmp_path).engine
+    assert engine.zero_reduce_bucket_size() == 123456
+    assert engine.gradient_clipping() == 0.5
+    assert engine.zero_optimization_stage() == 2
