@@ -16,6 +16,7 @@ configs=(
 for seed in "${seeds[@]}"; do
   for c in "${configs[@]}"; do
     IFS='|' read -r name recipe extra <<<"$c"
+    rm -rf "runs/modes/$name-$seed"  # a fresh run (a directory with checkpoints is refused)
     args=(--set log.progress=false --set seed="$seed" --set output_dir="runs/modes/$name-$seed")
     [ -n "$extra" ] && args+=(--set "$extra")
     start=$SECONDS

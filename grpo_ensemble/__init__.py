@@ -1,10 +1,16 @@
 """grpo-ensemble: GRPO with groups pooled from an ensemble of language models."""
 
-from .components import Generator, GroupEvaluator, RewardScorer, SamplingParams
+from .components import (
+    Generator,
+    GroupEvaluator,
+    RewardScorer,
+    SamplingParams,
+    candidate_seed,
+)
 from .errors import GrpoEnsembleError, InputFileError, PluginError, RecipeError, RunError, UserError
 from .hookspecs import hookimpl
+from .loop import TrainResult, train
 from .recipe import Recipe, load_recipe
-from .train import TrainResult, train
 from .types import Candidate, Group, GroupLayout, Prompt, Sample
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "SamplingParams",
     "TrainResult",
     "UserError",
+    "candidate_seed",
     "hookimpl",
     "load_recipe",
     "train",

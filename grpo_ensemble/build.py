@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import plugins
 from .components import Generator, GroupEvaluator, RewardScorer, SamplingParams
-from .data import load_prompts
+from .data import Cleaning, DataReport, load_prompts
 from .errors import RecipeError, UserError
 from .models import load_tokenizer, resolve_model, same_tokenizer
 from .recipe import MemberConfig, Recipe
@@ -24,6 +24,8 @@ class WeightedScorer:
     name: str  # used in metrics: reward/<name>
     scorer: RewardScorer
     weight: float
+    on_error: str = "fail"  # fail | skip_group | zero (see scoring.py)
+    timeout_s: float | None = None
 
 
 def construct(kind: str, name: str, params: Mapping, field: str, **extra) -> object:
@@ -59,7 +61,7 @@ def build_scorers(
         scorer = construct("reward_scorer", r.name, r.params, f"rewards.{i}.name")
         names = [w.name for w in out]
         label = r.name if r.name not in names else f"{r.name}_{i}"
-        out.append(WeightedScorer(label, scorer, r.weight))
+        out.append(WeightedScorer(label, scorer, r.weight, r.on_error, r.timeout_s))
     return out
 
 
@@ -104,10 +106,28 @@ def build_peer_generator(prefix: str, member: MemberConfig) -> Generator:
         raise
 
 
-def load_data(recipe: Recipe) -> tuple[list[Prompt], list[Prompt] | None]:
+def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Cleaning:
+    """The data section's row checks; a scorer that reads a field (e.g. `answer`) makes it
+    required, so a row without it is reported at load time, not mid-run."""
     d = recipe.data
-    train = load_prompts(d.train, d.prompt_field, "data.train")
-    held_out = load_prompts(d.eval, d.prompt_field, "data.eval") if d.eval else None
+    read = [getattr(ws.scorer, "field", None) for ws in scorers]
+    required = dict.fromkeys([*d.required_fields, *(f for f in read if isinstance(f, str))])
+    return Cleaning(d.on_bad_row, tuple(required), d.normalize, d.strip_control, d.dedupe)
+
+
+def load_data(
+    recipe: Recipe, scorers: Sequence[WeightedScorer] = (), reports: list | None = None
+) -> tuple[list[Prompt], list[Prompt] | None]:
+    """Training and held-out prompts; each source's DataReport is appended to `reports`."""
+    d = recipe.data
+    how = cleaning_of(recipe, scorers)
+    reports = reports if reports is not None else []
+    reports.append(DataReport(d.train))
+    train = load_prompts(d.train, d.prompt_field, "data.train", how, reports[-1])
+    held_out = None
+    if d.eval:
+        reports.append(DataReport(d.eval))
+        held_out = load_prompts(d.eval, d.prompt_field, "data.eval", how, reports[-1])
     return train, held_out
 
 
@@ -125,7 +145,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{prefix}.model", f"{m.generator!r} needs a model")
         check_params(cls, m.params, f"{prefix}.params", **extra)
     check_tis_tokenizers(recipe)
-    load_data(recipe)
+    load_data(recipe, build_scorers(recipe))
     if recipe.train.deepspeed is not None:  # the merged config: conflicts are recipe errors
         from .engine import deepspeed_config, resolve_dtype
 

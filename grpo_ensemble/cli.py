@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import GrpoEnsembleError, UserError
+from .errors import GrpoEnsembleError, Interrupted, UserError
 
 app = typer.Typer(
     name="grpo-ensemble",
@@ -33,15 +34,24 @@ SetOpt = Annotated[
 ]
 
 
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resume",
+        help="Continue a run: 'auto' (its newest checkpoint, if any) or a checkpoint directory.",
+    ),
+]
+
+
 @app.command()
-def train(recipe: RecipeArg, set_: SetOpt = None) -> None:
+def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> None:
     """Train the policy of a recipe; writes the run directory."""
+    from .loop import train as run_train
     from .recipe import load_recipe
-    from .train import train as run_train
 
     r = load_recipe(recipe, set_ or [])
     console.print(f"run directory: {r.output_dir}")
-    result = run_train(r, console=console)
+    result = run_train(r, console=console, resume=resume)
     last = result.metrics[-1] if result.metrics else {}
     console.print(
         f"done: {len(result.metrics)} steps, last reward {last.get('reward', float('nan')):.3f}; "
@@ -105,6 +115,19 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
     return tuple(exit_), tuple(usage), tuple(abort)
 
 
+def _resume_hint(args: list[str]) -> str:
+    """This command line with `--resume auto` instead of any --resume it had."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            out.append(shlex.quote(a))
+    return " ".join(["grpo-ensemble", *out, "--resume", "auto"])
+
+
 def _launcher_args(argv: list[str]) -> list[str]:
     """Drop the `--local_rank=N` that the `deepspeed` launcher puts before the command (the
     rank is also in the LOCAL_RANK environment variable, which is what we read)."""
@@ -127,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("GRPO_ENSEMBLE_DEBUG") == "1"
     # an error every rank agreed on is printed by rank 0 only
     err = _Stderr(quiet_agreed=os.environ.get("RANK", "0") != "0")
+    argv = _launcher_args(sys.argv[1:] if argv is None else list(argv))
     try:
         _register_plugin_commands()
-        argv = _launcher_args(sys.argv[1:] if argv is None else list(argv))
         app(args=argv, standalone_mode=False)
     except UserError as exc:
         if debug:
             raise
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, exc=exc)
         return 2
+    except Interrupted as exc:
+        message = f"{exc}; continue with: {_resume_hint(argv)}"
+        err.print(message, markup=False, highlight=False, soft_wrap=True, exc=exc)
+        return exc.exit_code
     except GrpoEnsembleError as exc:
         if debug:
             raise

@@ -9,7 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import random
+import unicodedata
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +35,32 @@ def _builtin_rows(source: str, field: str) -> list[dict[str, Any]]:
         raise RecipeError(field, str(exc)) from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+class BadRow(Exception):
+    """A row that cannot be used; `reason` is a short category for the counts."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise InputFileError(str(path), "not valid UTF-8", line=line_no) from None
+                yield line_no, BadRow("not UTF-8", "not valid UTF-8")
+                continue
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise InputFileError(str(path), f"invalid JSON: {exc.msg}", line=line_no) from None
+                yield line_no, BadRow("invalid JSON", f"invalid JSON: {exc.msg}")
+                continue
             if not isinstance(row, dict):
-                raise InputFileError(str(path), "expected a JSON object", line=line_no)
+                yield line_no, BadRow("not an object", "expected a JSON object")
+                continue
             yield line_no, row
 
 
@@ -59,9 +73,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except json.JSONDecodeError as exc:
         raise InputFileError(str(path), f"invalid JSON: {exc.msg}", line=exc.lineno) from None
     for i, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise InputFileError(str(path), f"item {i} is not a JSON object")
-        yield i, row
+        yield i, row if isinstance(row, dict) else BadRow("not an object", "not a JSON object")
 
 
 def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -93,11 +105,61 @@ def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InputFileError(str(path), "unsupported prompt file type (use jsonl, csv or parquet)")
 
 
-def load_prompts(source: str, prompt_field: str, field: str = "data.train") -> list[Prompt]:
-    """Read prompts from a file or built-in task; each row must have a non-empty prompt."""
+@dataclass(frozen=True)
+class Cleaning:
+    """How rows are checked and cleaned (the recipe's `data` section)."""
+
+    on_bad_row: str = "fail"  # fail | skip
+    required_fields: tuple[str, ...] = ()
+    normalize: str = "none"  # none | NFC | NFKC
+    strip_control: bool = False
+    dedupe: bool = False
+
+
+@dataclass
+class DataReport:
+    """What loading did to a source: rows kept, skipped by reason, duplicates dropped."""
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason → rows
+    first: dict[str, str] = field(default_factory=dict)  # reason → "file:line: message"
+    duplicates: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.kept} prompts"]
+        if self.skipped:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
+            first = next(iter(self.first.values()))
+            parts.append(
+                f"skipped {sum(self.skipped.values())} bad rows ({reasons}; first: {first})"
+            )
+        if self.duplicates:
+            parts.append(f"dropped {self.duplicates} duplicates")
+        return "; ".join(parts)
+
+
+def clean_text(text: str, how: Cleaning) -> str:
+    if how.normalize != "none":
+        text = unicodedata.normalize(how.normalize, text)
+    if how.strip_control:  # control characters other than newline and tab
+        text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    return text
+
+
+def load_prompts(
+    source: str,
+    prompt_field: str,
+    field: str = "data.train",
+    how: Cleaning = Cleaning(),
+    report: DataReport | None = None,
+) -> list[Prompt]:
+    """Read prompts from a file or built-in task. A bad row (malformed, not UTF-8, empty
+    prompt, missing required field) stops with its file and line, or with
+    `on_bad_row: skip` is counted in `report` and left out."""
+    report = report if report is not None else DataReport(source)
     if source.startswith(BUILTIN):
-        rows = list(enumerate(_builtin_rows(source, field), start=1))
-        where = source
+        rows: list = list(enumerate(_builtin_rows(source, field), start=1))
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -106,16 +168,62 @@ def load_prompts(source: str, prompt_field: str, field: str = "data.train") -> l
             rows = list(_file_rows(path))
         except OSError as exc:
             raise InputFileError(source, f"cannot read: {exc.strerror or exc}") from None
-        where = source
-    prompts = []
+    prompts, seen = [], set()
     for line, row in rows:
-        text = row.get(prompt_field)
-        if not isinstance(text, str) or not text.strip():
-            raise InputFileError(where, f"missing or empty {prompt_field!r} field", line=line)
-        prompts.append(Prompt(text=text, fields=row, index=line))
+        try:
+            text = _checked(row, prompt_field, how)
+        except BadRow as bad:
+            if how.on_bad_row == "fail":
+                raise InputFileError(source, str(bad), line=line) from None
+            report.skipped[bad.reason] += 1
+            report.first.setdefault(bad.reason, f"{source}:{line}: {bad}")
+            continue
+        if how.dedupe:
+            if text in seen:
+                report.duplicates += 1
+                continue
+            seen.add(text)
+        prompts.append(Prompt(text=text, fields={**row, prompt_field: text}, index=line))
+    report.kept = len(prompts)
     if not prompts:
-        raise InputFileError(where, "no prompts")
+        raise InputFileError(source, "no prompts" + (f" ({report.summary()})" if rows else ""))
     return prompts
+
+
+def _checked(row: dict | BadRow, prompt_field: str, how: Cleaning) -> str:
+    """The row's cleaned prompt text, or BadRow."""
+    if isinstance(row, BadRow):
+        raise row
+    text = row.get(prompt_field)
+    if not isinstance(text, str) or not text.strip():
+        raise BadRow("empty prompt", f"missing or empty {prompt_field!r} field")
+    missing = [f for f in how.required_fields if row.get(f) in (None, "")]
+    if missing:
+        raise BadRow(f"no {missing[0]}", f"missing {missing[0]!r} field")
+    text = clean_text(text, how)
+    if not text.strip():
+        raise BadRow("empty prompt", f"{prompt_field!r} is empty after cleaning")
+    return text
+
+
+def too_long(prompts: list[Prompt], tokenizer, limit: int, how: Cleaning, report: DataReport):
+    """Drop (or, with on_bad_row: fail, reject) prompts with more than `limit` tokens: with
+    `max_new_tokens` more they would not fit the model's context."""
+    out = []
+    for p in prompts:
+        n = len(tokenizer(p.text)["input_ids"])
+        if n <= limit:
+            out.append(p)
+            continue
+        message = f"prompt has {n} tokens; the model's context leaves room for {limit}"
+        if how.on_bad_row == "fail":
+            raise InputFileError(report.source, message, line=p.index)
+        report.skipped["too long"] += 1
+        report.first.setdefault("too long", f"{report.source}:{p.index}: {message}")
+    report.kept = len(out)
+    if not out:
+        raise InputFileError(report.source, f"no prompts ({report.summary()})")
+    return out
 
 
 class PromptSampler:
@@ -147,3 +255,8 @@ class PromptSampler:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from a saved `state()`: the same prompts follow, in the same order."""
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._make_order()

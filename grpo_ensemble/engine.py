@@ -83,7 +83,10 @@ def deepspeed_config(recipe: Recipe, micro_batch: int, dtype: torch.dtype) -> di
         "zero_allow_untested_optimizer": True,
         # offload with our torch AdamW (DeepSpeedCPUAdam would need a compiled op)
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        # bf16: skip a step whose gradient norm is NaN/inf, as fp32 ZeRO does by itself
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True}
+        if dtype == torch.bfloat16
+        else {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -180,6 +183,9 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
+    from .checkpoint import use_safe_loading
+
+    use_safe_loading(engine)  # checkpoints are read without unpickling code
     return engine
 
 

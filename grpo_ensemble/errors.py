@@ -46,3 +46,11 @@ class PluginError(GrpoEnsembleError):
 
 class RunError(GrpoEnsembleError):
     """A run failed for a reason other than its input (exit code 1)."""
+
+
+class Interrupted(GrpoEnsembleError):
+    """The run stopped on SIGINT/SIGTERM after writing a checkpoint; exits 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        self.exit_code = exit_code
+        super().__init__(message)

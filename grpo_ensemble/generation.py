@@ -153,6 +153,7 @@ class Member:
     n: int
     sampling: SamplingParams
     mode: str = "on_policy"
+    on_error: str = "fail"  # fail | skip: go on without this member's candidates for the step
 
 
 class EnsembleGenerator:
@@ -169,6 +170,7 @@ class EnsembleGenerator:
             for m in members
         }
         self.seconds: dict[str, float] = {}  # generation time per member, last call
+        self.faults: dict[str, int] = {}  # calls that failed and were skipped, last call
 
     def generate(
         self,
@@ -179,7 +181,7 @@ class EnsembleGenerator:
         """Pool each prompt's group. With `needs_peers`, the policy samples first and peers
         sample only for the prompts it marks (on-failure injection): groups become ragged.
         `seeds` (one per prompt) make each member's candidates of a prompt reproducible."""
-        self.seconds = {}
+        self.seconds, self.faults = {}, {}
         groups = [Group(prompt=p, candidates=[]) for p in prompts]
         wanted = list(range(len(prompts)))
         for k, m in enumerate(self.members):
@@ -205,15 +207,20 @@ class EnsembleGenerator:
         start = time.perf_counter()
         try:
             per_prompt = m.generator.generate(prompts, m.n, sampling)
+            if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
+                raise PluginError(
+                    m.generator.name, f"{m.name!r} did not return {m.n} candidates per prompt"
+                )
         except UserError:
             raise
         except Exception as exc:
+            if m.on_error == "skip" and m.name != POLICY:  # the step goes on without it
+                self.faults[m.name] = self.faults.get(m.name, 0) + 1
+                return [[] for _ in prompts]
+            if isinstance(exc, PluginError):
+                raise
             raise PluginError(m.generator.name, f"generator of {m.name!r} failed: {exc}") from exc
         self.seconds[m.name] = time.perf_counter() - start
-        if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
-            raise PluginError(
-                m.generator.name, f"{m.name!r} did not return {m.n} candidates per prompt"
-            )
         return per_prompt
 
     def _adopt(self, cand: Candidate, source: str) -> Candidate:

@@ -40,7 +40,10 @@ def rollout_sums(run: Run, ro: Rollout) -> dict[str, float]:
         "equal_reward_groups": float(ro.equal_groups),
         "trained_candidates": float(ro.keep.sum()),
         "completion_len": float(lengths.sum()),
+        "skipped_groups": float(ro.skipped_groups),
     }
+    for ws in run.scorers:  # every scorer a key, as the reduction needs
+        s[f"scorer_faults/{ws.name}"] = float(ro.scorer_faults.get(ws.name, 0))
     for k, v in ro.per_scorer.items():
         s[f"reward/{k}"] = float(v.double().sum())
     sources = [c.source for c in ro.candidates]
@@ -53,6 +56,7 @@ def rollout_sums(run: Run, ro: Rollout) -> dict[str, float]:
         s[f"{p}/reward"] = float(rewards[idx].sum())
         s[f"{p}/completion_len"] = float(lengths[idx].sum())
         s[f"{p}/best"] = float(best[idx].sum())
+        s[f"{p}/generator_faults"] = float(run.ensemble.faults.get(member.name, 0))
     return s
 
 
@@ -71,11 +75,15 @@ def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[s
         "candidates": int(s["n"]),
         "trained_candidates": int(s["trained_candidates"]),
         "completion_len": s["completion_len"] / n,
+        "skipped_groups": int(s["skipped_groups"]),
+        **{k: int(v) for k, v in s.items() if k.startswith("scorer_faults/")},
         **upd,
         "lr": run.engine.get_lr()[0],
     }
     for member in run.ensemble.members:
         p = f"member/{member.name}"
+        if s[f"{p}/generator_faults"]:
+            m[f"{p}/generator_faults"] = int(s[f"{p}/generator_faults"])
         count = s[f"{p}/candidates"]
         if count:
             m[f"{p}/best_share"] = s[f"{p}/best"] / max(s["best"], 1.0)

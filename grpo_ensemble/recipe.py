@@ -51,6 +51,11 @@ class PeerConfig(MemberConfig):
         description="How this peer's candidates enter the loss: on_policy, shaped, tis, "
         "baseline_only (docs/algorithm.md).",
     )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail",
+        description="When its generator raises or returns the wrong count: stop the run, or "
+        "go on without its candidates for that step.",
+    )
 
 
 class DataConfig(_Config):
@@ -63,12 +68,35 @@ class DataConfig(_Config):
     )
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     shuffle: bool = Field(True, description="Shuffle the prompts each epoch (seeded).")
+    on_bad_row: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A malformed, non-UTF-8, empty, too long or incomplete row: stop with its "
+        "file and line, or leave it out (counted).",
+    )
+    required_fields: list[str] = Field(
+        [], description="Fields every row must have, besides those the scorers read."
+    )
+    normalize: Literal["none", "NFC", "NFKC"] = Field(
+        "none", description="Unicode normalisation of prompt text."
+    )
+    strip_control: bool = Field(
+        False, description="Remove control characters (except newline and tab) from prompts."
+    )
+    dedupe: bool = Field(False, description="Keep only the first of identical prompts.")
 
 
 class RewardConfig(_Config):
     name: str = Field(..., description="Reward scorer plugin, e.g. `exact_match`.")
     weight: float = Field(1.0, description="Weight of this scorer in the combined reward.")
     params: dict[str, Any] = Field({}, description="Keyword arguments for the scorer.")
+    on_error: Literal["fail", "skip_group", "zero"] = Field(
+        "fail",
+        description="When it raises, returns the wrong count, NaN/inf or times out: stop the "
+        "run, drop the group, or score 0.",
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Seconds one call may take before it counts as failed (null: none)."
+    )
 
 
 class GroupConfig(_Config):
@@ -86,6 +114,10 @@ class GroupConfig(_Config):
     )
     drop_equal_reward_groups: bool = Field(
         False, description="Leave out of the loss groups whose rewards are all equal."
+    )
+    on_error: Literal["fail", "skip_group"] = Field(
+        "fail",
+        description="When the evaluator raises or gives NaN/inf for a group: stop, or drop it.",
     )
 
 
@@ -141,6 +173,15 @@ class TrainConfig(_Config):
     )
     dist_timeout_s: int = Field(
         1800, ge=10, description="Seconds a rank waits for the others before the run fails."
+    )
+    checkpoint_every: int = Field(
+        100, ge=0, description="Checkpoint every N steps and at the end (0: only on SIGTERM)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    max_bad_updates: int = Field(
+        3,
+        ge=1,
+        description="Updates in a row with a NaN/inf loss or gradient before the run stops.",
     )
 
 

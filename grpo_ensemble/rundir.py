@@ -14,12 +14,19 @@ from .errors import UserError
 from .recipe import Recipe, dump_recipe
 
 
-def prepare_run_dir(recipe: Recipe, write: bool = True) -> Path:
+def prepare_run_dir(recipe: Recipe, write: bool = True, resuming: bool = False) -> Path:
     """Create the run directory and write the resolved recipe; fail early if not writable.
-    Ranks other than 0 (`write=False`) only learn the path."""
+    A directory holding another run's checkpoints is only reused to resume it. Ranks other
+    than 0 (`write=False`) only learn the path."""
     out = Path(recipe.output_dir).expanduser()
     if not write:
         return out
+    ckpts = out / "checkpoints"
+    if not resuming and ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+        raise UserError(
+            f"output_dir: {str(out)!r} holds the checkpoints of an earlier run; continue it with "
+            "--resume auto, or choose another output_dir (e.g. --set output_dir=runs/new)"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
@@ -40,9 +47,16 @@ def _clean(value):
 class MetricsWriter:
     """Appends one JSON object per step to metrics.jsonl, flushed so a crash loses nothing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until: int = 0):
+        """A new file, or with `keep_until` (a resumed run) the rows of steps up to it kept:
+        the rows of steps after the checkpoint are written again by the resumed run."""
         self.path = path
+        kept = []
+        if keep_until and path.is_file():
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until]
         self._fh = path.open("w", encoding="utf-8")
+        for row in kept:
+            self.write(row)
 
     def write(self, metrics: dict) -> None:
         self._fh.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
@@ -60,7 +74,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 class StepProgress:
     """A progress bar with step, mean reward and time left (silent when disabled)."""
 
-    def __init__(self, total: int, enabled: bool, console: Console | None = None):
+    def __init__(self, total: int, enabled: bool, console: Console | None = None, done: int = 0):
         self.enabled = enabled
         self.started = time.perf_counter()
         if not enabled:
@@ -73,7 +87,7 @@ class StepProgress:
             console=console,
             transient=False,
         )
-        self._task = self._progress.add_task("train", total=total, reward="-")
+        self._task = self._progress.add_task("train", total=total, completed=done, reward="-")
         self._progress.start()
 
     def update(self, reward: float) -> None:

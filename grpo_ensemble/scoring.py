@@ -1,8 +1,20 @@
-"""Reward scoring: every weighted scorer over every candidate, checked, then combined."""
+"""Reward scoring: every weighted scorer over every candidate, checked, then combined.
+
+A scorer is a plugin, and plugins misbehave: they raise, return the wrong number of scores,
+return NaN, or hang. Each scorer's recipe entry says what then happens (`rewards[i].on_error`):
+- `fail`: the run stops; the message names the scorer and the prompt;
+- `skip_group`: the groups it failed on leave the step (counted in `skipped_groups`);
+- `zero`: its score is 0 where it failed (counted in `scorer_faults/NAME`).
+A failure of a whole call is localised by scoring group by group, so one bad prompt costs one
+group. A call that runs past `rewards[i].timeout_s` counts as failed for every group of the
+step (it is not retried: it would hang again); its thread is abandoned, never waited for.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,35 +23,109 @@ from .errors import PluginError, UserError
 from .types import Group, Sample
 
 
-def score_groups(
-    groups: Sequence[Group], scorers: Sequence[WeightedScorer]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Combined reward Σ wᵢ·rᵢ (n_candidates,) and each scorer's raw rewards, by name.
+@dataclass
+class Scores:
+    combined: torch.Tensor  # (n_candidates,) Σ wᵢ·rᵢ
+    per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,)
+    skip: list[bool]  # per group: leave the step (a skip_group scorer failed on it)
+    faults: dict[str, int] = field(default_factory=dict)  # name → groups it failed on
 
-    A scorer that raises, returns the wrong number of scores or a non-finite score is reported
-    by name with the first offending prompt.
-    """
+    def __iter__(self):  # `combined, per_scorer = score_groups(...)` keeps working
+        return iter((self.combined, self.per_scorer))
+
+
+class _Fault(Exception):
+    """One call of a scorer misbehaved; the message says how."""
+
+
+class _Timeout(_Fault):
+    pass
+
+
+def call_with_timeout(fn, timeout: float | None, what: str):
+    """`fn()`, or _Timeout after `timeout` seconds. The call runs in a daemon thread, which is
+    abandoned (not killed: Python cannot) if it hangs, so the run goes on."""
+    if timeout is None:
+        return fn()
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 — handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name=f"grpo-ensemble {what}")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise _Timeout(f"timed out after {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _call(ws: WeightedScorer, samples: list[Sample]) -> torch.Tensor:
+    """(len(samples),) scores from one call, or _Fault. Non-finite values are returned as is."""
+    try:
+        raw = list(call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name))
+    except (UserError, _Fault):
+        raise
+    except Exception as exc:
+        raise _Fault(f"reward scorer raised {type(exc).__name__}: {exc}") from exc
+    if len(raw) != len(samples):
+        raise _Fault(f"returned {len(raw)} scores for {len(samples)} candidates")
+    try:
+        return torch.tensor([float(x) for x in raw], dtype=torch.float32)
+    except (TypeError, ValueError) as exc:
+        raise _Fault(f"returned a score that is not a number: {exc}") from None
+
+
+def _score_one(
+    ws: WeightedScorer, groups: Sequence[Group], samples: list[Sample]
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """One scorer's values (n_candidates,) and {group index: what went wrong}."""
+    bounds, k = [], 0
+    for g in groups:
+        bounds.append((k, k + len(g.candidates)))
+        k += len(g.candidates)
+    values = torch.zeros(len(samples), dtype=torch.float32)
+    faults: dict[int, str] = {}
+    try:
+        values = _call(ws, samples)
+    except _Timeout as exc:
+        return values, {i: str(exc) for i in range(len(groups))}
+    except _Fault:  # find the groups it fails on
+        for i, (a, b) in enumerate(bounds):
+            try:
+                values[a:b] = _call(ws, samples[a:b])
+            except _Fault as exc:
+                faults[i] = str(exc)
+    for i, (a, b) in enumerate(bounds):
+        bad = ~torch.isfinite(values[a:b])
+        if i not in faults and bool(bad.any()):
+            faults[i] = f"returned {values[a:b][bad][0].item()}"
+    # a failed call left its group at 0; a NaN or inf score becomes 0 (zero policy), and a
+    # skipped group's values are never used
+    return torch.where(torch.isfinite(values), values, 0.0), faults
+
+
+def score_groups(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Scores:
+    """Every scorer over every candidate, with each scorer's error policy applied."""
     samples = [Sample(g.prompt, c) for g in groups for c in g.candidates]
     combined = torch.zeros(len(samples), dtype=torch.float32)
     per_scorer: dict[str, torch.Tensor] = {}
+    skip = [False] * len(groups)
+    counts: dict[str, int] = {}
     for ws in scorers:
-        try:
-            raw = list(ws.scorer.score(samples))
-        except UserError:
-            raise
-        except Exception as exc:
-            raise PluginError(ws.name, f"reward scorer raised {type(exc).__name__}: {exc}") from exc
-        if len(raw) != len(samples):
-            raise PluginError(ws.name, f"returned {len(raw)} scores for {len(samples)} candidates")
-        try:
-            values = torch.tensor([float(x) for x in raw], dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
-            raise PluginError(ws.name, f"returned a score that is not a number: {exc}") from None
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            prompt = samples[i].prompt.text
-            raise PluginError(ws.name, f"returned {values[i].item()} for prompt {prompt!r}")
+        values, faults = _score_one(ws, groups, samples)
+        counts[ws.name] = len(faults)
+        if faults and ws.on_error == "fail":
+            i = min(faults)
+            raise PluginError(ws.name, f"{faults[i]} for prompt {groups[i].prompt.text!r}")
+        if ws.on_error == "skip_group":
+            for i in faults:
+                skip[i] = True
         per_scorer[ws.name] = values
         combined += ws.weight * values
-    return combined, per_scorer
+    return Scores(combined, per_scorer, skip, counts)

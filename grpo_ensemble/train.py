@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.utils import logging as hf_logging
 
-from . import dist, plugins
+from . import dist
 from .build import (
     TIS_TOKENIZER,
     WeightedScorer,
@@ -25,21 +24,20 @@ from .build import (
     build_peer_generator,
     build_scorers,
     check_policy_generator,
+    cleaning_of,
     load_data,
     member_fields,
     sampling_of,
 )
 from .components import Generator, GroupEvaluator, RewardScorer, mix64
-from .data import PromptSampler
+from .data import DataReport, PromptSampler, too_long
 from .engine import (
     build_engine,
-    gathered_params,
     init_distributed,
     resolve_dtype,
     shard_frozen,
 )
 from .errors import PluginError, RecipeError, UserError
-from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .generation import EnsembleGenerator, HFGenerator, Member
 from .logprobs import TokenBatch, completion_logprobs
 from .loss import MODES, BatchSize, OffPolicy, grpo_loss
@@ -51,8 +49,7 @@ from .metrics import (  # noqa: F401 — best_candidates is re-exported
     update_metrics,
 )
 from .models import load_model
-from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from .rundir import MetricsWriter, StepProgress, prepare_run_dir
+from .recipe import Recipe
 from .scoring import score_groups
 from .types import POLICY, Candidate, Group, GroupLayout, Prompt
 
@@ -73,15 +70,7 @@ class Run:
     eval_scorer: RewardScorer
     run_dir: Path
     prompt_ids: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    model_dir: Path
-    metrics: list[dict]
-    before: EvalResult | None = None
-    after: EvalResult | None = None
+    data_reports: list[DataReport] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -102,15 +91,24 @@ def build_run(
     init_distributed(recipe.train.dist_timeout_s)
     dtype = resolve_dtype(recipe)
 
+    reports: list[DataReport] = []
+
     def load():  # every rank checks and loads; a failure on any rank stops all of them
         scorers = build_scorers(recipe, reward_scorers)
         evaluator = build_evaluator(recipe, group_evaluator)
         eval_scorer = build_eval_scorer(recipe)
         if POLICY not in generators:
             check_policy_generator(recipe)
-        data = load_data(recipe)
+        train_prompts, held_out = load_data(recipe, scorers, reports)
         p = recipe.policy
         policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        how = cleaning_of(recipe, scorers)
+        limit = prompt_token_limit(recipe, policy)
+        if limit is not None:  # prompts that cannot fit the context with their completion
+            train_prompts = too_long(train_prompts, tok, limit, how, reports[0])
+            if held_out:
+                held_out = too_long(held_out, tok, limit, how, reports[1])
+        data = train_prompts, held_out
         ref = None
         if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
             ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
@@ -144,7 +142,8 @@ def build_run(
             )
         else:
             gen = peers[name]
-        members.append(Member(name, gen, m.n, sampling_of(m), getattr(m, "mode", "on_policy")))
+        mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
+        members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
     ensemble = EnsembleGenerator(members, tok)
     for i, peer in enumerate(recipe.peers):
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
@@ -161,7 +160,25 @@ def build_run(
         held_out=held_out,
         eval_scorer=eval_scorer,
         run_dir=run_dir,
+        data_reports=reports,
     )
+
+
+def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
+    """The longest prompt, in tokens, that leaves room in the policy's context for the longest
+    completion any member may write (None when the model states no context length)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return None
+    longest = max(
+        [recipe.policy.sampling.max_new_tokens] + [p.sampling.max_new_tokens for p in recipe.peers]
+    )
+    if longest >= context:
+        raise RecipeError(
+            "policy.sampling.max_new_tokens",
+            f"{longest} new tokens do not fit the policy's context of {context} tokens",
+        )
+    return context - longest
 
 
 def check_world(prompts_per_step: int, world: int) -> None:
@@ -186,6 +203,8 @@ class Rollout:
     advantages: torch.Tensor  # (n_candidates,)
     keep: torch.Tensor  # (n_candidates,) bool: enters the loss
     equal_groups: int
+    skipped_groups: int = 0  # left out: a plugin failed on them (on_error: skip_group)
+    scorer_faults: dict[str, int] = field(default_factory=dict)  # scorer → groups failed
 
     @property
     def candidate_prompt(self) -> list[Prompt]:
@@ -194,26 +213,23 @@ class Rollout:
 
 
 def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
-    """Score the candidates and turn each group's rewards into advantages."""
-    layout = GroupLayout.from_groups(groups)
-    candidates = [c for g in groups for c in g.candidates]
-    rewards, per_scorer = score_groups(groups, run.scorers)
+    """Score the candidates and turn each group's rewards into advantages. Groups that a
+    scorer or the evaluator failed on leave the step where the recipe says so (counted)."""
+    scores = score_groups(groups, run.scorers)
+    n_groups = len(groups)
+    groups, rewards, per_scorer = _drop(groups, scores.skip, scores.combined, scores.per_scorer)
+    layout, adv, bad = group_advantages(run, groups, rewards)
+    if any(bad):  # group.on_error = skip_group: evaluate the others again without them
+        groups, rewards, per_scorer = _drop(groups, bad, rewards, per_scorer)
+        layout, adv, _ = group_advantages(run, groups, rewards)
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
-    name = getattr(run.evaluator, "name", "") or type(run.evaluator).__name__
-    try:
-        adv = run.evaluator.advantages(grid, layout.valid, stats_mask(run, groups, layout))
-    except Exception as exc:
-        raise PluginError(name, f"group evaluator raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(adv, torch.Tensor) or adv.shape != grid.shape:
-        raise PluginError(name, f"advantages must be a tensor of shape {tuple(grid.shape)}")
-    if not torch.isfinite(adv[layout.valid]).all():
-        raise PluginError(name, "advantages are not finite")
     lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
     hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
     equal = lo == hi  # (n_prompts,) groups with no learning signal
     mode = {m.name: m.mode for m in run.ensemble.members}
+    candidates = [c for g in groups for c in g.candidates]
     trained = [mode[c.source] != "baseline_only" for c in candidates]
-    keep = layout.valid & layout.to_grid(torch.tensor(trained), fill=False)
+    keep = layout.valid & layout.to_grid(torch.tensor(trained, dtype=torch.bool), fill=False)
     if run.recipe.group.drop_equal_reward_groups:
         keep &= ~equal.unsqueeze(1)
     return Rollout(
@@ -225,7 +241,64 @@ def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
         layout.to_flat(adv),
         layout.to_flat(keep),
         int(equal.sum()),
+        skipped_groups=n_groups - len(groups),
+        scorer_faults=scores.faults,
     )
+
+
+def _drop(groups: list[Group], drop: list[bool], rewards, per_scorer):
+    """The groups not marked in `drop`, with their candidates' rewards."""
+    if not any(drop):
+        return groups, rewards, per_scorer
+    keep = torch.tensor([not d for g, d in zip(groups, drop, strict=True) for _ in g.candidates])
+    kept = [g for g, d in zip(groups, drop, strict=True) if not d]
+    return kept, rewards[keep], {k: v[keep] for k, v in per_scorer.items()}
+
+
+def group_advantages(
+    run: Run, groups: list[Group], rewards: torch.Tensor
+) -> tuple[GroupLayout, torch.Tensor, list[bool]]:
+    """The evaluator's advantages (n_prompts, group_size) and, per group, whether it failed
+    there (only with group.on_error = skip_group; with fail, a failure stops the run)."""
+    layout = GroupLayout.from_groups(groups)
+    grid = layout.to_grid(rewards)  # (n_prompts, group_size)
+    if not groups:
+        return layout, grid, []
+    stats = stats_mask(run, groups, layout)
+    name = getattr(run.evaluator, "name", "") or type(run.evaluator).__name__
+    skip = run.recipe.group.on_error == "skip_group"
+    try:
+        adv = _advantages(run.evaluator, grid, layout.valid, stats)
+    except _EvalFault as exc:
+        if not skip:
+            raise PluginError(name, str(exc)) from exc.__cause__
+        adv, bad = torch.zeros_like(grid), [False] * len(groups)
+        for i in range(len(groups)):  # one group at a time, to find where it fails
+            rows = slice(i, i + 1)
+            try:
+                adv[rows] = _advantages(run.evaluator, grid[rows], layout.valid[rows], stats[rows])
+            except _EvalFault:
+                bad[i] = True
+        return layout, adv, bad
+    finite = torch.isfinite(adv).logical_or(~layout.valid).all(dim=1)  # (n_prompts,)
+    if not bool(finite.all()) and not skip:
+        i = int((~finite).nonzero()[0])
+        raise PluginError(name, f"advantages are not finite for prompt {groups[i].prompt.text!r}")
+    return layout, torch.where(layout.valid & finite.unsqueeze(1), adv, 0.0), (~finite).tolist()
+
+
+class _EvalFault(Exception):
+    pass
+
+
+def _advantages(evaluator, grid, valid, stats) -> torch.Tensor:
+    try:
+        adv = evaluator.advantages(grid, valid, stats)
+    except Exception as exc:
+        raise _EvalFault(f"group evaluator raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(adv, torch.Tensor) or adv.shape != grid.shape:
+        raise _EvalFault(f"advantages must be a tensor of shape {tuple(grid.shape)}")
+    return adv
 
 
 def stats_mask(run: Run, groups: list[Group], layout: GroupLayout) -> torch.Tensor:
@@ -375,7 +448,8 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
     total: dict[str, float] = {}
     first: dict[str, float] = {}
-    grad_norms = []
+    grad_norms: list[float] = []
+    bad = False
     for i in range(r.loss.mu):
         sums = accumulate(run, batches, size, old, ref)
         if i == 0:  # per-mode weights and token shares: of the first pass
@@ -383,16 +457,38 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
             first["tokens/first"] = sums["tokens"]
         for k in ("loss", "kl_sum", "clipped", "tokens"):
             total[k] = total.get(k, 0.0) + sums[k]
-        engine.step()
+        if not optimizer_step(engine):
+            bad = True
+            break
         grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
     by_member = {f"member/{k}": v for k, v in tokens_by_member(run, batches).items()}
-    return update_metrics(run, dist.sum_dict({**total, **first, **by_member}), grad_norms)
+    sums = dist.sum_dict({**total, **first, **by_member})
+    if bad:  # the weights did not move: report the step, count it
+        return {**NO_UPDATE, "loss": sums["loss"], "nonfinite_update": 1}
+    return update_metrics(run, sums, grad_norms)
+
+
+def optimizer_step(engine) -> bool:
+    """Step the optimizer unless the accumulated gradient holds NaN or inf; False if skipped.
+
+    ZeRO stages 1-3 check the gradient norm themselves and skip such a step (counted in
+    `engine.skipped_steps`, the LR schedule not advanced). Stage 0 does not, so we check the
+    (already all-reduced, hence identical on every rank) gradients first.
+    """
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            engine.zero_grad()
+            return False
+    skipped = engine.skipped_steps
+    engine.step()
+    return engine.skipped_steps == skipped
 
 
 def policy_failed(run: Run, groups: list[Group]) -> list[bool]:
     """On-failure injection: True for prompts where no policy candidate reached success."""
     # only the policy's candidates so far; a scorer failing on any rank stops every rank
-    rewards, _ = dist.agree(lambda: score_groups(groups, run.scorers))
+    rewards = dist.agree(lambda: score_groups(groups, run.scorers)).combined
     out, k = [], 0
     for g in groups:
         n = len(g.candidates)
@@ -431,87 +527,3 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     run.ensemble.members[0].generator.sync_weights(run.engine.module)  # policy samples anew
     t["sync"] = time.perf_counter()
     return step_metrics(run, step, rollout, upd, t)
-
-
-def evaluate_policy(run: Run) -> EvalResult | None:
-    """Held-out accuracy of the policy, greedy, judged by the recipe's eval scorer; each rank
-    decodes its share of the prompts and the scores are gathered."""
-    if not run.held_out:
-        return None
-    e = run.recipe.eval
-    max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
-    gather = run.recipe.train.generation_weights == "gather"
-    gen = HFGenerator(run.engine.module, run.tokenizer, gather=gather)
-    prompts = run.held_out[: e.max_prompts]
-    mine = [prompts[i] for i in dist.shard(len(prompts))]
-    scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
-    return accuracy_of([x for part in dist.all_gather_objects(scores) for x in part])
-
-
-def train(
-    recipe: Recipe | str | Path,
-    *,
-    generators: Mapping[str, Generator] | None = None,
-    reward_scorers: Sequence[tuple[RewardScorer, float]] | None = None,
-    group_evaluator: GroupEvaluator | None = None,
-    overrides: Sequence[str] = (),
-    console=None,
-) -> TrainResult:
-    """Run a recipe end to end. Components given as objects replace the recipe's named ones:
-    `generators` maps member names ("policy" or a peer's name) to Generator instances,
-    `reward_scorers` is a list of (scorer, weight), `group_evaluator` an evaluator instance.
-
-    Under `torchrun` or `deepspeed` every rank calls this with the same recipe; rank 0 alone
-    writes the run directory, the progress bar and the final model. Every rank returns the
-    same (global) metrics.
-    """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides))
-    elif overrides:
-        data = recipe.model_dump(mode="json")
-        recipe = recipe_from_dict(data, overridden=apply_overrides(data, list(overrides)))
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    seed_everything(recipe.seed)
-    hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
-    init_distributed(recipe.train.dist_timeout_s)
-    main = dist.is_main()
-    run_dir = dist.agree(lambda: prepare_run_dir(recipe, write=main))
-    run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator)
-    console = console if main else None
-    result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
-    if recipe.eval.before:
-        result.before = evaluate_policy(run)
-        _say(console, "before", result.before)
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if main else None
-    progress = StepProgress(recipe.train.steps, recipe.log.progress and main, console)
-    hook = plugins.get_plugin_manager().hook
-    try:
-        for step in range(1, recipe.train.steps + 1):
-            metrics = grpo_step(run, step)
-            result.metrics.append(metrics)
-            if writer is not None:
-                writer.write(metrics)
-                hook.on_step_end(step=step, metrics=metrics)  # observers run on rank 0 only
-            progress.update(metrics["reward"])
-    finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-    if recipe.eval.after:
-        result.after = evaluate_policy(run)
-        _say(console, "after", result.after)
-    with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
-        if main:
-            run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
-            run.tokenizer.save_pretrained(result.model_dir)
-    dist.barrier()  # no rank returns before the final model is on disk
-    return result
-
-
-def _say(console, when: str, res: EvalResult | None) -> None:
-    if console is not None and res is not None:
-        console.print(
-            f"held-out accuracy {when} training: {100 * res.accuracy:.1f}% "
-            f"(±{100 * res.ci95:.1f}, n={res.n})"
-        )

@@ -46,8 +46,8 @@ def small_recipe_dict(tmp_path, **changes) -> dict:
         cur = data
         keys = dotted.split("__")
         for k in keys[:-1]:
-            cur = cur.setdefault(k, {})
-        cur[keys[-1]] = value
+            cur = cur[int(k)] if isinstance(cur, list) else cur.setdefault(k, {})
+        cur[int(keys[-1]) if isinstance(cur, list) else keys[-1]] = value
     return data
 
 

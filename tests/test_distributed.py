@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from grpo_ensemble.dist import shard
 from grpo_ensemble.engine import deepspeed_config, merge_config
 from grpo_ensemble.errors import RecipeError
-from grpo_ensemble.train import train
+from grpo_ensemble.loop import train
 
 pytestmark = pytest.mark.multirank
 
@@ -111,7 +111,8 @@ def _launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     [
         ("torchrun", {"zero_stage": 2}),
         # ZeRO-3 with everything sharded: policy weights kept sharded while generating,
-        # reference and peer as ZeRO-3 inference engines
+        # reference and peer as ZeRO-3 inference engines. Generation batches of 4 rows give
+        # rank 0 (9 rows) 3 batches and rank 1 (6 rows) 2: rank 1 runs a filler batch
         (
             "deepspeed",
             {"zero_stage": 3, "generation_weights": "sharded", "frozen_models": "shard"},
@@ -120,6 +121,10 @@ def _launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 )
 def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
     recipe = _recipe_file(tmp_path, train_changes)
+    if train_changes.get("generation_weights") == "sharded":
+        data = yaml.safe_load(recipe.read_text())
+        data["policy"]["params"] = {"batch_size": 4}
+        recipe.write_text(yaml.safe_dump(data))
     one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
     two = tmp_path / "two"
     args = ["train", str(recipe), "--set", f"output_dir={two}"]

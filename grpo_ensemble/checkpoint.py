@@ -1,0 +1,233 @@
+"""Checkpoints: everything the next step depends on, written atomically, the last K kept.
+
+A checkpoint is a directory `RUN/checkpoints/step-00000012/` holding
+- `engine/`: DeepSpeed's own checkpoint (weights, optimizer, LR schedule; every rank writes
+  its shards, as DeepSpeed requires);
+- `trainer_state.json`: the step, the prompt sampler's position, the recipe, the world size;
+- `rng-rank{R}.json`: each rank's Python, NumPy and torch random states.
+
+It is written under a temporary name and renamed when every rank has finished, so a directory
+named `step-…` is always complete: a crash while writing leaves only a `.tmp` directory, which
+the next checkpoint removes. Checkpoints are read with `torch.load(weights_only=True)`, which
+cannot run code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import yaml
+
+from . import dist
+from .errors import RunError, UserError
+
+if TYPE_CHECKING:
+    from .train import Run
+
+PREFIX = "step-"
+
+# Fields whose change makes a checkpoint meaningless for the recipe (the data order, the groups,
+# the optimizer's shards). Others (steps, eval, logging, lr) may change on resume.
+MUST_MATCH = [
+    "seed",
+    "policy.model",
+    "policy.n",
+    "peers",
+    "data.train",
+    "data.prompt_field",
+    "data.shuffle",
+    "train.prompts_per_step",
+    "train.zero_stage",
+]
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def _rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Write a checkpoint of the state after `step` (every rank calls this); keep the last K."""
+    root = checkpoint_root(run.run_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+
+    def prepare():
+        if dist.is_main():
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".*.tmp"):  # left by a crash while writing
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # a rerun of this step after a resume
+                shutil.rmtree(final)
+            tmp.mkdir()
+
+    dist.agree(lambda: _disk_errors(prepare, root))
+    dist.barrier()
+    run.engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+
+    def write_own():
+        (tmp / f"rng-rank{dist.rank()}.json").write_text(json.dumps(_rng_state()))
+        if dist.is_main():
+            state = {
+                "step": step,
+                "sampler": run.sampler.state(),
+                "world_size": dist.world_size(),
+                "recipe": run.recipe.model_dump(mode="json"),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    dist.agree(lambda: _disk_errors(write_own, root))
+    dist.barrier()
+
+    def commit():
+        if dist.is_main():
+            tmp.rename(final)  # atomic: the checkpoint exists whole or not at all
+            for old in complete_checkpoints(run.run_dir)[: -run.recipe.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    dist.agree(lambda: _disk_errors(commit, root))
+    return final
+
+
+def _disk_errors(fn, root: Path):
+    try:
+        return fn()
+    except OSError as exc:
+        good = complete_checkpoints(root.parent)
+        last = f"the last complete checkpoint is {good[-1]}" if good else "no checkpoint was kept"
+        raise RunError(
+            f"cannot write a checkpoint in {root}: {exc.strerror or exc}; {last}"
+        ) from None
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the newest complete checkpoint of the run, or None; else the given directory."""
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume: {resume!r} is not a complete checkpoint directory")
+    return path
+
+
+def _get(data: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def check_compatible(state: dict, recipe_now: dict, path: Path) -> None:
+    """Refuse a resume whose recipe changed in a way that matters, naming the difference."""
+    then = state["recipe"]
+    for field in MUST_MATCH:
+        a, b = _get(then, field), _get(recipe_now, field)
+        if a != b:
+            raise UserError(
+                f"--resume: {field} was {_show(a)} in the checkpoint {path} but is {_show(b)} "
+                "now; resume with the recipe of that run, or start a new run in another output_dir"
+            )
+    if state["world_size"] != dist.world_size():
+        raise UserError(
+            f"--resume: the checkpoint {path} was written by {state['world_size']} ranks, this "
+            f"run has {dist.world_size()}; resume with {state['world_size']} ranks"
+        )
+
+
+def _show(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def load_checkpoint(run: Run, path: Path) -> int:
+    """Restore the engine, sampler and RNG states; returns the step the checkpoint ends."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        rng = json.loads((path / f"rng-rank{dist.rank()}.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume: cannot read the checkpoint {path}: {exc}") from None
+    check_compatible(state, run.recipe.model_dump(mode="json"), path)
+    loaded, _ = run.engine.load_checkpoint(str(path / "engine"), tag="state")
+    if loaded is None:
+        raise UserError(f"--resume: DeepSpeed found no checkpoint in {path / 'engine'}")
+    run.sampler.restore(state["sampler"])
+    _set_rng_state(rng)
+    return int(state["step"])
+
+
+def use_safe_loading(engine) -> None:
+    """Make the engine read its checkpoints with `torch.load(weights_only=True)`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if type(current) is not TorchCheckpointEngine:
+        return  # another engine (e.g. a fast writer) chosen in the DeepSpeed config
+
+    class Safe(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    safe = Safe.__new__(Safe)
+    safe.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = safe
+
+
+def _safe_globals() -> list:
+    """Plain-data classes that DeepSpeed puts in its checkpoint files."""
+    import collections
+
+    out: list = [collections.OrderedDict, torch.Size]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out += [ZeroStageEnum, fragment_address]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+        out.append(LossScaler)
+    except ImportError:
+        pass
+    return out

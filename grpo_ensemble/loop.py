@@ -1,0 +1,217 @@
+"""A run from start to end: resume, the steps, checkpoints, interruption, evaluation, final model.
+
+`train()` is the public entry point (the CLI's `train` calls it). The step itself is
+`train.grpo_step`; this module is what happens around it over hours or days.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from . import dist, plugins
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .components import Generator, GroupEvaluator, RewardScorer
+from .engine import gathered_params, init_distributed
+from .errors import Interrupted, RunError
+from .evaluation import EvalResult, accuracy_of, heldout_scores
+from .generation import HFGenerator
+from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from .rundir import MetricsWriter, StepProgress, prepare_run_dir
+from .train import Run, build_run, grpo_step, seed_everything
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: list[dict]  # the steps this call ran (after the resumed step, when resuming)
+    before: EvalResult | None = None
+    after: EvalResult | None = None
+    resumed_from: Path | None = None
+
+
+def evaluate_policy(run: Run) -> EvalResult | None:
+    """Held-out accuracy of the policy, greedy, judged by the recipe's eval scorer; each rank
+    decodes its share of the prompts and the scores are gathered."""
+    if not run.held_out:
+        return None
+    e = run.recipe.eval
+    max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
+    gather = run.recipe.train.generation_weights == "gather"
+    gen = HFGenerator(run.engine.module, run.tokenizer, gather=gather)
+    prompts = run.held_out[: e.max_prompts]
+    mine = [prompts[i] for i in dist.shard(len(prompts))]
+    scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
+    return accuracy_of([x for part in dist.all_gather_objects(scores) for x in part])
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask the run to stop after the current step (a second SIGINT stops at
+    once). Outside the main thread, signals cannot be caught and this does nothing."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> int | None:
+        """The signal any rank received (every rank calls this after each step)."""
+        got = int(dist.all_max([self.signal or 0])[0])
+        return got or None
+
+
+def train(
+    recipe: Recipe | str | Path,
+    *,
+    generators: Mapping[str, Generator] | None = None,
+    reward_scorers: Sequence[tuple[RewardScorer, float]] | None = None,
+    group_evaluator: GroupEvaluator | None = None,
+    overrides: Sequence[str] = (),
+    resume: str | None = None,
+    console=None,
+) -> TrainResult:
+    """Run a recipe end to end. Components given as objects replace the recipe's named ones:
+    `generators` maps member names ("policy" or a peer's name) to Generator instances,
+    `reward_scorers` is a list of (scorer, weight), `group_evaluator` an evaluator instance.
+    `resume` is "auto" (the newest checkpoint in the run directory, if any) or a checkpoint
+    directory.
+
+    Under `torchrun` or `deepspeed` every rank calls this with the same recipe; rank 0 alone
+    writes the run directory, the progress bar and the final model. Every rank returns the
+    same (global) metrics.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides))
+    elif overrides:
+        data = recipe.model_dump(mode="json")
+        recipe = recipe_from_dict(data, overridden=apply_overrides(data, list(overrides)))
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    seed_everything(recipe.seed)
+    hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
+    init_distributed(recipe.train.dist_timeout_s)
+    main = dist.is_main()
+    run_dir = dist.agree(lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None))
+    run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator)
+    console = console if main else None
+    if main:
+        write_data_report(run, console)
+    result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
+    start = 0
+    if resume is not None:
+        path = dist.agree(lambda: find_checkpoint(run_dir, resume))
+        if path is not None:
+            start = load_checkpoint(run, path)
+            result.resumed_from = path
+            _say_text(console, f"resumed from {path} (step {start})")
+    if recipe.eval.before and start == 0:
+        result.before = evaluate_policy(run)
+        _say(console, "before", result.before)
+    _steps(run, start, result, console)
+    if recipe.eval.after:
+        result.after = evaluate_policy(run)
+        _say(console, "after", result.after)
+    with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
+        if main:
+            run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
+            run.tokenizer.save_pretrained(result.model_dir)
+    dist.barrier()  # no rank returns before the final model is on disk
+    return result
+
+
+def _steps(run: Run, start: int, result: TrainResult, console) -> None:
+    """Steps start+1 … train.steps, with checkpoints, bad-update accounting and stop requests."""
+    t = run.recipe.train
+    main = dist.is_main()
+    writer = MetricsWriter(run.run_dir / "metrics.jsonl", keep_until=start) if main else None
+    progress = StepProgress(t.steps, run.recipe.log.progress and main, console, start)
+    hook = plugins.get_plugin_manager().hook
+    bad_in_a_row = 0
+    saved = start
+    with StopRequests() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(progress.close)
+        if writer is not None:
+            cleanup.callback(writer.close)
+        for step in range(start + 1, t.steps + 1):
+            metrics = grpo_step(run, step)
+            result.metrics.append(metrics)
+            if writer is not None:
+                writer.write(metrics)
+                hook.on_step_end(step=step, metrics=metrics)  # observers run on rank 0 only
+            progress.update(metrics["reward"])
+            bad_in_a_row = bad_in_a_row + 1 if metrics.get("nonfinite_update") else 0
+            if bad_in_a_row >= t.max_bad_updates:
+                good = f"; the last checkpoint is step {saved}" if saved else ""
+                raise RunError(
+                    f"{bad_in_a_row} updates in a row had a NaN or inf loss or gradient "
+                    f"(steps {step - bad_in_a_row + 1}-{step}), so the run stopped{good}"
+                )
+            due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
+            signum = stop.agreed()
+            if due or signum:
+                path = save_checkpoint(run, step)
+                saved = step
+            if signum:
+                name = signal.Signals(signum).name
+                exc = Interrupted(
+                    f"stopped by {name} after step {step}; checkpoint {path}",
+                    exit_code=128 + signum,
+                )
+                exc.agreed = True  # every rank raises it; rank 0 prints it
+                raise exc
+
+
+def write_data_report(run: Run, console) -> None:
+    """`data_report.json` in the run directory; a line on the console for each source that
+    lost rows (skipped bad rows, dropped duplicates)."""
+    rows = []
+    for r in run.data_reports:
+        rows.append(
+            {
+                "source": r.source,
+                "kept": r.kept,
+                "skipped": dict(r.skipped),
+                "first_skipped": r.first,
+                "duplicates": r.duplicates,
+            }
+        )
+        if r.skipped or r.duplicates:
+            _say_text(console, f"data: {r.summary()}")
+    (run.run_dir / "data_report.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _say(console, when: str, res: EvalResult | None) -> None:
+    if res is not None:
+        _say_text(
+            console,
+            f"held-out accuracy {when} training: {100 * res.accuracy:.1f}% "
+            f"(±{100 * res.ci95:.1f}, n={res.n})",
+        )
+
+
+def _say_text(console, text: str) -> None:
+    if console is not None:
+        console.print(text)

@@ -1,0 +1,207 @@
+"""Faulty plugins: each reward scorer's, the evaluator's and each peer's error policy."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from grpo_ensemble import Generator, GroupEvaluator, PluginError, RewardScorer, hookimpl
+from grpo_ensemble.build import WeightedScorer
+from grpo_ensemble.default_plugins.evaluators import grpo_advantages
+from grpo_ensemble.loop import train
+from grpo_ensemble.plugins import get_plugin_manager
+from grpo_ensemble.scoring import score_groups
+from grpo_ensemble.train import build_run, evaluate_groups
+from grpo_ensemble.types import Candidate, Group, Prompt
+
+GROUPS = [
+    Group(
+        Prompt("1+1=", {"answer": "2"}),
+        [Candidate("2", [1], "policy"), Candidate("3", [1], "policy")],
+    ),
+    Group(
+        Prompt("bad", {"answer": "0"}),
+        [Candidate("0", [1], "policy"), Candidate("1", [1], "policy")],
+    ),
+    Group(
+        Prompt("2+2=", {"answer": "4"}),
+        [Candidate("4", [1], "policy"), Candidate("5", [1], "policy")],
+    ),
+]
+
+
+class FailsOnBad(RewardScorer):
+    """Exact match, except that any call holding the prompt "bad" raises."""
+
+    name = "fails_on_bad"
+
+    def score(self, samples):
+        if any(s.prompt.text == "bad" for s in samples):
+            raise ValueError("cannot parse")
+        return [float(s.completion == s.row["answer"]) for s in samples]
+
+
+class NanOnBad(RewardScorer):
+    name = "nan_on_bad"
+
+    def score(self, samples):
+        return [
+            float("nan") if s.prompt.text == "bad" and s.completion == "1" else 1.0 for s in samples
+        ]
+
+
+def _ws(scorer, on_error, timeout_s=None):
+    return WeightedScorer(scorer.name, scorer, 2.0, on_error, timeout_s)
+
+
+def test_fail_names_the_scorer_and_the_prompt():
+    with pytest.raises(PluginError) as info:
+        score_groups(GROUPS, [_ws(FailsOnBad(), "fail")])
+    assert str(info.value) == (
+        "plugin 'fails_on_bad': reward scorer raised ValueError: cannot parse for prompt 'bad'"
+    )
+
+
+def test_skip_group_drops_only_the_groups_it_fails_on():
+    s = score_groups(GROUPS, [_ws(FailsOnBad(), "skip_group")])
+    assert s.skip == [False, True, False]
+    assert s.faults == {"fails_on_bad": 1}
+    # the other groups were scored one by one: weight 2 × exact match
+    assert s.combined.tolist() == [2.0, 0.0, 0.0, 0.0, 2.0, 0.0]
+
+
+def test_zero_scores_the_failed_group_0_and_keeps_it():
+    s = score_groups(GROUPS, [_ws(FailsOnBad(), "zero")])
+    assert s.skip == [False, False, False]
+    assert s.faults == {"fails_on_bad": 1}
+    assert s.per_scorer["fails_on_bad"].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_a_nan_score_is_zeroed_alone_or_skips_its_group():
+    zero = score_groups(GROUPS, [_ws(NanOnBad(), "zero")])
+    assert zero.per_scorer["nan_on_bad"].tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    skip = score_groups(GROUPS, [_ws(NanOnBad(), "skip_group")])
+    assert skip.skip == [False, True, False]
+    with pytest.raises(PluginError, match="returned nan for prompt 'bad'"):
+        score_groups(GROUPS, [_ws(NanOnBad(), "fail")])
+
+
+class Hangs(RewardScorer):
+    name = "hangs"
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def score(self, samples):
+        self.release.wait()  # until the test lets it go
+        return [0.0] * len(samples)
+
+
+def test_a_hung_scorer_times_out_and_never_hangs_the_run():
+    hangs = Hangs()
+    try:
+        s = score_groups(GROUPS, [_ws(hangs, "skip_group", timeout_s=0.2)])
+        assert s.skip == [True, True, True]
+        assert s.faults == {"hangs": 3}
+        with pytest.raises(PluginError, match="timed out after 0.2 s for prompt '1\\+1='"):
+            score_groups(GROUPS, [_ws(hangs, "fail", timeout_s=0.2)])
+    finally:
+        hangs.release.set()
+
+
+class WrongCount(RewardScorer):
+    name = "wrong_count"
+
+    def score(self, samples):
+        return [0.0] * (len(samples) + 1)
+
+
+def test_a_wrong_count_fails_every_group():
+    s = score_groups(GROUPS, [_ws(WrongCount(), "skip_group")])
+    assert s.skip == [True, True, True]
+    with pytest.raises(PluginError, match="returned 3 scores for 2 candidates"):
+        score_groups(GROUPS, [_ws(WrongCount(), "fail")])
+
+
+class NanForBadGroup(GroupEvaluator):
+    """GRPO advantages, except NaN for the group whose prompt is "bad" (row 1 here)."""
+
+    name = "nan_for_bad"
+
+    def advantages(self, rewards, valid, stats):
+        adv = grpo_advantages(rewards, valid, stats)
+        if rewards.shape[0] == 3:
+            adv[1] = float("nan")
+        return adv
+
+
+def test_evaluator_skip_group_drops_the_group_and_evaluates_the_rest(small_recipe, tmp_path):
+    run = build_run(small_recipe(group__on_error="skip_group"), tmp_path)
+    run.evaluator = NanForBadGroup()
+    ro = evaluate_groups(run, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
+    assert ro.skipped_groups == 1
+    assert [g.prompt.text for g in ro.groups] == ["1+1=", "2+2="]
+    # two candidates, rewards 1 and 0: mean 0.5, unbiased std √0.5, eps 1e-4
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    assert ro.advantages.tolist() == pytest.approx([a, -a, a, -a], rel=1e-6)
+    run_fail = build_run(small_recipe(), tmp_path)
+    run_fail.evaluator = NanForBadGroup()
+    with pytest.raises(PluginError, match="advantages are not finite for prompt 'bad'"):
+        evaluate_groups(run_fail, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
+
+
+class BrokenPeer(Generator):
+    name = "broken"
+
+    def generate(self, prompts, n, sampling):
+        raise ConnectionError("peer API unreachable")
+
+
+def test_a_peer_that_fails_is_skipped_and_counted(small_recipe):
+    r = small_recipe(peers__0__on_error="skip")  # see conftest: a__b__0__c edits lists
+    result = train(r, generators={"strong": BrokenPeer()})
+    m = result.metrics[-1]
+    assert m["member/strong/generator_faults"] == 1
+    assert "member/strong/candidates" not in m
+    assert m["candidates"] == 4 * 2  # the policy's own: 4 prompts × 2
+
+
+def test_a_peer_that_fails_stops_the_run_by_default(small_recipe):
+    with pytest.raises(PluginError, match="generator of 'strong' failed: peer API unreachable"):
+        train(small_recipe(), generators={"strong": BrokenPeer()})
+
+
+class FlakyPlugin:
+    @hookimpl
+    def register_reward_scorers(self, register):
+        register(FailsOnBadText)
+
+
+class FailsOnBadText(RewardScorer):
+    """Raises on prompts whose first number is 1 (about a tenth of the arithmetic prompts)."""
+
+    name = "fails_on_ones"
+
+    def score(self, samples):
+        if any(s.prompt.text.startswith("1") for s in samples):
+            raise RuntimeError("flaky")
+        return [float(s.completion.strip() == s.row["answer"]) for s in samples]
+
+
+def test_a_run_goes_on_past_a_flaky_scorer_with_skip_group(small_recipe):
+    get_plugin_manager().register(FlakyPlugin(), name="flaky")
+    r = small_recipe(
+        rewards=[{"name": "fails_on_ones", "on_error": "skip_group"}],
+        train__steps=4,
+        train__prompts_per_step=8,
+    )
+    result = train(r)
+    skipped = sum(m["skipped_groups"] for m in result.metrics)
+    faults = sum(m["scorer_faults/fails_on_ones"] for m in result.metrics)
+    assert skipped == faults > 0
+    for m in result.metrics:  # the groups left are whole groups of 2 + 2 candidates
+        assert m["candidates"] == 4 * (8 - m["skipped_groups"])
+    assert (result.run_dir / "final" / "model.safetensors").is_file()
+    assert torch.isfinite(torch.tensor([m["loss"] for m in result.metrics])).all()

@@ -1,0 +1,253 @@
+"""Checkpoints and resume: a run killed at a random step and resumed ends bitwise equal to one
+that was never interrupted; SIGTERM stops cleanly with a checkpoint; nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from grpo_ensemble import GroupEvaluator, RunError, UserError
+from grpo_ensemble.checkpoint import complete_checkpoints, find_checkpoint
+from grpo_ensemble.cli import main
+from grpo_ensemble.loop import train
+from grpo_ensemble.rundir import read_metrics
+
+RECIPE = {
+    "seed": 5,
+    "policy": {"model": "builtin:tiny-arith-small", "n": 3, "sampling": {"max_new_tokens": 5}},
+    "peers": [
+        {
+            "name": "strong",
+            "model": "builtin:tiny-arith-base",
+            "n": 2,
+            "sampling": {"max_new_tokens": 5, "temperature": 0.7},
+        }
+    ],
+    "group": {"inject": "on_failure"},
+    "loss": {"beta": 0.05, "mu": 2},
+    "train": {
+        "steps": 6,
+        "prompts_per_step": 4,
+        "micro_batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "schedule": "cosine",
+        "zero_stage": 2,
+        "checkpoint_every": 1,
+        "threads": 1,
+    },
+    "eval": {"before": False, "after": False},
+    "log": {"progress": False},
+}
+
+
+def _recipe(tmp_path: Path, name: str = "recipe.yaml", **train_changes) -> Path:
+    data = json.loads(json.dumps(RECIPE))
+    data["train"].update(train_changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _env() -> dict:
+    env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": ""}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "grpo_ensemble", *args]
+
+
+def _wait_for_rows(proc: subprocess.Popen, metrics: Path, rows: int, timeout: float = 300):
+    """Block until metrics.jsonl holds `rows` rows (the process is then inside a later step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _same_rows(a: dict, b: dict) -> bool:
+    keep = [k for k in a if not k.startswith("time/")]
+    return [a[k] for k in keep] == [b.get(k) for k in keep]
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
+    recipe = _recipe(tmp_path)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = subprocess.run(
+        _cli("train", str(recipe), "--set", f"output_dir={whole}"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    kill_after = random.randint(1, 4)  # rows written before the kill: the step is random
+    proc = subprocess.Popen(
+        _cli("train", str(recipe), "--set", f"output_dir={killed}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for_rows(proc, killed / "metrics.jsonl", kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "final").exists()
+    last = find_checkpoint(killed, "auto")
+    assert last is not None, f"no checkpoint after {kill_after} rows"
+    resumed_at = int(last.name.removeprefix("step-"))
+
+    again = subprocess.run(
+        _cli("train", str(recipe), "--set", f"output_dir={killed}", "--resume", "auto"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"(step {resumed_at})" in again.stdout
+    wa = load_file(whole / "final" / "model.safetensors")
+    wb = load_file(killed / "final" / "model.safetensors")
+    unequal = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not unequal, (kill_after, resumed_at, unequal[:3])
+    ra, rb = read_metrics(whole / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]  # no step lost, none repeated
+    for a, b in zip(ra, rb, strict=True):
+        assert _same_rows(a, b), (kill_after, resumed_at, a["step"])
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
+    recipe = _recipe(tmp_path, steps=500, checkpoint_every=0)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli("train", str(recipe), "--set", f"output_dir={out}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for_rows(proc, out / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    rows = read_metrics(out / "metrics.jsonl")
+    step = rows[-1]["step"]
+    ckpt = out / "checkpoints" / f"step-{step:08d}"
+    assert ckpt.is_dir()
+    line = err.strip().splitlines()[-1]
+    assert line == (
+        f"stopped by SIGTERM after step {step}; checkpoint {ckpt}; continue with: "
+        f"grpo-ensemble train {recipe} --set output_dir={out} --resume auto"
+    )
+    assert "Traceback" not in err
+    resumed = train(
+        recipe, overrides=[f"output_dir={out}", f"train.steps={step + 1}"], resume="auto"
+    )
+    assert resumed.resumed_from == ckpt
+    assert [m["step"] for m in resumed.metrics] == [step + 1]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 2))
+
+
+def test_resume_refuses_a_recipe_that_changed_what_matters(tmp_path, capsys):
+    recipe = _recipe(tmp_path, steps=2)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", "auto"]
+    assert main([*args, "--set", "policy.n=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: --resume: policy.n was 3 in the checkpoint {out}/checkpoints/step-00000002 but "
+        "is 4 now; resume with the recipe of that run, or start a new run in another output_dir"
+    )
+    # more steps, other eval settings: allowed
+    result = train(recipe, overrides=[f"output_dir={out}", "train.steps=3"], resume="auto")
+    assert [m["step"] for m in result.metrics] == [3]
+
+
+def test_a_fresh_run_never_overwrites_a_run_with_checkpoints(tmp_path, capsys):
+    recipe = _recipe(tmp_path, steps=1)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["train", str(recipe), "--set", f"output_dir={out}"]) == 2
+    assert "holds the checkpoints of an earlier run; continue it with --resume auto" in (
+        capsys.readouterr().err
+    )
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_only_the_last_k_complete_checkpoints_are_kept_and_half_written_ones_ignored(tmp_path):
+    recipe = _recipe(tmp_path, steps=4, keep_checkpoints=2)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000003", "step-00000004"]
+    # a crash while writing step 5 leaves a .tmp directory: never taken for a checkpoint
+    (out / "checkpoints" / ".step-00000005.tmp" / "engine").mkdir(parents=True)
+    assert find_checkpoint(out, "auto").name == "step-00000004"
+    with pytest.raises(UserError, match="is not a complete checkpoint directory"):
+        find_checkpoint(out, str(out / "checkpoints" / ".step-00000005.tmp"))
+    train(recipe, overrides=[f"output_dir={out}", "train.steps=5"], resume="auto")
+    assert not (out / "checkpoints" / ".step-00000005.tmp").exists()
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000004", "step-00000005"]
+
+
+class Explodes(GroupEvaluator):
+    """Finite but enormous advantages from step `start` on: the gradient overflows to inf."""
+
+    name = "explodes"
+
+    def __init__(self, start: int):
+        self.calls, self.start = 0, start
+
+    def advantages(self, rewards, valid, stats):
+        self.calls += 1
+        scale = 3e38 if self.calls >= self.start else 1.0
+        sign = torch.where(torch.arange(rewards.shape[1]) % 2 == 0, 1.0, -1.0)
+        return torch.where(valid, scale * sign.expand_as(rewards), torch.zeros_like(rewards))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, stage):
+    recipe = _recipe(tmp_path, steps=6, zero_stage=stage, max_bad_updates=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    with pytest.raises(RunError) as info:
+        train(
+            recipe,
+            overrides=[f"output_dir={out}", "loss.mu=1", "loss.beta=0"],
+            group_evaluator=Explodes(start=3),
+        )
+    assert str(info.value) == (
+        "2 updates in a row had a NaN or inf loss or gradient (steps 3-4), so the run stopped; "
+        "the last checkpoint is step 3"
+    )
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r.get("nonfinite_update", 0) for r in rows] == [0, 0, 1, 1]
+    # the skipped update of step 3 left the weights as step 2 wrote them
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002", "step-00000003"]
+    states = [
+        torch.load(
+            out / f"checkpoints/step-0000000{s}/engine/state/mp_rank_00_model_states.pt",
+            weights_only=True,
+        )["module"]
+        for s in (2, 3)
+    ]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert all(torch.isfinite(v).all() for v in states[1].values())
+    assert not (out / "final").exists()
