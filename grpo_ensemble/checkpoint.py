@@ -15,6 +15,7 @@ cannot run code from the file.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -184,7 +185,13 @@ def load_checkpoint(run: Run, path: Path) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"--resume: cannot read the checkpoint {path}: {exc}") from None
     check_compatible(state, run.recipe.model_dump(mode="json"), path)
-    loaded, _ = run.engine.load_checkpoint(str(path / "engine"), tag="state")
+    try:
+        loaded, _ = run.engine.load_checkpoint(str(path / "engine"), tag="state")
+    except pickle.UnpicklingError as exc:  # weights_only refused something in the file
+        raise UserError(
+            f"--resume: refused to load {path}: it holds objects other than tensors and plain "
+            f"data ({str(exc).splitlines()[-1][:200]})"
+        ) from None
     if loaded is None:
         raise UserError(f"--resume: DeepSpeed found no checkpoint in {path / 'engine'}")
     run.sampler.restore(state["sampler"])

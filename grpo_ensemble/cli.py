@@ -53,9 +53,9 @@ def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> N
     console.print(f"run directory: {r.output_dir}")
     result = run_train(r, console=console, resume=resume)
     last = result.metrics[-1] if result.metrics else {}
+    reward = f", last reward {last['reward']:.3f}" if last else ""
     console.print(
-        f"done: {len(result.metrics)} steps, last reward {last.get('reward', float('nan')):.3f}; "
-        f"final model in {result.model_dir}"
+        f"done: step {r.train.steps} of {r.train.steps}{reward}; final model in {result.model_dir}"
     )
 
 

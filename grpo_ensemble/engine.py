@@ -8,12 +8,15 @@ the number of micro-batches per step may vary.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,9 +42,18 @@ def init_distributed(timeout_s: int = 1800) -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    if "RANK" not in os.environ:
+    init_method, lone = None, {}
+    if "RANK" not in os.environ:  # a lone process: rank 0 of 1, reachable from nowhere
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # rendezvous through a file, not a TCP store (which listens on every interface), and
+        # keep gloo's own socket on the loopback interface
+        store = Path(tempfile.mkdtemp(prefix="grpo-ensemble-")) / "store"
+        atexit.register(shutil.rmtree, store.parent, ignore_errors=True)
+        init_method, lone = f"file://{store}", {"rank": 0, "world_size": 1}
+        loopback = _loopback_interface()
+        if loopback:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -50,7 +62,14 @@ def init_distributed(timeout_s: int = 1800) -> None:
         auto_mpi_discovery=False,
         verbose=False,
         timeout=datetime.timedelta(seconds=timeout_s),
+        init_method=init_method,
+        **lone,
     )
+
+
+def _loopback_interface() -> str | None:
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return next((n for n in ("lo", "lo0") if n in names), None)
 
 
 def quiet_deepspeed() -> None:

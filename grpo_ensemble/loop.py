@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import threading
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from . import dist, plugins
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .components import Generator, GroupEvaluator, RewardScorer
 from .engine import gathered_params, init_distributed
-from .errors import Interrupted, RunError
+from .errors import Interrupted, RunError, UserError
 from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .generation import HFGenerator
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
@@ -119,6 +120,7 @@ def train(
     console = console if main else None
     if main:
         write_data_report(run, console)
+    dist.agree(lambda: check_disk_space(run) if main else None)
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
     start = 0
     if resume is not None:
@@ -182,6 +184,29 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
                 )
                 exc.agreed = True  # every rank raises it; rank 0 prints it
                 raise exc
+
+
+# bytes a checkpoint takes per parameter, at most: fp32 weights, fp32 master copy, two Adam moments
+CHECKPOINT_BYTES_PER_PARAM = 16
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def check_disk_space(run: Run) -> None:
+    """Refuse to start when the run directory cannot hold the checkpoints the recipe keeps
+    (the newest K plus the one being written)."""
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
+    need = n_params * CHECKPOINT_BYTES_PER_PARAM * (run.recipe.train.keep_checkpoints + 1)
+    free = free_bytes(run.run_dir)
+    if free < need:
+        raise UserError(
+            f"output_dir: {free / 1e9:.2f} GB free in {str(run.run_dir)!r}, but "
+            f"{run.recipe.train.keep_checkpoints + 1} checkpoints of {n_params:,} parameters "
+            f"need about {need / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or "
+            "choose another output_dir"
+        )
 
 
 def write_data_report(run: Run, console) -> None:

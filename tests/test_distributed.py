@@ -76,14 +76,16 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_run(one: Path, two: Path) -> None:
-    a, b = _rows(one), _rows(two)
-    assert [r["step"] for r in b] == [1, 2, 3]
+def _assert_same_run(one: Path, two: Path, steps: int = 3, weights: bool = True) -> None:
+    a, b = _rows(one)[:steps], _rows(two)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     for x, y in zip(a, b, strict=True):
         for key in ("reward", "candidates", "trained_candidates", "member/strong/candidates"):
             assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
         for key in ("loss", "kl", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    if not weights:
+        return
     wa, wb = load_file(one / "final/model.safetensors"), load_file(two / "final/model.safetensors")
     assert wa.keys() == wb.keys()
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
@@ -125,21 +127,33 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
         data = yaml.safe_load(recipe.read_text())
         data["policy"]["params"] = {"batch_size": 4}
         recipe.write_text(yaml.safe_dump(data))
-    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}", "train.steps=4"])
     two = tmp_path / "two"
-    args = ["train", str(recipe), "--set", f"output_dir={two}"]
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-        cmd += ["--master_port", str(_port()), "--module", "grpo_ensemble", *args]
-    proc = _launch(cmd, tmp_path)
-    assert proc.stdout.count("done: 3 steps") == 1  # only rank 0 speaks
-    assert len(one.metrics) == 3
-    _assert_same_run(one.run_dir, two)
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        args = ["train", str(recipe), "--set", f"output_dir={two}", *extra]
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", *args]
+        else:
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+            cmd += ["--master_port", str(_port()), "--module", "grpo_ensemble", *args]
+        return _launch(cmd, tmp_path)
+
+    proc = launch()
+    assert proc.stdout.count("done: step 3 of 3") == 1  # only rank 0 speaks
+    _assert_same_run(one.run_dir, two, steps=3, weights=False)
     recipe_written = yaml.safe_load((two / "recipe.yaml").read_text())
     assert recipe_written["train"]["zero_stage"] == train_changes["zero_stage"]
+    # every rank wrote its part of the checkpoint after the last step
+    ckpt = two / "checkpoints" / "step-00000003"
+    assert {p.name for p in ckpt.iterdir()} >= {"rng-rank0.json", "rng-rank1.json", "engine"}
+    optim = sorted(p.name for p in (ckpt / "engine" / "state").glob("*optim_states.pt"))
+    assert optim == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    # resumed on 2 ranks for a 4th step: as if one rank had run 4 steps without a break
+    proc = launch("--set", "train.steps=4", "--resume", "auto")
+    assert "resumed from" in proc.stdout and proc.stdout.count("done: step 4 of 4") == 1
+    _assert_same_run(one.run_dir, two, steps=4)
 
 
 FAILING_RANK = """

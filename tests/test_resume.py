@@ -17,10 +17,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpo_ensemble import GroupEvaluator, RunError, UserError
+from grpo_ensemble import GroupEvaluator, RunError, UserError, hookimpl
 from grpo_ensemble.checkpoint import complete_checkpoints, find_checkpoint
 from grpo_ensemble.cli import main
 from grpo_ensemble.loop import train
+from grpo_ensemble.plugins import get_plugin_manager
 from grpo_ensemble.rundir import read_metrics
 
 RECIPE = {
@@ -251,3 +252,52 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, stage):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert all(torch.isfinite(v).all() for v in states[1].values())
     assert not (out / "final").exists()
+
+
+def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
+    tmp_path, small_recipe, monkeypatch
+):
+    import grpo_ensemble.loop as loop
+    from grpo_ensemble.models import load_model
+
+    monkeypatch.setattr(loop, "free_bytes", lambda path: 10_000)  # a nearly full disk
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        train(small_recipe(output_dir=str(out)))
+    n = sum(
+        p.numel() for p in load_model("builtin:tiny-arith-small", "policy.model")[0].parameters()
+    )
+    need = n * 16 * 3  # bytes per parameter × (2 kept + 1 being written)
+    assert str(info.value) == (
+        f"output_dir: 0.00 GB free in {str(out)!r}, but 3 checkpoints of {n:,} parameters need "
+        f"about {need / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or choose "
+        "another output_dir"
+    )
+    assert not (out / "metrics.jsonl").exists()
+
+
+class BlocksCheckpoint:
+    """Puts a file where step 2's checkpoint directory is about to be written."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        if step == 2:  # (observers run before the step's checkpoint is written)
+            (self.out / "checkpoints" / ".step-00000002.tmp").write_text("in the way")
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last(tmp_path):
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, steps=3)
+    get_plugin_manager().register(BlocksCheckpoint(out), name="blocks")
+    with pytest.raises(RunError) as info:
+        train(recipe, overrides=[f"output_dir={out}"])
+    root = out / "checkpoints"
+    assert str(info.value) == (
+        f"cannot write a checkpoint in {root}: File exists; "
+        f"the last complete checkpoint is {root / 'step-00000001'}"
+    )
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"]
+    assert find_checkpoint(out, "auto") == root / "step-00000001"
