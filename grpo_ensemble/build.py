@@ -74,7 +74,7 @@ def build_evaluator(recipe: Recipe, given: GroupEvaluator | None = None) -> Grou
 
 def sampling_of(member: MemberConfig) -> SamplingParams:
     s = member.sampling
-    return SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens)
+    return SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.min_new_tokens)
 
 
 def member_fields(recipe: Recipe) -> list[tuple[str, str, MemberConfig]]:

@@ -23,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # no EOS before this many tokens
     # One seed per prompt, set by the trainer from (recipe seed, step, the prompt's place in the
     # global batch), so that a prompt's candidates do not depend on its batch or on the number
     # of ranks. Candidate j of a prompt uses `candidate_seed(seed, j)`. A generator may ignore

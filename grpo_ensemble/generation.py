@@ -121,6 +121,7 @@ class HFGenerator(Generator):
             top_p=sampling.top_p,
             seeds=seeds,
             synced=lockstep,
+            min_new_tokens=sampling.min_new_tokens,
         )
         seqs = seqs.cpu()
         logps = None if logps is None else logps.cpu()

@@ -27,6 +27,15 @@ class SamplingConfig(_Config):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens (0: off).")
     max_new_tokens: int = Field(32, ge=1, description="Longest completion, in tokens.")
+    min_new_tokens: int = Field(
+        0, ge=0, description="No EOS before this many tokens (= max_new_tokens: fixed length)."
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SamplingConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens: must not exceed max_new_tokens")
+        return self
 
 
 class MemberConfig(_Config):
@@ -317,9 +326,9 @@ def recipe_from_dict(
         err = exc.errors()[0]
         loc = tuple(err["loc"])
         msg = err["msg"]
-        if msg.startswith("Value error, "):  # a cross-field check names its own field
-            field, _, msg = msg.removeprefix("Value error, ").partition(": ")
-            loc = tuple(int(k) if k.isdigit() else k for k in field.split("."))
+        if msg.startswith("Value error, "):  # a cross-field check names its own field,
+            field, _, msg = msg.removeprefix("Value error, ").partition(": ")  # relative to
+            loc += tuple(int(k) if k.isdigit() else k for k in field.split("."))  # its model
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         field = _format_loc(loc)

@@ -95,12 +95,15 @@ def sample(
     top_p: float = 1.0,
     seeds: Sequence[int] | None = None,
     synced: bool = False,
+    min_new_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample completions of left-padded prompts (B, P).
 
     Returns tokens (B, T) with T ≤ max_new_tokens, padded with `pad_id` after a row's EOS, and
     the (B, T) log-probs of each sampled token under the processed distribution (None when
     greedy, temperature 0). Without `seeds`, row seeds are drawn from torch's global generator.
+    EOS cannot be drawn before `min_new_tokens` tokens (with min = max, every completion has
+    exactly that length: fair timing comparisons).
     """
     b = input_ids.shape[0]
     greedy = temperature == 0
@@ -121,6 +124,9 @@ def sample(
     tokens, logps = [], []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1, :]  # (B, V)
+        if t < min_new_tokens:  # no EOS yet (as `generate`'s min_new_tokens)
+            logits = logits.clone()
+            logits[:, eos_id] = float("-inf")
         if greedy:
             nxt = logits.argmax(-1)
         else:

@@ -444,8 +444,10 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     batches = batches + [filler_batch(run)] * (n_batches - len(batches))
     temp = r.policy.sampling.temperature
     size = batch_size_of(run, batches)
+    start = time.perf_counter()
     old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 else None
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
+    logprob_seconds = time.perf_counter() - start  # of this rank
     total: dict[str, float] = {}
     first: dict[str, float] = {}
     grad_norms: list[float] = []
@@ -465,7 +467,7 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     sums = dist.sum_dict({**total, **first, **by_member})
     if bad:  # the weights did not move: report the step, count it
         return {**NO_UPDATE, "loss": sums["loss"], "nonfinite_update": 1}
-    return update_metrics(run, sums, grad_norms)
+    return {**update_metrics(run, sums, grad_norms), "time/logprobs": logprob_seconds}
 
 
 def optimizer_step(engine) -> bool:

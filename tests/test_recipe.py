@@ -81,6 +81,7 @@ BAD = [
     (GOOD, "train.deepspeed={optimizer: {type: Adam}}", "train.deepspeed: optimizer: set by"),
     (GOOD, "train.deepspeed=/no/ds.json", "train.deepspeed: cannot read '/no/ds.json'"),
     (GOOD, "train.deepspeed={fp16: {enabled: true}}", "fp16 is not supported"),
+    (GOOD, "policy.sampling.min_new_tokens=99", "--set: policy.sampling.min_new_tokens: must not"),
 ]
 
 

@@ -108,3 +108,17 @@ def test_hash_keys_cover_64_bit_seeds():
     assert len(set(keys.tolist())) == 5
     assert all(0 <= k < 2**32 for k in keys.tolist())
     assert math.isfinite(float(gumbel_noise(keys, 0, 3).sum()))
+
+
+def test_min_new_tokens_equals_generate_and_fixes_the_length(small):
+    model, tok = small
+    enc = tok([p.text for p in PROMPTS], return_tensors="pt", padding=True)
+    args = (model, enc["input_ids"], enc["attention_mask"], 7, tok.eos_token_id, tok.pad_token_id)
+    ref = model.generate(
+        **enc, do_sample=False, max_new_tokens=7, min_new_tokens=7, pad_token_id=tok.pad_token_id
+    )[:, enc["input_ids"].shape[1] :]
+    greedy, _ = sample(*args, 0.0, min_new_tokens=7)
+    assert torch.equal(greedy, ref)
+    sampled, logps = sample(*args, 1.0, seeds=[1, 2, 3], min_new_tokens=7)
+    assert sampled.shape == (3, 7) and not (sampled == tok.eos_token_id).any()
+    assert torch.isfinite(logps).all()
