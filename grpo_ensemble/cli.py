@@ -147,6 +147,26 @@ def _launcher_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and maps errors to exit codes."""
+    try:
+        return _main(argv)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Shut the process group down before the interpreter does: left to exit, its threads can
+    abort the process ("terminate called without an active exception") after a clean end."""
+    if "torch" not in sys.modules:  # nothing to leave
+        return
+    d = sys.modules["torch"].distributed
+    if d.is_available() and d.is_initialized() and os.environ.get("WORLD_SIZE", "1") != "1":
+        try:
+            d.destroy_process_group()
+        except Exception:  # noqa: BLE001 — best effort on the way out
+            pass
+
+
+def _main(argv: list[str] | None) -> int:
     debug = os.environ.get("GRPO_ENSEMBLE_DEBUG") == "1"
     # an error every rank agreed on is printed by rank 0 only
     err = _Stderr(quiet_agreed=os.environ.get("RANK", "0") != "0")

@@ -169,20 +169,30 @@ def test_on_step_end_hook(small_recipe):
 
 
 def test_zero_stages_agree_in_one_process(small_recipe, tmp_path):
-    # one rank: ZeRO 0-3 must give the same update (only reduction order may differ)
+    # one rank: ZeRO 0-3, and 2 and 3 with optimizer (and parameter) offload to CPU memory,
+    # must give the same update (only reduction order may differ)
+    variants = {
+        0: {},
+        1: {},
+        2: {},
+        3: {},
+        "2+offload": {"train__offload_optimizer": True},
+        "3+offload": {"train__offload_optimizer": True, "train__offload_params": True},
+    }
     weights, losses = {}, {}
-    for stage in (0, 1, 2, 3):
+    for name, extra in variants.items():
         r = small_recipe(
-            train__zero_stage=stage,
-            output_dir=str(tmp_path / f"z{stage}"),
+            train__zero_stage=int(str(name)[0]),
+            output_dir=str(tmp_path / f"z{name}"),
             train__lr=1e-3,
             eval__before=False,
             eval__after=False,
+            **extra,
         )
         result = train(r)
-        weights[stage] = _weights(result.model_dir)
-        losses[stage] = [m["loss"] for m in result.metrics]
-    for stage in (1, 2, 3):
+        weights[name] = _weights(result.model_dir)
+        losses[name] = [m["loss"] for m in result.metrics]
+    for stage in (1, 2, 3, "2+offload", "3+offload"):
         assert losses[stage] == pytest.approx(losses[0], abs=1e-6), stage
         for k, v in weights[0].items():
             assert torch.allclose(weights[stage][k], v, atol=1e-5), (stage, k)
