@@ -50,8 +50,9 @@ from .metrics import (  # noqa: F401 — best_candidates is re-exported
 )
 from .models import load_model
 from .recipe import Recipe
+from .rollout import Rollout, evaluate_groups  # noqa: F401 — re-exported
 from .scoring import score_groups
-from .types import POLICY, Candidate, Group, GroupLayout, Prompt
+from .types import POLICY, Group, Prompt
 
 
 @dataclass
@@ -92,40 +93,10 @@ def build_run(
     dtype = resolve_dtype(recipe)
 
     reports: list[DataReport] = []
-
-    def load():  # every rank checks and loads; a failure on any rank stops all of them
-        scorers = build_scorers(recipe, reward_scorers)
-        evaluator = build_evaluator(recipe, group_evaluator)
-        eval_scorer = build_eval_scorer(recipe)
-        if POLICY not in generators:
-            check_policy_generator(recipe)
-        train_prompts, held_out = load_data(recipe, scorers, reports)
-        p = recipe.policy
-        policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
-        how = cleaning_of(recipe, scorers)
-        limit = prompt_token_limit(recipe, policy)
-        if limit is not None:  # prompts that cannot fit the context with their completion
-            train_prompts = too_long(train_prompts, tok, limit, how, reports[0])
-            if held_out:
-                held_out = too_long(held_out, tok, limit, how, reports[1])
-        data = train_prompts, held_out
-        ref = None
-        if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
-            ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
-            ref.requires_grad_(False).eval()
-        peers = {
-            name: generators.pop(name) if name in generators else build_peer_generator(prefix, m)
-            for name, prefix, m in member_fields(recipe)
-            if name != POLICY
-        }
-        if set(generators) - {POLICY}:
-            extra = sorted(set(generators) - {POLICY})
-            raise UserError(f"generators given for members not in the recipe: {extra}")
-        return scorers, evaluator, eval_scorer, data, policy, tok, ref, peers
-
-    scorers, evaluator, eval_scorer, (train_prompts, held_out), policy, tok, ref, peers = (
-        dist.agree(load)
+    loaded = dist.agree(  # every rank checks and loads; a failure on any rank stops all
+        lambda: _load(recipe, dtype, generators, reward_scorers, group_evaluator, reports)
     )
+    scorers, evaluator, eval_scorer, (train_prompts, held_out), policy, tok, ref, peers = loaded
     check_world(recipe.train.prompts_per_step, dist.world_size())
     engine = build_engine(recipe, policy, dtype)
     gather = recipe.train.generation_weights == "gather"
@@ -164,6 +135,38 @@ def build_run(
     )
 
 
+def _load(recipe: Recipe, dtype, generators: dict, reward_scorers, group_evaluator, reports):
+    """Components, data, the policy (and reference) and the peers, checked and loaded."""
+    scorers = build_scorers(recipe, reward_scorers)
+    evaluator = build_evaluator(recipe, group_evaluator)
+    eval_scorer = build_eval_scorer(recipe)
+    if POLICY not in generators:
+        check_policy_generator(recipe)
+    train_prompts, held_out = load_data(recipe, scorers, reports)
+    p = recipe.policy
+    policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+    how = cleaning_of(recipe, scorers)
+    limit = prompt_token_limit(recipe, policy)
+    if limit is not None:  # prompts that cannot fit the context with their completion
+        train_prompts = too_long(train_prompts, tok, limit, how, reports[0])
+        if held_out:
+            held_out = too_long(held_out, tok, limit, how, reports[1])
+    data = train_prompts, held_out
+    ref = None
+    if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
+        ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        ref.requires_grad_(False).eval()
+    peers = {
+        name: generators.pop(name) if name in generators else build_peer_generator(prefix, m)
+        for name, prefix, m in member_fields(recipe)
+        if name != POLICY
+    }
+    if set(generators) - {POLICY}:
+        extra = sorted(set(generators) - {POLICY})
+        raise UserError(f"generators given for members not in the recipe: {extra}")
+    return scorers, evaluator, eval_scorer, data, policy, tok, ref, peers
+
+
 def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
     """The longest prompt, in tokens, that leaves room in the policy's context for the longest
     completion any member may write (None when the model states no context length)."""
@@ -189,124 +192,6 @@ def check_world(prompts_per_step: int, world: int) -> None:
             f"{prompts_per_step} prompt per step cannot be shared by {world} ranks; "
             f"use at least {world} (one group per rank)",
         )
-
-
-@dataclass
-class Rollout:
-    """One step's generations, rewards and advantages, flat in candidate order."""
-
-    groups: list[Group]
-    layout: GroupLayout
-    candidates: list[Candidate]
-    rewards: torch.Tensor  # (n_candidates,) combined
-    per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,)
-    advantages: torch.Tensor  # (n_candidates,)
-    keep: torch.Tensor  # (n_candidates,) bool: enters the loss
-    equal_groups: int
-    skipped_groups: int = 0  # left out: a plugin failed on them (on_error: skip_group)
-    scorer_faults: dict[str, int] = field(default_factory=dict)  # scorer → groups failed
-
-    @property
-    def candidate_prompt(self) -> list[Prompt]:
-        """The prompt of each candidate, in flat order."""
-        return [g.prompt for g in self.groups for _ in g.candidates]
-
-
-def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
-    """Score the candidates and turn each group's rewards into advantages. Groups that a
-    scorer or the evaluator failed on leave the step where the recipe says so (counted)."""
-    scores = score_groups(groups, run.scorers)
-    n_groups = len(groups)
-    groups, rewards, per_scorer = _drop(groups, scores.skip, scores.combined, scores.per_scorer)
-    layout, adv, bad = group_advantages(run, groups, rewards)
-    if any(bad):  # group.on_error = skip_group: evaluate the others again without them
-        groups, rewards, per_scorer = _drop(groups, bad, rewards, per_scorer)
-        layout, adv, _ = group_advantages(run, groups, rewards)
-    grid = layout.to_grid(rewards)  # (n_prompts, group_size)
-    lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
-    hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
-    equal = lo == hi  # (n_prompts,) groups with no learning signal
-    mode = {m.name: m.mode for m in run.ensemble.members}
-    candidates = [c for g in groups for c in g.candidates]
-    trained = [mode[c.source] != "baseline_only" for c in candidates]
-    keep = layout.valid & layout.to_grid(torch.tensor(trained, dtype=torch.bool), fill=False)
-    if run.recipe.group.drop_equal_reward_groups:
-        keep &= ~equal.unsqueeze(1)
-    return Rollout(
-        groups,
-        layout,
-        candidates,
-        rewards,
-        per_scorer,
-        layout.to_flat(adv),
-        layout.to_flat(keep),
-        int(equal.sum()),
-        skipped_groups=n_groups - len(groups),
-        scorer_faults=scores.faults,
-    )
-
-
-def _drop(groups: list[Group], drop: list[bool], rewards, per_scorer):
-    """The groups not marked in `drop`, with their candidates' rewards."""
-    if not any(drop):
-        return groups, rewards, per_scorer
-    keep = torch.tensor([not d for g, d in zip(groups, drop, strict=True) for _ in g.candidates])
-    kept = [g for g, d in zip(groups, drop, strict=True) if not d]
-    return kept, rewards[keep], {k: v[keep] for k, v in per_scorer.items()}
-
-
-def group_advantages(
-    run: Run, groups: list[Group], rewards: torch.Tensor
-) -> tuple[GroupLayout, torch.Tensor, list[bool]]:
-    """The evaluator's advantages (n_prompts, group_size) and, per group, whether it failed
-    there (only with group.on_error = skip_group; with fail, a failure stops the run)."""
-    layout = GroupLayout.from_groups(groups)
-    grid = layout.to_grid(rewards)  # (n_prompts, group_size)
-    if not groups:
-        return layout, grid, []
-    stats = stats_mask(run, groups, layout)
-    name = getattr(run.evaluator, "name", "") or type(run.evaluator).__name__
-    skip = run.recipe.group.on_error == "skip_group"
-    try:
-        adv = _advantages(run.evaluator, grid, layout.valid, stats)
-    except _EvalFault as exc:
-        if not skip:
-            raise PluginError(name, str(exc)) from exc.__cause__
-        adv, bad = torch.zeros_like(grid), [False] * len(groups)
-        for i in range(len(groups)):  # one group at a time, to find where it fails
-            rows = slice(i, i + 1)
-            try:
-                adv[rows] = _advantages(run.evaluator, grid[rows], layout.valid[rows], stats[rows])
-            except _EvalFault:
-                bad[i] = True
-        return layout, adv, bad
-    finite = torch.isfinite(adv).logical_or(~layout.valid).all(dim=1)  # (n_prompts,)
-    if not bool(finite.all()) and not skip:
-        i = int((~finite).nonzero()[0])
-        raise PluginError(name, f"advantages are not finite for prompt {groups[i].prompt.text!r}")
-    return layout, torch.where(layout.valid & finite.unsqueeze(1), adv, 0.0), (~finite).tolist()
-
-
-class _EvalFault(Exception):
-    pass
-
-
-def _advantages(evaluator, grid, valid, stats) -> torch.Tensor:
-    try:
-        adv = evaluator.advantages(grid, valid, stats)
-    except Exception as exc:
-        raise _EvalFault(f"group evaluator raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(adv, torch.Tensor) or adv.shape != grid.shape:
-        raise _EvalFault(f"advantages must be a tensor of shape {tuple(grid.shape)}")
-    return adv
-
-
-def stats_mask(run: Run, groups: list[Group], layout: GroupLayout) -> torch.Tensor:
-    """(n_prompts, group_size) candidates that count in the group statistics."""
-    if run.recipe.group.stats == "group":
-        return layout.valid
-    own = torch.tensor([c.source == POLICY for g in groups for c in g.candidates])
-    return layout.to_grid(own, fill=False)
 
 
 @dataclass
