@@ -123,10 +123,6 @@ def agree(fn: Callable[[], T]) -> T:
         if err is not None:
             raise err
         return result  # type: ignore[return-value]
-    if world == 1:
-        if err is not None:
-            raise err
-        return result  # type: ignore[return-value]
     flag = torch.tensor([rank() if err is not None else world], dtype=torch.long)
     first = int(_reduce(flag, torch.distributed.ReduceOp.MIN))
     if first == world:
