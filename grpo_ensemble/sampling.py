@@ -62,6 +62,16 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return torch.log_softmax(logits, dim=-1)
 
 
+def _choose(logits, t: int, keys, temperature: float, top_k: int, top_p: float):
+    """Token t of each row (B,) and its log-prob under the processed distribution (None when
+    greedy): the Gumbel-max draw with the row's noise for position t."""
+    if keys is None:
+        return logits.argmax(-1), None
+    logp = process_logits(logits, temperature, top_k, top_p)  # (B, V)
+    nxt = (logp + gumbel_noise(keys, t, logp.shape[-1])).argmax(-1)
+    return nxt, logp.gather(-1, nxt.unsqueeze(1)).squeeze(1)
+
+
 def _cache_kwargs(model: torch.nn.Module, out) -> dict:
     """The KV cache of the last forward, under the name this transformers version uses
     (`cache` from 5.2x on, `past_key_values` before)."""
@@ -127,12 +137,9 @@ def sample(
         if t < min_new_tokens:  # no EOS yet (as `generate`'s min_new_tokens)
             logits = logits.clone()
             logits[:, eos_id] = float("-inf")
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            logp = process_logits(logits, temperature, top_k, top_p)  # (B, V)
-            nxt = (logp + gumbel_noise(keys, t, logp.shape[-1])).argmax(-1)
-            logps.append(logp.gather(-1, nxt.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
+        nxt, logp = _choose(logits, t, keys, temperature, top_k, top_p)
+        if logp is not None:
+            logps.append(logp.masked_fill(done, 0.0))
         nxt = nxt.masked_fill(done, pad_id)
         tokens.append(nxt)
         done = done | (nxt == eos_id)

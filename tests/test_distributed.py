@@ -14,7 +14,6 @@ one process.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble.dist import shard
@@ -32,23 +32,7 @@ from grpo_ensemble.loop import train
 
 pytestmark = pytest.mark.multirank
 
-RECIPE = {
-    "seed": 3,
-    "policy": {"model": "builtin:tiny-arith-small", "n": 3, "sampling": {"max_new_tokens": 5}},
-    "peers": [
-        {
-            "name": "strong",
-            "model": "builtin:tiny-arith-base",
-            "n": 2,
-            "sampling": {"max_new_tokens": 5, "temperature": 0.7},
-        }
-    ],
-    "group": {"inject": "on_failure"},
-    "loss": {"beta": 0.05, "mu": 2},
-    "train": {"steps": 3, "prompts_per_step": 5, "micro_batch_size": 3, "lr": 1e-3},
-    "eval": {"max_prompts": 7},
-    "log": {"progress": False},
-}
+TRAIN = {"steps": 3, "prompts_per_step": 5, "micro_batch_size": 3, "lr": 1e-3}
 
 
 def _port() -> int:
@@ -58,18 +42,13 @@ def _port() -> int:
 
 
 def _env() -> dict:
-    env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the launcher sets these; this test process has its own
-    return env
+    return subprocess_env(OMP_NUM_THREADS="1")
 
 
 def _recipe_file(tmp_path: Path, train_changes: dict) -> Path:
-    data = json.loads(json.dumps(RECIPE))
-    data["train"].update(train_changes)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_recipe(
+        tmp_path / "recipe.yaml", seed=3, train={**TRAIN, **train_changes}, eval={"max_prompts": 7}
+    )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -90,11 +69,11 @@ def _assert_same_run(one: Path, two: Path, steps: int = 3, weights: bool = True)
     assert wa.keys() == wb.keys()
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert diff < 1e-4, diff
-    base = load_file(Path(RECIPE_BASE()) / "model.safetensors")
+    base = load_file(Path(_base_model_dir()) / "model.safetensors")
     assert any(not torch.equal(wa[k], base[k]) for k in wa)  # the runs did train
 
 
-def RECIPE_BASE() -> str:
+def _base_model_dir() -> str:
     from grpo_ensemble.models import resolve_model
 
     return resolve_model("builtin:tiny-arith-small", "policy.model")

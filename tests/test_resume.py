@@ -3,8 +3,6 @@ that was never interrupted; SIGTERM stops cleanly with a checkpoint; nothing is 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble import GroupEvaluator, RunError, UserError, hookimpl
@@ -24,48 +22,30 @@ from grpo_ensemble.loop import train
 from grpo_ensemble.plugins import get_plugin_manager
 from grpo_ensemble.rundir import read_metrics
 
-RECIPE = {
-    "seed": 5,
-    "policy": {"model": "builtin:tiny-arith-small", "n": 3, "sampling": {"max_new_tokens": 5}},
-    "peers": [
-        {
-            "name": "strong",
-            "model": "builtin:tiny-arith-base",
-            "n": 2,
-            "sampling": {"max_new_tokens": 5, "temperature": 0.7},
-        }
-    ],
-    "group": {"inject": "on_failure"},
-    "loss": {"beta": 0.05, "mu": 2},
-    "train": {
-        "steps": 6,
-        "prompts_per_step": 4,
-        "micro_batch_size": 4,
-        "lr": 1e-3,
-        "warmup_steps": 2,
-        "schedule": "cosine",
-        "zero_stage": 2,
-        "checkpoint_every": 1,
-        "threads": 1,
-    },
-    "eval": {"before": False, "after": False},
-    "log": {"progress": False},
+TRAIN = {
+    "steps": 6,
+    "prompts_per_step": 4,
+    "micro_batch_size": 4,
+    "lr": 1e-3,
+    "warmup_steps": 2,
+    "schedule": "cosine",
+    "zero_stage": 2,
+    "checkpoint_every": 1,
+    "threads": 1,
 }
 
 
 def _recipe(tmp_path: Path, name: str = "recipe.yaml", **train_changes) -> Path:
-    data = json.loads(json.dumps(RECIPE))
-    data["train"].update(train_changes)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_recipe(
+        tmp_path / name,
+        seed=5,
+        train={**TRAIN, **train_changes},
+        eval={"before": False, "after": False},
+    )
 
 
 def _env() -> dict:
-    env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": ""}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return subprocess_env()
 
 
 def _cli(*args: str) -> list[str]:
