@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .decode import LeanDecoder, preallocated_cache
+
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 
@@ -120,20 +122,25 @@ def sample(
     if not greedy and seeds is None:
         seeds = torch.randint(0, 2**62, (b,)).tolist()
     keys = None if greedy else row_keys(seeds, input_ids.device)
-    mask = attention_mask.clone()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+    p_len = input_ids.shape[1]
+    # the mask of every position there will be, filled in as tokens come (no copy per token)
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones((b, max_new_tokens))], dim=1)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens only
+    cache = preallocated_cache(model, p_len + max_new_tokens)
     out = model(
         input_ids=input_ids,
-        attention_mask=mask,
+        attention_mask=attention_mask,
         position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
+        **cache,
     )
+    lean = LeanDecoder.build(model, cache, out, full_mask)  # None: the model's own forward
+    logits = out.logits[:, -1, :]  # (B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :]  # (B, V)
         if t < min_new_tokens:  # no EOS yet (as `generate`'s min_new_tokens)
             logits = logits.clone()
             logits[:, eos_id] = float("-inf")
@@ -145,14 +152,17 @@ def sample(
         done = done | (nxt == eos_id)
         if t == max_new_tokens - 1 or _all_done(done, synced):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            input_ids=nxt.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=next_pos,
-            use_cache=True,
-            **_cache_kwargs(model, out),
-        )
+        if lean is not None:
+            logits = lean(nxt, next_pos)
+        else:
+            out = model(
+                input_ids=nxt.unsqueeze(1),
+                attention_mask=full_mask[:, : p_len + t + 1],
+                position_ids=next_pos,
+                use_cache=True,
+                **_cache_kwargs(model, out),
+            )
+            logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     seq = torch.stack(tokens, dim=1)  # (B, T)
     return seq, None if greedy else torch.stack(logps, dim=1)

@@ -1,0 +1,168 @@
+"""The per-token forward of the sampling loop: a preallocated KV cache, and a lean decode step
+for the Llama family.
+
+Two costs of decoding through a transformers model's `forward` that are not arithmetic:
+
+- its default cache concatenates each new key and value onto the whole cache, copying all of
+  it at every token (`GrowingLayer` writes in place into buffers allocated once);
+- every call runs the model's general machinery: keyword plumbing through decorators, an
+  attention mask built for the whole cache, cache bookkeeping, the attention dispatch. On a
+  CPU with a small model, or on a GPU where kernels are short, that costs more than the
+  matrix products.
+
+For the Llama family (Llama, Mistral, Qwen2: pre-norm decoder layers, rotary attention, gated
+MLP) `LeanDecoder` runs the decode step itself. It calls the model's own modules (embedding,
+projections, norms, MLP, rotary embedding, LM head) and does only the attention by hand, with
+the operations of transformers' `eager` attention. Any other model, or a model whose weights
+are partitioned (ZeRO-3 without gathering), decodes through its own `forward`.
+tests/test_decode.py checks both against the model's `forward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+# decoder layers whose forward is: x + attn(norm1(x)), then x + mlp(norm2(x)), with rotary
+# q/k, full attention and no extra scaling of embeddings or logits
+LLAMA_FAMILY = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer with room for `room` positions allocated at its first
+    update. Each update writes in place and returns views of the filled part."""
+
+    room = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._alloc(key_states, value_states, max(self.room, key_states.shape[-2]))
+        self.filled = 0
+
+    def _alloc(self, k: torch.Tensor, v: torch.Tensor, room: int) -> None:
+        b, h = k.shape[:2]
+        self.key_buf = k.new_empty((b, h, room, k.shape[-1]))
+        self.value_buf = v.new_empty((b, h, room, v.shape[-1]))
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if end > self.key_buf.shape[-2]:  # more than planned: grow, keeping what is there
+            old_k, old_v = self.key_buf, self.value_buf
+            self._alloc(old_k, old_v, 2 * end)
+            self.key_buf[:, :, : self.filled] = old_k[:, :, : self.filled]
+            self.value_buf[:, :, : self.filled] = old_v[:, :, : self.filled]
+        self.key_buf[:, :, self.filled : end] = key_states
+        self.value_buf[:, :, self.filled : end] = value_states
+        self.filled = end
+        self.keys = self.key_buf[:, :, :end]
+        self.values = self.value_buf[:, :, :end]
+        return self.keys, self.values
+
+
+def full_attention_only(model: torch.nn.Module) -> bool:
+    """True when every layer attends to the whole past (no sliding window, no linear
+    attention), so that `GrowingLayer` can hold its cache."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return False
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except Exception:  # a config this transformers cannot read that way: keep the default
+        return False
+    return bool(types) and all(t == "full_attention" for t in types)
+
+
+def preallocated_cache(model: torch.nn.Module, room: int) -> dict:
+    """Keyword arguments that give a forward a cache of `GrowingLayer`s with `room` positions,
+    or {} (the model's default cache) where such a cache does not fit the model."""
+    if not full_attention_only(model):
+        return {}
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    if name not in params:
+        return {}
+    layer = type("GrowingLayer", (GrowingLayer,), {"room": room})
+    return {name: Cache(layer_class_to_replicate=layer)}
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanDecoder:
+    """The one-token forward of a Llama-family model over a cache of `GrowingLayer`s filled by
+    the model's own prefill. `full_mask` (B, S) is the attention mask of every position there
+    will be (1 for real tokens, 0 for left padding)."""
+
+    def __init__(self, model: torch.nn.Module, cache: Cache, full_mask: torch.Tensor):
+        self.model = model
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        self.cache_layers = list(cache.layers)
+        dtype = self.base.embed_tokens.weight.dtype
+        blocked = torch.finfo(dtype).min  # as transformers' eager mask: not -inf
+        bias = torch.zeros(full_mask.shape, dtype=dtype, device=full_mask.device)
+        self.bias = bias.masked_fill(full_mask == 0, blocked)[:, None, None, :]  # (B,1,1,S)
+
+    @classmethod
+    def build(cls, model, cache_kwargs: dict, out, full_mask) -> LeanDecoder | None:
+        """A decoder for `model` after its prefill `out`, or None where the model needs its own
+        forward (another architecture, partitioned weights, a cache other than ours)."""
+        base = getattr(model, "model", None)
+        if not cache_kwargs or base is None or not hasattr(model, "lm_head"):
+            return None
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        layers = getattr(base, "layers", None)
+        if layers is None or not all(type(x).__name__ in LLAMA_FAMILY for x in layers):
+            return None
+        if not all(hasattr(base, a) for a in ("embed_tokens", "norm", "rotary_emb")):
+            return None
+        if getattr(model.config, "pretraining_tp", 1) not in (None, 1):
+            return None
+        if not isinstance(cache, Cache) or len(cache.layers) != len(layers):
+            return None
+        if not all(isinstance(x, GrowingLayer) for x in cache.layers):
+            return None
+        if any(_partitioned(p) for p in model.parameters()):  # ZeRO-3, not gathered
+            return None
+        return cls(model, cache, full_mask)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
+        x = self.base.embed_tokens(tokens[:, None])  # (B, 1, hidden)
+        cos, sin = self.base.rotary_emb(x, positions)  # (B, 1, head_dim)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+        for layer, kv in zip(self.layers, self.cache_layers, strict=True):
+            x = x + self._attend(layer.self_attn, layer.input_layernorm(x), cos, sin, kv)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.base.norm(x))[:, -1]
+
+    def _attend(self, attn, h: torch.Tensor, cos, sin, kv: GrowingLayer) -> torch.Tensor:
+        """Self-attention of one new token per row, as transformers' eager attention."""
+        b, d = h.shape[0], attn.head_dim
+        q = attn.q_proj(h).view(b, 1, -1, d).transpose(1, 2)  # (B, H, 1, D)
+        k = attn.k_proj(h).view(b, 1, -1, d).transpose(1, 2)  # (B, KVH, 1, D)
+        v = attn.v_proj(h).view(b, 1, -1, d).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = kv.update(k, v)  # (B, KVH, n, D)
+        n, kv_heads = keys.shape[2], keys.shape[1]
+        # query head i reads key/value head i // groups, as transformers' repeat_kv
+        q = q.reshape(b, kv_heads, -1, d)  # (B, KVH, groups, D)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + self.bias[..., :n]
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(weights, values)  # (B, KVH, groups, D)
+        return attn.o_proj(out.reshape(b, 1, -1))
+
+
+def _partitioned(p: torch.nn.Parameter) -> bool:
+    """A ZeRO-3 parameter whose data is not on this rank right now."""
+    status = getattr(p, "ds_status", None)
+    return status is not None and getattr(status, "name", "") != "AVAILABLE"

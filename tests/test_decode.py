@@ -1,0 +1,153 @@
+"""The sampling loop's fast paths against the model's own forward: the preallocated cache and
+the lean decode step of the Llama family, and the fallback for other models."""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.cache_utils import DynamicLayer
+
+import grpo_ensemble.sampling as sampling_module
+from grpo_ensemble.decode import GrowingLayer, LeanDecoder, preallocated_cache
+from grpo_ensemble.sampling import sample
+
+SHAPE = dict(
+    vocab_size=23,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention: 2 query heads per key/value head
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500.0))
+    elif kind == "qwen2":  # biases on q, k, v
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None))
+    elif kind == "mistral-sliding":  # a sliding window: neither fast path applies
+        model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=3))
+    elif kind == "gpt2":  # another architecture: the model's own forward
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=23,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+            )
+        )
+    return model.eval()
+
+
+def left_padded(b: int = 5, p: int = 6):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 23, (b, p), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 2, 4, 1, 0][:b]):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def test_growing_layer_returns_what_concatenation_returns():
+    torch.manual_seed(0)
+    ours, ref = type("L", (GrowingLayer,), {"room": 5})(), DynamicLayer()
+    for length in (3, 1, 1, 2, 1):  # 8 positions: past the room of 5, so it grows once
+        k, v = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+        got, want = ours.update(k, v), ref.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert ours.get_seq_length() == 8
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_lean_step_equals_the_models_forward(kind):
+    model = build(kind)
+    ids, mask = left_padded()
+    steps = 5
+    full = torch.cat([mask, torch.ones(mask.shape[0], steps, dtype=mask.dtype)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    new = torch.randint(3, 23, (steps, ids.shape[0]), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = preallocated_cache(model, ids.shape[1] + steps)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
+        lean = LeanDecoder.build(model, cache, out, full)
+        assert lean is not None
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        for t in range(steps):
+            p = pos[:, -1:] + 1 + t
+            got = lean(new[t], p)
+            ref = model(
+                input_ids=new[t][:, None],
+                attention_mask=full[:, : ids.shape[1] + t + 1],
+                position_ids=p,
+                use_cache=True,
+                cache=ref.cache,
+            )
+            torch.testing.assert_close(got, ref.logits[:, -1], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral-sliding", "gpt2"])
+def test_sampling_equals_the_plain_forward_loop(kind, monkeypatch):
+    """Tokens and log-probs of `sample` (fast paths where the model allows) against the same
+    loop through the model's own forward and default cache."""
+    model = build(kind)
+    ids, mask = left_padded()
+    kw = dict(temperature=1.0, top_k=0, top_p=0.9, seeds=[11, 12, 13, 14, 15], min_new_tokens=2)
+    fast = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
+    monkeypatch.setattr(sampling_module, "preallocated_cache", lambda model, room: {})
+    plain = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
+    assert torch.equal(fast[0], plain[0])
+    torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=1e-5)
+
+
+def test_fast_paths_apply_only_where_they_fit():
+    ids, mask = left_padded()
+    used = {}
+    for kind in ("llama", "qwen2", "mistral", "mistral-sliding", "gpt2"):
+        model = build(kind)
+        cache = preallocated_cache(model, 20)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache)
+        used[kind] = (bool(cache), LeanDecoder.build(model, cache, out, mask) is not None)
+    assert used == {
+        "llama": (True, True),
+        "qwen2": (True, True),
+        "mistral": (True, True),
+        "mistral-sliding": (False, False),  # a window: transformers' own cache and forward
+        "gpt2": (True, False),  # full attention, so our cache; another layer: its forward
+    }
+
+
+def test_greedy_sampling_equals_generate_for_every_architecture():
+    for kind in ("llama", "qwen2", "mistral", "mistral-sliding", "gpt2"):
+        model = build(kind)
+        ids, mask = left_padded()
+        ours, _ = sample(model, ids, mask, 8, eos_id=2, pad_id=0, temperature=0.0)
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=0,
+            eos_token_id=2,
+        )[:, ids.shape[1] :]
+        assert torch.equal(ours, ref[:, : ours.shape[1]]), kind
