@@ -124,7 +124,8 @@ def prompts(n: int) -> list[dict]:
 
 
 def flops(n_params: int, tokens: int, beta: float, mu: int) -> float:
-    """Training-phase FLOPs of one step: μ fwd+bwd passes, plus the ref and old passes."""
+    """Useful training-phase FLOPs of one step: μ fwd+bwd passes, plus the ref and old passes
+    (the forward that gradient checkpointing repeats is not counted)."""
     passes = 6 * mu + 2 * (beta > 0) + 2 * (mu > 1)
     return passes * n_params * tokens
 
@@ -144,7 +145,9 @@ def n_matmul_params(path: Path) -> int:
 # --------------------------------------------------------------------------------------- ours
 
 
-def run_ours(config: str, beta: float, mu: int, steps: int, warmup: int, threads: int) -> Result:
+def run_ours(
+    config: str, beta: float, mu: int, steps: int, warmup: int, threads: int, gc: bool
+) -> Result:
     import torch
 
     from grpo_ensemble.loop import train
@@ -173,6 +176,7 @@ def run_ours(config: str, beta: float, mu: int, steps: int, warmup: int, threads
                 "zero_stage": 0,
                 "threads": threads if device == "cpu" else None,
                 "checkpoint_every": 0,
+                "gradient_checkpointing": gc,
             },
             "eval": {"before": False, "after": False},
             "log": {"progress": False},
@@ -224,7 +228,9 @@ def _result(framework, config, beta, mu, step_s, phases, path, device) -> Result
 # ---------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(config: str, beta: float, mu: int, steps: int, warmup: int, threads: int) -> Result:
+def run_trl(
+    config: str, beta: float, mu: int, steps: int, warmup: int, threads: int, gc: bool
+) -> Result:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -269,6 +275,7 @@ def run_trl(config: str, beta: float, mu: int, steps: int, warmup: int, threads:
             bf16=False,
             dataloader_num_workers=0,
             disable_dropout=True,
+            gradient_checkpointing=gc,  # TRL's default is on: set as ours, explicitly
             shuffle_dataset=False,
             seed=0,
         )
@@ -336,7 +343,7 @@ def worker(a) -> None:
     if a.new_tokens:
         CONFIGS[a.config]["new_tokens"] = a.new_tokens
     fn = run_ours if a.worker == "ours" else run_trl
-    res = fn(a.config, a.beta, a.mu, a.steps, a.warmup, a.threads)
+    res = fn(a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing)
     print("RESULT " + json.dumps(asdict(res)))
 
 
@@ -348,6 +355,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (both frameworks)")
     p.add_argument("--variants", default="all", help="'all' or e.g. '0:1,0.04:2' (beta:mu)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both frameworks recompute activations in the backward pass (TRL's default; "
+        "without this flag, neither does)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each framework this many times, alternating ours and TRL so that a slow "
+        "spell of the machine hits both; the run with the median step time is reported",
+    )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument(
         "--scaling",
@@ -380,11 +400,19 @@ def main() -> None:
     for config in a.configs.split(","):
         model_dir(config)
         for beta, mu in variants:
+            runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+            for _ in range(a.repeats):
+                for fw in frameworks:
+                    r = _run(fw, config, beta, mu, a)
+                    if r is not None:
+                        runs[fw].append(r)
             row = {}
-            for fw in frameworks:
-                r = _run(fw, config, beta, mu, a)
-                if r is None:
+            for fw, rs in runs.items():
+                if not rs:
                     continue
+                r = sorted(rs, key=lambda x: x["step_s"])[len(rs) // 2]
+                r["repeats_step_s"] = [x["step_s"] for x in rs]
+                r["gradient_checkpointing"] = a.gradient_checkpointing
                 row[fw] = r
                 results.append(r)
                 _print(r)
@@ -400,6 +428,8 @@ def _run(fw: str, config: str, beta: float, mu: int, a, extra: tuple = ()) -> di
     cmd = [sys.executable, __file__, "--worker", fw, "--config", config, "--beta", str(beta)]
     cmd += ["--mu", str(mu), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--threads", str(a.threads), *extra]
+    if a.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -186,6 +186,29 @@ def lr_lambda(recipe: Recipe):
     return factor
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient checkpointing (non-reentrant), on for the training forwards.
+
+    transformers checkpoints only in training mode, and a loaded model is in eval mode, which
+    is how GRPO trains it (no dropout). So the model goes to training mode with every dropout
+    probability set to 0: the same arithmetic as eval mode, with checkpointing. Sampling and
+    the log-prob passes switch to eval mode themselves and keep their KV cache.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RecipeError(
+            "train.gradient_checkpointing",
+            f"{type(model).__name__} does not support gradient checkpointing",
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # functional dropout rates
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    model.train()
+
+
 def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     """A DeepSpeed engine over `model` with AdamW and the recipe's schedule."""
     import deepspeed
@@ -193,6 +216,8 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     init_distributed(recipe.train.dist_timeout_s)
     quiet_deepspeed()
     t = recipe.train
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, eps=1e-8

@@ -159,6 +159,11 @@ class TrainConfig(_Config):
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on a CPU."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: default).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping "
+        "them: less memory, about one more forward pass of time.",
+    )
     offload_optimizer: bool = Field(
         False, description="Keep optimizer state in CPU memory (ZeRO stage 1 or more)."
     )

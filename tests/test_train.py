@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from grpo_ensemble import (
     Candidate,
@@ -196,3 +197,55 @@ def test_zero_stages_agree_in_one_process(small_recipe, tmp_path):
         assert losses[stage] == pytest.approx(losses[0], abs=1e-6), stage
         for k, v in weights[0].items():
             assert torch.allclose(weights[stage][k], v, atol=1e-5), (stage, k)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(
+    small_recipe, tmp_path, monkeypatch
+):
+    run = build_run(small_recipe(train__gradient_checkpointing=True, loss__beta=0.05), tmp_path)
+    module = run.engine.module
+    assert module.training and module.is_gradient_checkpointing
+    torch.manual_seed(0)
+    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    assert module.training  # sampling switched to eval mode and back
+    batches = micro_batches(run, rollout)
+    size = batch_size_of(run, batches)
+    ref = frozen_logprobs(run.ref_model, batches, 1.0)
+    old = [r - 0.1 for r in ref]
+    calls = []  # MLP forwards (the real one runs; module hooks do not see the recompute)
+    mlp_forward = LlamaMLP.forward
+    monkeypatch.setattr(
+        LlamaMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x)
+    )
+    layers = len(module.model.layers)
+    grads, losses, forwards = [], [], []
+    for checkpointing in (True, False):
+        if not checkpointing:
+            module.gradient_checkpointing_disable()
+        calls.clear()
+        module.zero_grad(set_to_none=True)
+        losses.append(accumulate(run, batches, size, old, ref)["loss"])
+        forwards.append(len(calls))
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
+    # checkpointed: every layer runs again in the backward pass of each micro-batch
+    assert forwards == [2 * layers * len(batches), layers * len(batches)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-7)
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-7, rtol=1e-6), name
+
+
+def test_gradient_checkpointing_trains_as_without(small_recipe, tmp_path):
+    weights, losses = {}, {}
+    for on in (False, True):
+        r = small_recipe(
+            train__gradient_checkpointing=on,
+            output_dir=str(tmp_path / f"gc{on}"),
+            train__lr=1e-3,
+            eval__before=False,
+            eval__after=False,
+        )
+        result = train(r)
+        weights[on], losses[on] = _weights(result.model_dir), [m["loss"] for m in result.metrics]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+    for k, v in weights[False].items():
+        assert torch.allclose(weights[True][k], v, atol=1e-6), k
