@@ -410,7 +410,7 @@ def main() -> None:
             for fw, rs in runs.items():
                 if not rs:
                     continue
-                r = sorted(rs, key=lambda x: x["step_s"])[len(rs) // 2]
+                r = sorted(rs, key=lambda x: x["step_s"])[(len(rs) - 1) // 2]  # lower median
                 r["repeats_step_s"] = [x["step_s"] for x in rs]
                 r["gradient_checkpointing"] = a.gradient_checkpointing
                 row[fw] = r
