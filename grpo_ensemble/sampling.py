@@ -40,11 +40,17 @@ def row_keys(seeds: Sequence[int], device=None) -> torch.Tensor:
     return _mix32((s & M32) ^ _mix32((s >> 32) & M32))
 
 
-def gumbel_noise(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
-    """(B, V) standard Gumbel noise for position `t` of each row: a pure function of the key."""
-    step = _mix32(keys ^ ((t * GOLDEN) & M32))  # (B,)
+# sample() draws the noise of every position at once when it has at most this many entries
+NOISE_AT_ONCE = 1 << 20
+
+
+def gumbel_noise(keys: torch.Tensor, t: int | Sequence[int], vocab: int) -> torch.Tensor:
+    """(B, V) standard Gumbel noise for position `t` of each row, a pure function of the key
+    and the position; (T, B, V) for a sequence of T positions (the same values)."""
+    ts = torch.as_tensor(t, dtype=torch.long, device=keys.device)
+    step = _mix32(keys ^ ((ts.unsqueeze(-1) * GOLDEN) & M32))  # (B,) or (T, B)
     ids = torch.arange(vocab, device=keys.device, dtype=torch.long)
-    h = _mix32((step.unsqueeze(1) + ids) & M32)  # (B, V), distinct ids → distinct hashes
+    h = _mix32((step.unsqueeze(-1) + ids) & M32)  # distinct ids → distinct hashes
     u = (h.double() + 0.5) / 2.0**32  # uniform on (0, 1), never 0 or 1
     return (-torch.log(-torch.log(u))).float()
 
@@ -64,13 +70,13 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return torch.log_softmax(logits, dim=-1)
 
 
-def _choose(logits, t: int, keys, temperature: float, top_k: int, top_p: float):
-    """Token t of each row (B,) and its log-prob under the processed distribution (None when
-    greedy): the Gumbel-max draw with the row's noise for position t."""
-    if keys is None:
+def _choose(logits, noise, temperature: float, top_k: int, top_p: float):
+    """The next token of each row (B,) and its log-prob under the processed distribution:
+    the Gumbel-max draw with the rows' (B, V) noise for this position (greedy: noise None)."""
+    if noise is None:
         return logits.argmax(-1), None
     logp = process_logits(logits, temperature, top_k, top_p)  # (B, V)
-    nxt = (logp + gumbel_noise(keys, t, logp.shape[-1])).argmax(-1)
+    nxt = (logp + noise).argmax(-1)
     return nxt, logp.gather(-1, nxt.unsqueeze(1)).squeeze(1)
 
 
@@ -137,6 +143,10 @@ def sample(
     )
     lean = LeanDecoder.build(model, cache, out, full_mask)  # None: the model's own forward
     logits = out.logits[:, -1, :]  # (B, V)
+    vocab = logits.shape[-1]
+    noise = None  # of every position at once, where that is small
+    if keys is not None and max_new_tokens * b * vocab <= NOISE_AT_ONCE:
+        noise = gumbel_noise(keys, range(max_new_tokens), vocab)  # (T, B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps = [], []
@@ -144,7 +154,11 @@ def sample(
         if t < min_new_tokens:  # no EOS yet (as `generate`'s min_new_tokens)
             logits = logits.clone()
             logits[:, eos_id] = float("-inf")
-        nxt, logp = _choose(logits, t, keys, temperature, top_k, top_p)
+        if keys is None:
+            noise_t = None  # greedy
+        else:
+            noise_t = noise[t] if noise is not None else gumbel_noise(keys, t, vocab)
+        nxt, logp = _choose(logits, noise_t, temperature, top_k, top_p)
         if logp is not None:
             logps.append(logp.masked_fill(done, 0.0))
         nxt = nxt.masked_fill(done, pad_id)

@@ -122,3 +122,24 @@ def test_min_new_tokens_equals_generate_and_fixes_the_length(small):
     sampled, logps = sample(*args, 1.0, seeds=[1, 2, 3], min_new_tokens=7)
     assert sampled.shape == (3, 7) and not (sampled == tok.eos_token_id).any()
     assert torch.isfinite(logps).all()
+
+
+def test_noise_of_many_positions_at_once_equals_one_at_a_time():
+    keys = row_keys([5, 2**40 + 3, 0])
+    block = gumbel_noise(keys, range(6), 11)
+    assert block.shape == (6, 3, 11)
+    for t in range(6):
+        assert torch.equal(block[t], gumbel_noise(keys, t, 11))
+
+
+def test_sampling_is_the_same_with_noise_drawn_per_position(small, monkeypatch):
+    import grpo_ensemble.sampling as sampling_module
+
+    model, tok = small
+    enc = tok(["12+7=", "99+99="], return_tensors="pt", padding=True)
+    args = (model, enc["input_ids"], enc["attention_mask"], 6, tok.eos_token_id)
+    kw = dict(pad_id=tok.pad_token_id, seeds=[3, 4], top_p=0.9)
+    at_once = sample(*args, **kw)
+    monkeypatch.setattr(sampling_module, "NOISE_AT_ONCE", 0)  # one position at a time
+    per_position = sample(*args, **kw)
+    assert torch.equal(at_once[0], per_position[0]) and torch.equal(at_once[1], per_position[1])
