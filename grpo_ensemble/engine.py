@@ -209,6 +209,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.train()
 
 
+def fastest_adamw(params: list[torch.nn.Parameter]) -> dict:
+    """AdamW's implementation option: the fused kernel (one pass over all parameters) where
+    torch has it for the parameters' device and dtype, else `foreach` (a few ops over lists).
+    torch's default on a CPU is a Python loop over the parameters."""
+    devices = {p.device.type for p in params}
+    dtypes = {p.dtype for p in params}
+    fused_devices = {"cpu", "cuda"}
+    fused_dtypes = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+    if params and devices <= fused_devices and dtypes <= fused_dtypes:
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     """A DeepSpeed engine over `model` with AdamW and the recipe's schedule."""
     import deepspeed
@@ -220,13 +233,22 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, eps=1e-8
+        params,
+        lr=t.lr,
+        betas=t.adam_betas,
+        weight_decay=t.weight_decay,
+        eps=1e-8,
+        **fastest_adamw(params),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
     config = deepspeed_config(recipe, t.micro_batch_size, dtype)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
+    if engine.zero_optimization_stage() == 0 and engine.world_size == 1:
+        # alone, DeepSpeed's all-reduce of stage 0 only flattens the gradients and copies
+        # them back; stages 1-3 move gradients into their optimizer's buffers there: kept
+        engine.enable_backward_allreduce = False
     from .checkpoint import use_safe_loading
 
     use_safe_loading(engine)  # checkpoints are read without unpickling code

@@ -364,7 +364,9 @@ def optimizer_step(engine) -> bool:
     """
     if engine.zero_optimization_stage() == 0:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        # a norm is NaN or inf when its gradient holds a NaN or an inf, or is so large that
+        # the norm overflows: no usable update either way (clipping would divide by it)
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
             engine.zero_grad()
             return False
     skipped = engine.skipped_steps
