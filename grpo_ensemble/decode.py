@@ -118,7 +118,9 @@ class LeanDecoder:
         base = getattr(model, "model", None)
         if not cache_kwargs or base is None or not hasattr(model, "lm_head"):
             return None
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None)
+        if cache is None:  # transformers before 5.2x
+            cache = getattr(out, "past_key_values", None)
         layers = getattr(base, "layers", None)
         if layers is None or not all(type(x).__name__ in LLAMA_FAMILY for x in layers):
             return None

@@ -205,15 +205,23 @@ class MicroBatch:
 
 
 def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
-    """Micro-batches of the candidates that enter the loss, in candidate order."""
+    """Micro-batches of the candidates that enter the loss. When they take several, sorted by
+    length: a micro-batch is padded to its longest prompt and completion, so similar lengths
+    together pad least (the loss is normalised over the whole step: the order changes no
+    gradient beyond floating-point rounding). One micro-batch keeps candidate order."""
     keep = rollout.keep.nonzero().flatten().tolist()
-    mode = {m.name: m.mode for m in run.ensemble.members}
+    prompt_of = rollout.candidate_prompt
     mb = run.recipe.train.micro_batch_size
+    if len(keep) > mb:
+        keep.sort(
+            key=lambda i: (len(rollout.candidates[i].token_ids), len(prompt_ids(run, prompt_of[i])))
+        )
+    mode = {m.name: m.mode for m in run.ensemble.members}
     out = []
     for start in range(0, len(keep), mb):
         idx = keep[start : start + mb]
         cands = [rollout.candidates[i] for i in idx]
-        prompts = [prompt_ids(run, rollout.candidate_prompt[i]) for i in idx]
+        prompts = [prompt_ids(run, prompt_of[i]) for i in idx]
         batch = TokenBatch.build(prompts, [c.token_ids for c in cands], run.tokenizer.pad_token_id)
         modes = torch.tensor([MODES[mode[c.source]] for c in cands], dtype=torch.long)
         behaviour = None

@@ -57,6 +57,31 @@ def test_micro_batch_split_gives_the_same_gradient(small_recipe, tmp_path, aggre
     assert any(g.abs().sum() > 0 for g in grads[0].values())
 
 
+def test_micro_batches_hold_similar_lengths(small_recipe, tmp_path):
+    run = build_run(small_recipe(train__micro_batch_size=3), tmp_path)
+    torch.manual_seed(0)
+    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    keep = rollout.keep.nonzero().flatten().tolist()
+    assert len(keep) >= 6
+    for i, c in enumerate(rollout.candidates):  # completions of 1 to 5 tokens, interleaved
+        c.token_ids = [5] * (1 + (i * 3) % 5)
+    batches = micro_batches(run, rollout)
+    order = [i for b in batches for i in b.index]
+    assert sorted(order) == keep  # every candidate that enters the loss, once
+    lengths = [len(rollout.candidates[i].token_ids) for i in order]
+    assert lengths == sorted(lengths)
+    for b in batches:  # each micro-batch's completions are padded to its own longest
+        want = max(len(rollout.candidates[i].token_ids) for i in b.index)
+        assert b.tokens.completion_ids.shape[1] == want
+    # completion columns computed: rows × longest, against micro-batches in candidate order
+    in_order = [keep[k : k + 3] for k in range(0, len(keep), 3)]
+
+    def columns(chunks):
+        return sum(len(c) * max(len(rollout.candidates[i].token_ids) for i in c) for c in chunks)
+
+    assert columns([b.index for b in batches]) < columns(in_order)
+
+
 def test_training_changes_the_policy(small_recipe):
     result = train(small_recipe(train__lr=1e-3, eval__before=False, eval__after=False))
     trained = _weights(result.model_dir)
