@@ -199,7 +199,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             "train.gradient_checkpointing",
             f"{type(model).__name__} does not support gradient checkpointing",
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -147,7 +147,9 @@ class LossConfig(_Config):
 class TrainConfig(_Config):
     steps: int = Field(50, ge=1, description="GRPO steps (each: generate, score, update).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per step.")
-    micro_batch_size: int = Field(32, ge=1, description="Candidates per forward/backward.")
+    micro_batch_size: int = Field(
+        32, ge=1, description="Candidates per forward/backward (sorted by length when several)."
+    )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

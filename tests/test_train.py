@@ -229,7 +229,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(
 ):
     run = build_run(small_recipe(train__gradient_checkpointing=True, loss__beta=0.05), tmp_path)
     module = run.engine.module
-    assert module.training and module.is_gradient_checkpointing
+    assert module.training and module.is_activation_checkpointing
     torch.manual_seed(0)
     rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
     assert module.training  # sampling switched to eval mode and back
@@ -246,7 +246,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(
     grads, losses, forwards = [], [], []
     for checkpointing in (True, False):
         if not checkpointing:
-            module.gradient_checkpointing_disable()
+            module.activation_checkpointing_disable()
         calls.clear()
         module.zero_grad(set_to_none=True)
         losses.append(accumulate(run, batches, size, old, ref)["loss"])
