@@ -89,6 +89,49 @@ def _cache_kwargs(model: torch.nn.Module, out) -> dict:
     return {"cache": cache}
 
 
+class _Forward:
+    """The model's logits for the next token of every row (`logits`, (B, V)): the prefill over
+    the left-padded prompts, then one token per row at a time over the KV cache, through the
+    lean decode step where the model allows it (decode.py), else through its own forward."""
+
+    def __init__(self, model, input_ids, attention_mask, max_new_tokens: int):
+        b, p_len = input_ids.shape
+        self.model = model
+        # the mask of every position there will be, filled in as tokens come (no copy per token)
+        ones = attention_mask.new_ones((b, max_new_tokens))
+        self.full_mask = torch.cat([attention_mask, ones], dim=1)
+        self.filled = p_len  # positions the cache holds
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens
+        cache = preallocated_cache(model, p_len + max_new_tokens)
+        self.out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache,
+        )
+        self.lean = LeanDecoder.build(model, cache, self.out, self.full_mask)
+        self.logits = self.out.logits[:, -1, :]
+        self.next_pos = positions[:, -1:] + 1  # (B, 1)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Feed one token per row (B,): `logits` become those of the position after it."""
+        self.filled += 1
+        if self.lean is not None:
+            self.logits = self.lean(tokens, self.next_pos)
+        else:
+            self.out = self.model(
+                input_ids=tokens.unsqueeze(1),
+                attention_mask=self.full_mask[:, : self.filled],
+                position_ids=self.next_pos,
+                use_cache=True,
+                **_cache_kwargs(self.model, self.out),
+            )
+            self.logits = self.out.logits[:, -1, :]
+        self.next_pos = self.next_pos + 1
+
+
 def _all_done(done: torch.Tensor, synced: bool) -> bool:
     """True when every row is finished, on every rank when `synced` (ZeRO-3: each forward is a
     collective, so a rank whose rows are finished keeps stepping until all ranks are)."""
@@ -128,29 +171,15 @@ def sample(
     if not greedy and seeds is None:
         seeds = torch.randint(0, 2**62, (b,)).tolist()
     keys = None if greedy else row_keys(seeds, input_ids.device)
-    p_len = input_ids.shape[1]
-    # the mask of every position there will be, filled in as tokens come (no copy per token)
-    full_mask = torch.cat([attention_mask, attention_mask.new_ones((b, max_new_tokens))], dim=1)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens only
-    cache = preallocated_cache(model, p_len + max_new_tokens)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **cache,
-    )
-    lean = LeanDecoder.build(model, cache, out, full_mask)  # None: the model's own forward
-    logits = out.logits[:, -1, :]  # (B, V)
-    vocab = logits.shape[-1]
+    forward = _Forward(model, input_ids, attention_mask, max_new_tokens)
+    vocab = forward.logits.shape[-1]
     noise = None  # of every position at once, where that is small
     if keys is not None and max_new_tokens * b * vocab <= NOISE_AT_ONCE:
         noise = gumbel_noise(keys, range(max_new_tokens), vocab)  # (T, B, V)
-    next_pos = positions[:, -1:] + 1  # (B, 1)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
+        logits = forward.logits
         if t < min_new_tokens:  # no EOS yet (as `generate`'s min_new_tokens)
             logits = logits.clone()
             logits[:, eos_id] = float("-inf")
@@ -166,17 +195,6 @@ def sample(
         done = done | (nxt == eos_id)
         if t == max_new_tokens - 1 or _all_done(done, synced):
             break
-        if lean is not None:
-            logits = lean(nxt, next_pos)
-        else:
-            out = model(
-                input_ids=nxt.unsqueeze(1),
-                attention_mask=full_mask[:, : p_len + t + 1],
-                position_ids=next_pos,
-                use_cache=True,
-                **_cache_kwargs(model, out),
-            )
-            logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
+        forward.advance(nxt)
     seq = torch.stack(tokens, dim=1)  # (B, T)
     return seq, None if greedy else torch.stack(logps, dim=1)
