@@ -24,6 +24,7 @@ import inspect
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.llama.modeling_llama import rotate_half  # Mistral and Qwen2: the same
 
 # decoder layers whose forward is: x + attn(norm1(x)), then x + mlp(norm2(x)), with rotary
 # q/k, full attention and no extra scaling of embeddings or logits
@@ -78,22 +79,27 @@ def full_attention_only(model: torch.nn.Module) -> bool:
     return bool(types) and all(t == "full_attention" for t in types)
 
 
+def cache_name(model: torch.nn.Module) -> str | None:
+    """The keyword the model's forward takes its KV cache by (`cache` from transformers 5.2x
+    on, `past_key_values` before), or None."""
+    params = inspect.signature(model.forward).parameters
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
+def cache_of(out):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def preallocated_cache(model: torch.nn.Module, room: int) -> dict:
     """Keyword arguments that give a forward a cache of `GrowingLayer`s with `room` positions,
     or {} (the model's default cache) where such a cache does not fit the model."""
-    if not full_attention_only(model):
-        return {}
-    params = inspect.signature(model.forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
-    if name not in params:
+    name = cache_name(model)
+    if name is None or not full_attention_only(model):
         return {}
     layer = type("GrowingLayer", (GrowingLayer,), {"room": room})
     return {name: Cache(layer_class_to_replicate=layer)}
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class LeanDecoder:
@@ -118,9 +124,7 @@ class LeanDecoder:
         base = getattr(model, "model", None)
         if not cache_kwargs or base is None or not hasattr(model, "lm_head"):
             return None
-        cache = getattr(out, "cache", None)
-        if cache is None:  # transformers before 5.2x
-            cache = getattr(out, "past_key_values", None)
+        cache = cache_of(out)
         layers = getattr(base, "layers", None)
         if layers is None or not all(type(x).__name__ in LLAMA_FAMILY for x in layers):
             return None

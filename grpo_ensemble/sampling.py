@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .decode import LeanDecoder, preallocated_cache
+from .decode import LeanDecoder, cache_name, cache_of, preallocated_cache
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -80,15 +80,6 @@ def _choose(logits, noise, temperature: float, top_k: int, top_p: float):
     return nxt, logp.gather(-1, nxt.unsqueeze(1)).squeeze(1)
 
 
-def _cache_kwargs(model: torch.nn.Module, out) -> dict:
-    """The KV cache of the last forward, under the name this transformers version uses
-    (`cache` from 5.2x on, `past_key_values` before)."""
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        return {"past_key_values": out.past_key_values}
-    return {"cache": cache}
-
-
 class _Forward:
     """The model's logits for the next token of every row (`logits`, (B, V)): the prefill over
     the left-padded prompts, then one token per row at a time over the KV cache, through the
@@ -97,6 +88,7 @@ class _Forward:
     def __init__(self, model, input_ids, attention_mask, max_new_tokens: int):
         b, p_len = input_ids.shape
         self.model = model
+        self.cache_key = cache_name(model) or "past_key_values"
         # the mask of every position there will be, filled in as tokens come (no copy per token)
         ones = attention_mask.new_ones((b, max_new_tokens))
         self.full_mask = torch.cat([attention_mask, ones], dim=1)
@@ -126,7 +118,7 @@ class _Forward:
                 attention_mask=self.full_mask[:, : self.filled],
                 position_ids=self.next_pos,
                 use_cache=True,
-                **_cache_kwargs(self.model, self.out),
+                **{self.cache_key: cache_of(self.out)},
             )
             self.logits = self.out.logits[:, -1, :]
         self.next_pos = self.next_pos + 1
