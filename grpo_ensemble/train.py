@@ -265,6 +265,28 @@ def frozen_logprobs(model: torch.nn.Module, batches, temperature: float) -> list
     return out
 
 
+def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
+    """True when the model computes the same in training mode as in eval mode: no dropout
+    module with p > 0, and no dropout, drop-path or router-noise setting above 0 in its config.
+    Then the first update pass's log-probs are the old policy's (see `update`)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return False  # not a transformers model: assume it may differ
+
+    def noisy(d: Mapping) -> bool:
+        for k, v in d.items():
+            if isinstance(v, Mapping) and noisy(v):
+                return True
+            hit = any(w in str(k) for w in ("dropout", "pdrop", "drop_path", "jitter"))
+            if hit and isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
+                return True
+        return False
+
+    return not noisy(config.to_dict())
+
+
 def batch_size_of(run: Run, batches) -> BatchSize:
     """Sizes of the whole step's batch over all ranks: every micro-batch's loss is normalised
     by them, so the gradients summed over ranks are those of one rank holding everything."""
@@ -281,9 +303,10 @@ def batch_size_of(run: Run, batches) -> BatchSize:
     )
 
 
-def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]:
+def accumulate(run: Run, batches, size: BatchSize, old, ref, keep=None) -> dict[str, float]:
     """Forward/backward over every micro-batch into one accumulated gradient (no step).
-    Returns this rank's sums for the metrics."""
+    Returns this rank's sums for the metrics. `old` None: each micro-batch's own log-probs,
+    detached, are the old ones (ratio 1); they are appended to the list `keep` when given."""
     r, engine = run.recipe, run.engine
     # DeepSpeed averages gradients over ranks; each rank's loss is already its share of the
     # global batch, so scaling by the number of ranks turns that average into the sum
@@ -295,9 +318,11 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref) -> dict[str, float]
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
         logp = completion_logprobs(engine, batch, r.policy.sampling.temperature)  # (B, C)
+        if old is None and keep is not None:
+            keep.append(logp.detach())
         out = grpo_loss(
             logp,
-            old[j] if old is not None else logp.detach(),  # μ = 1: ratio is exactly 1
+            old[j] if old is not None else logp.detach(),  # ratio exactly 1
             ref[j] if ref is not None else None,
             adv,
             batch.completion_mask,
@@ -338,7 +363,11 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     temp = r.policy.sampling.temperature
     size = batch_size_of(run, batches)
     start = time.perf_counter()
-    old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 else None
+    # μ > 1: the old log-probs are the policy's before this step's first optimizer step. The
+    # first pass computes exactly those (the weights move only after its last micro-batch), so
+    # it keeps them, unless training mode (dropout) would make them differ from a no-grad pass
+    reuse = r.loss.mu > 1 and train_mode_is_eval_mode(engine.module)
+    old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 and not reuse else None
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
     logprob_seconds = time.perf_counter() - start  # of this rank
     total: dict[str, float] = {}
@@ -346,7 +375,9 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     grad_norms: list[float] = []
     bad = False
     for i in range(r.loss.mu):
-        sums = accumulate(run, batches, size, old, ref)
+        keep: list[torch.Tensor] | None = [] if old is None and r.loss.mu > 1 else None
+        sums = accumulate(run, batches, size, old, ref, keep)
+        old = keep if keep is not None else old
         if i == 0:  # per-mode weights and token shares: of the first pass
             first = {k: v for k, v in sums.items() if k.startswith("w/")}
             first["tokens/first"] = sums["tokens"]

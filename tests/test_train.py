@@ -1,5 +1,6 @@
 """Training runs through the real DeepSpeed engine on tiny models."""
 
+import importlib
 import json
 
 import pytest
@@ -24,6 +25,7 @@ from grpo_ensemble.train import (
     evaluate_groups,
     frozen_logprobs,
     micro_batches,
+    train_mode_is_eval_mode,
 )
 
 
@@ -274,3 +276,70 @@ def test_gradient_checkpointing_trains_as_without(small_recipe, tmp_path):
     assert losses[True] == pytest.approx(losses[False], abs=1e-6)
     for k, v in weights[False].items():
         assert torch.allclose(weights[True][k], v, atol=1e-6), k
+
+
+def _update_once(run, rollout, monkeypatch, reuse: bool):
+    """One μ-pass update of `rollout` by a freshly built run; returns the metrics, the weights
+    after it, and how many times the policy ran forward."""
+    train_module = importlib.import_module("grpo_ensemble.train")  # not the `train` function
+    monkeypatch.setattr(train_module, "train_mode_is_eval_mode", lambda model: reuse)
+    module = run.engine.module
+    calls = []
+    handle = module.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        metrics = train_module.update(run, micro_batches(run, rollout))
+    finally:
+        handle.remove()
+    return metrics, {k: v.clone() for k, v in module.state_dict().items()}, len(calls)
+
+
+def test_first_pass_keeps_the_old_logprobs(small_recipe, tmp_path, monkeypatch):
+    # μ = 2 without dropout: the first pass's log-probs serve as the old ones, with no extra
+    # forward; they equal a separate no-grad pass, and the update is the same
+    recipe = small_recipe(loss__mu=2, loss__beta=0.05, train__lr=1e-2, train__micro_batch_size=3)
+    run = build_run(recipe, tmp_path)
+    module = run.engine.module
+    assert train_mode_is_eval_mode(module)  # the tiny Llama has no dropout
+    torch.manual_seed(0)
+    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    batches = micro_batches(run, rollout)
+    assert len(batches) > 1 and rollout.advantages.abs().sum() > 0
+    separate = frozen_logprobs(module, batches, 1.0)
+    kept: list = []
+    accumulate(run, batches, batch_size_of(run, batches), None, None, kept)
+    module.zero_grad(set_to_none=True)
+    assert len(kept) == len(batches)
+    for a, b in zip(kept, separate, strict=True):
+        assert not a.requires_grad
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    m_sep, w_sep, n_sep = _update_once(run, rollout, monkeypatch, reuse=False)
+    again = build_run(recipe, tmp_path / "again")  # the same weights, a fresh optimizer
+    m_reuse, w_reuse, n_reuse = _update_once(again, rollout, monkeypatch, reuse=True)
+    assert (n_sep, n_reuse) == (3 * len(batches), 2 * len(batches))
+    assert m_reuse["loss"] == pytest.approx(m_sep["loss"], abs=1e-6)
+    assert m_reuse["clip_fraction"] == m_sep["clip_fraction"]
+    assert m_reuse["kl"] == pytest.approx(m_sep["kl"], abs=1e-6)
+    moved = [k for k in w_sep if not torch.equal(w_sep[k], start[k])]
+    assert moved  # the update did something to compare
+    for k, v in w_sep.items():
+        assert torch.allclose(w_reuse[k], v, atol=1e-6), k
+
+
+def test_train_mode_is_eval_mode():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    shape.update(num_attention_heads=2, num_key_value_heads=2)
+    assert train_mode_is_eval_mode(LlamaForCausalLM(LlamaConfig(**shape)))
+    llama_drop = LlamaForCausalLM(LlamaConfig(**shape, attention_dropout=0.1))
+    assert not train_mode_is_eval_mode(llama_drop)  # dropout inside attention
+    gpt2 = dict(vocab_size=16, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    assert not train_mode_is_eval_mode(GPT2LMHeadModel(GPT2Config(**gpt2)))  # 0.1
+    quiet = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    # any dropout setting counts, even one of a head this model lacks: the rule errs on no
+    assert not train_mode_is_eval_mode(GPT2LMHeadModel(GPT2Config(**gpt2, **quiet)))
+    quiet["summary_first_dropout"] = 0.0
+    assert train_mode_is_eval_mode(GPT2LMHeadModel(GPT2Config(**gpt2, **quiet)))
+    assert not train_mode_is_eval_mode(torch.nn.Linear(2, 2))  # unknown: no reuse
