@@ -12,6 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .decode import cache_name, cache_of, full_attention_only
+
+# the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
+# parameters is at least this: the second forward call must cost less than the arithmetic it
+# saves (a few ms of call overhead: 10^8 is ~0.6 GFLOP, a few ms on a CPU; a GPU computes
+# far faster than it launches a forward's kernels)
+SHARE_MIN = {"cpu": 1e8, "cuda": 1e11}
 
 
 @dataclass
@@ -54,21 +63,79 @@ def selective_log_softmax(
     return torch.cat(out)
 
 
+def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
+    """(distinct prompt rows (U,), row → its distinct prompt (B,)) when running each distinct
+    prompt once pays and the model allows it, else None. `model` may be a DeepSpeed engine."""
+    module = getattr(model, "module", model)
+    b, width = batch.input_ids.shape
+    p_len = width - batch.completion_ids.shape[1]
+    if b < 2 or p_len < 1 or batch.completion_ids.shape[1] < 2:
+        return None
+    # transformers turns the cache off in checkpointed layers while training
+    checkpointing = getattr(module, "is_gradient_checkpointing", False)
+    if (checkpointing and module.training) or cache_name(module) is None:
+        return None
+    if not full_attention_only(module) or module.config.get_text_config().is_encoder_decoder:
+        return None
+    # distinct prompts: the same ids and the same padding
+    key = torch.cat([batch.input_ids[:, :p_len], batch.attention_mask[:, :p_len]], dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    device = batch.input_ids.device.type
+    saved = (b - len(distinct)) * p_len * params
+    if saved == 0 or saved < SHARE_MIN.get(device, SHARE_MIN["cuda"]):
+        return None
+    first = torch.full((len(distinct),), b, dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(b, device=inverse.device), "amin")
+    return first, inverse
+
+
 def completion_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0
+    model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0, share=True
 ) -> torch.Tensor:
-    """(B, C) log-probs of the completion tokens, at the sampling temperature (as TRL)."""
+    """(B, C) log-probs of the completion tokens, at the sampling temperature (as TRL).
+    `share` False: every row runs whole, even where its prompt could run once for its group."""
     c_len = batch.completion_ids.shape[1]
     # Left padding shifts positions: count only real tokens (as `generate` does).
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=c_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :]  # (B, C, V): position t predicts completion token t
+    plan = shared_prompt_plan(model, batch) if share else None
+    if plan is not None:
+        logits = _shared_prompt_logits(model, batch, position_ids, *plan)
+    else:
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=c_len + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1, :]  # (B, C, V): position t predicts completion token t
     if temperature != 1.0:
         logits = logits / temperature
     return selective_log_softmax(logits, batch.completion_ids)
+
+
+def _shared_prompt_logits(model, batch: TokenBatch, position_ids, first, inverse) -> torch.Tensor:
+    """(B, C, V) logits predicting the completion tokens, each distinct prompt run once."""
+    module = getattr(model, "module", model)
+    p_len = batch.input_ids.shape[1] - batch.completion_ids.shape[1]
+    prompt_mask = batch.attention_mask[first, :p_len]
+    out = model(
+        input_ids=batch.input_ids[first, :p_len],
+        attention_mask=prompt_mask,
+        position_ids=position_ids[first, :p_len],
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    cache = Cache(layer_class_to_replicate=DynamicLayer)
+    for i, layer in enumerate(cache_of(out).layers):  # each row gets its prompt's keys/values
+        cache.update(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse), i)
+    rest = model(  # completion tokens but the last (nothing follows it)
+        input_ids=batch.completion_ids[:, :-1],
+        attention_mask=batch.attention_mask[:, :-1],
+        position_ids=position_ids[:, p_len:-1],
+        use_cache=True,
+        **{cache_name(module): cache},
+    )
+    # the prompt's last position predicts completion token 0; completion token t, token t+1
+    return torch.cat([out.logits[:, -1:].index_select(0, inverse), rest.logits], dim=1)

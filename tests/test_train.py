@@ -343,3 +343,45 @@ def test_train_mode_is_eval_mode():
     quiet["summary_first_dropout"] = 0.0
     assert train_mode_is_eval_mode(GPT2LMHeadModel(GPT2Config(**gpt2, **quiet)))
     assert not train_mode_is_eval_mode(torch.nn.Linear(2, 2))  # unknown: no reuse
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_shared_prompt_forward_trains_as_whole_rows(small_recipe, tmp_path, monkeypatch, stage):
+    # each distinct prompt run once per micro-batch (forced on: the tiny models are below the
+    # threshold where it pays) against whole rows: the same losses and weights, with the
+    # reference and the policy, through the DeepSpeed engine at ZeRO 0 and 3
+    logprobs_module = importlib.import_module("grpo_ensemble.logprobs")
+    shared_calls = []
+    real = logprobs_module._shared_prompt_logits
+
+    def counted(*args):
+        shared_calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(logprobs_module, "_shared_prompt_logits", counted)
+    weights, losses, kls = {}, {}, {}
+    for share in (False, True):
+        threshold = 0 if share else float("inf")
+        monkeypatch.setattr(logprobs_module, "SHARE_MIN", {"cpu": threshold, "cuda": threshold})
+        r = small_recipe(
+            train__zero_stage=stage,
+            output_dir=str(tmp_path / f"share{share}"),
+            train__lr=1e-3,
+            train__micro_batch_size=16,
+            loss__beta=0.05,
+            loss__mu=2,
+            eval__before=False,
+            eval__after=False,
+        )
+        result = train(r)
+        weights[share] = _weights(result.model_dir)
+        losses[share] = [m["loss"] for m in result.metrics]
+        kls[share] = [m["kl"] for m in result.metrics]
+        if not share:
+            assert not shared_calls
+    # 2 steps × (reference pass + 2 policy passes) × one micro-batch
+    assert len(shared_calls) == 2 * 3
+    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+    assert kls[True] == pytest.approx(kls[False], rel=1e-5)  # KL ~2: float noise ~1e-6
+    for k, v in weights[False].items():
+        assert torch.allclose(weights[True][k], v, atol=1e-5), k
