@@ -89,6 +89,7 @@ def build_run(
 ) -> Run:
     """Load models, build components and the DeepSpeed engine. Python objects win over names."""
     generators = dict(generators or {})
+    given = set(generators)  # generator objects from the caller stay where they are
     init_distributed(recipe.train.dist_timeout_s)
     dtype = resolve_dtype(recipe)
 
@@ -105,6 +106,11 @@ def build_run(
         for gen in peers.values():
             if isinstance(gen, HFGenerator):
                 gen.model, gen.gather = shard_frozen(gen.model, dtype), gather
+    else:  # whole copies, on the device the policy trains on (DeepSpeed moved it there)
+        ref = ref.to(engine.device) if ref is not None else None
+        for name, gen in peers.items():
+            if isinstance(gen, HFGenerator) and name not in given:
+                gen.model = gen.model.to(engine.device)
     members = []
     for name, _, m in member_fields(recipe):
         if name == POLICY:  # shares the module being trained: always current weights
@@ -203,6 +209,18 @@ class MicroBatch:
     sources: list[str]  # member of each candidate
     behaviour: torch.Tensor | None  # (B, C) sampling log-probs where mode is tis, else 0
 
+    def to(self, device) -> MicroBatch:
+        """The same micro-batch with its tensors on `device` (the policy's)."""
+        behaviour = None if self.behaviour is None else self.behaviour.to(device)
+        return MicroBatch(
+            self.tokens.to(device),
+            self.advantages.to(device),
+            self.index,
+            self.modes.to(device),
+            self.sources,
+            behaviour,
+        )
+
 
 def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
     """Micro-batches of the candidates that enter the loss. When they take several, sorted by
@@ -234,7 +252,7 @@ def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
                     behaviour[row, : len(c.behaviour_logprobs)] = torch.tensor(c.behaviour_logprobs)
         sources = [c.source for c in cands]
         out.append(MicroBatch(batch, rollout.advantages[idx], idx, modes, sources, behaviour))
-    return out
+    return [b.to(run.engine.device) for b in out]
 
 
 def filler_batch(run: Run) -> MicroBatch:
@@ -244,7 +262,8 @@ def filler_batch(run: Run) -> MicroBatch:
     pad = run.tokenizer.pad_token_id
     tokens = TokenBatch.build([[pad]], [[pad]], pad)
     tokens.completion_mask.zero_()
-    return MicroBatch(tokens, torch.zeros(1), [], torch.zeros(1, dtype=torch.long), [], None)
+    filler = MicroBatch(tokens, torch.zeros(1), [], torch.zeros(1, dtype=torch.long), [], None)
+    return filler.to(run.engine.device)
 
 
 def prompt_ids(run: Run, prompt: Prompt) -> list[int]:

@@ -23,6 +23,7 @@ from grpo_ensemble.train import (
     batch_size_of,
     build_run,
     evaluate_groups,
+    filler_batch,
     frozen_logprobs,
     micro_batches,
     train_mode_is_eval_mode,
@@ -385,3 +386,20 @@ def test_shared_prompt_forward_trains_as_whole_rows(small_recipe, tmp_path, monk
     assert kls[True] == pytest.approx(kls[False], rel=1e-5)  # KL ~2: float noise ~1e-6
     for k, v in weights[False].items():
         assert torch.allclose(weights[True][k], v, atol=1e-5), k
+
+
+def test_update_tensors_and_frozen_models_on_the_policys_device(small_recipe, tmp_path):
+    # on a GPU DeepSpeed moves the policy; the reference, the peers and every micro-batch go
+    # where it is (here the CPU: this guards the placement, a GPU run exercises it)
+    run = build_run(small_recipe(loss__beta=0.05, train__micro_batch_size=3), tmp_path)
+    device = run.engine.device
+    assert next(run.engine.module.parameters()).device == device
+    assert next(run.ref_model.parameters()).device == device
+    peer = next(m.generator for m in run.ensemble.members if m.name != "policy")
+    assert next(peer.model.parameters()).device == device
+    torch.manual_seed(0)
+    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    batches = micro_batches(run, rollout) + [filler_batch(run)]
+    for b in batches:
+        tensors = [*vars(b.tokens).values(), b.advantages, b.modes]
+        assert all(t.device == device for t in tensors)
