@@ -92,6 +92,18 @@ def cache_of(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def distinct_rows(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first (U,), inverse (B,)) for the distinct rows of the (B, ·) tensors side by side (a
+    group's prompt, with its padding): row `first[u]` is one of distinct row u, and row i is
+    distinct row `inverse[i]`."""
+    key = torch.cat(columns, dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    b = key.shape[0]
+    first = torch.full((len(distinct),), b, dtype=torch.long, device=key.device)
+    rows = torch.arange(b, device=key.device)
+    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
+
+
 def preallocated_cache(model: torch.nn.Module, room: int) -> dict:
     """Keyword arguments that give a forward a cache of `GrowingLayer`s with `room` positions,
     or {} (the model's default cache) where such a cache does not fit the model."""
@@ -118,13 +130,12 @@ class LeanDecoder:
         self.bias = bias.masked_fill(full_mask == 0, blocked)[:, None, None, :]  # (B,1,1,S)
 
     @classmethod
-    def build(cls, model, cache_kwargs: dict, out, full_mask) -> LeanDecoder | None:
-        """A decoder for `model` after its prefill `out`, or None where the model needs its own
-        forward (another architecture, partitioned weights, a cache other than ours)."""
+    def build(cls, model, cache, full_mask) -> LeanDecoder | None:
+        """A decoder for `model` over the prefilled `cache`, or None where the model needs its
+        own forward (another architecture, partitioned weights, a cache other than ours)."""
         base = getattr(model, "model", None)
-        if not cache_kwargs or base is None or not hasattr(model, "lm_head"):
+        if base is None or not hasattr(model, "lm_head"):
             return None
-        cache = cache_of(out)
         layers = getattr(base, "layers", None)
         if layers is None or not all(type(x).__name__ in LLAMA_FAMILY for x in layers):
             return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .decode import cache_name, cache_of, full_attention_only
+from .decode import cache_name, cache_of, distinct_rows, full_attention_only
 
 # the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
 # parameters is at least this: the second forward call must cost less than the arithmetic it
@@ -78,15 +78,12 @@ def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
     if not full_attention_only(module) or module.config.get_text_config().is_encoder_decoder:
         return None
     # distinct prompts: the same ids and the same padding
-    key = torch.cat([batch.input_ids[:, :p_len], batch.attention_mask[:, :p_len]], dim=1)
-    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first, inverse = distinct_rows(batch.input_ids[:, :p_len], batch.attention_mask[:, :p_len])
     params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     device = batch.input_ids.device.type
-    saved = (b - len(distinct)) * p_len * params
+    saved = (b - len(first)) * p_len * params
     if saved == 0 or saved < SHARE_MIN.get(device, SHARE_MIN["cuda"]):
         return None
-    first = torch.full((len(distinct),), b, dtype=torch.long, device=inverse.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(b, device=inverse.device), "amin")
     return first, inverse
 
 

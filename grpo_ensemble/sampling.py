@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .decode import LeanDecoder, cache_name, cache_of, preallocated_cache
+from .decode import LeanDecoder, cache_name, cache_of, distinct_rows, preallocated_cache
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -82,8 +82,9 @@ def _choose(logits, noise, temperature: float, top_k: int, top_p: float):
 
 class _Forward:
     """The model's logits for the next token of every row (`logits`, (B, V)): the prefill over
-    the left-padded prompts, then one token per row at a time over the KV cache, through the
-    lean decode step where the model allows it (decode.py), else through its own forward."""
+    the left-padded prompts (once per distinct prompt where the cache is ours: a group's rows
+    share theirs), then one token per row at a time over the KV cache, through the lean decode
+    step where the model allows it (decode.py), else through its own forward."""
 
     def __init__(self, model, input_ids, attention_mask, max_new_tokens: int):
         b, p_len = input_ids.shape
@@ -95,16 +96,31 @@ class _Forward:
         self.filled = p_len  # positions the cache holds
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens
         cache = preallocated_cache(model, p_len + max_new_tokens)
-        self.out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache,
-        )
-        self.lean = LeanDecoder.build(model, cache, self.out, self.full_mask)
-        self.logits = self.out.logits[:, -1, :]
+        first, inverse = distinct_rows(input_ids, attention_mask)
+        if cache and len(first) < b:  # a group's rows share a prompt: prefill it once
+            out = model(
+                input_ids=input_ids[first],
+                attention_mask=attention_mask[first],
+                position_ids=positions[first],
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self.cache = next(iter(cache.values()))
+            for i, layer in enumerate(cache_of(out).layers):  # each row, its prompt's keys/values
+                k, v = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
+                self.cache.update(k, v, i)
+            self.logits = out.logits[:, -1, :].index_select(0, inverse)
+        else:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache,
+            )
+            self.cache, self.logits = cache_of(out), out.logits[:, -1, :]
+        self.lean = LeanDecoder.build(model, self.cache, self.full_mask) if cache else None
         self.next_pos = positions[:, -1:] + 1  # (B, 1)
 
     def advance(self, tokens: torch.Tensor) -> None:
@@ -113,14 +129,14 @@ class _Forward:
         if self.lean is not None:
             self.logits = self.lean(tokens, self.next_pos)
         else:
-            self.out = self.model(
+            out = self.model(
                 input_ids=tokens.unsqueeze(1),
                 attention_mask=self.full_mask[:, : self.filled],
                 position_ids=self.next_pos,
                 use_cache=True,
-                **{self.cache_key: cache_of(self.out)},
+                **{self.cache_key: self.cache},
             )
-            self.logits = self.out.logits[:, -1, :]
+            self.cache, self.logits = cache_of(out), out.logits[:, -1, :]
         self.next_pos = self.next_pos + 1
 
 

@@ -16,7 +16,13 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 import grpo_ensemble.sampling as sampling_module
-from grpo_ensemble.decode import GrowingLayer, LeanDecoder, preallocated_cache
+from grpo_ensemble.decode import (
+    GrowingLayer,
+    LeanDecoder,
+    cache_of,
+    distinct_rows,
+    preallocated_cache,
+)
 from grpo_ensemble.sampling import sample
 
 SHAPE = dict(
@@ -89,7 +95,7 @@ def test_lean_step_equals_the_models_forward(kind):
     with torch.no_grad():
         cache = preallocated_cache(model, ids.shape[1] + steps)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
-        lean = LeanDecoder.build(model, cache, out, full)
+        lean = LeanDecoder.build(model, cache_of(out), full)
         assert lean is not None
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for t in range(steps):
@@ -119,6 +125,33 @@ def test_sampling_equals_the_plain_forward_loop(kind, monkeypatch):
     torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_repeated_prompts_prefilled_once(kind, monkeypatch):
+    """A group's rows share their prompt: the prefill runs once per distinct prompt, and the
+    samples are those of the plain loop over every row."""
+    model = build(kind)
+    ids, mask = left_padded()
+    rows = [0, 1, 0, 3, 1, 0]  # prompts 0 and 1 repeated, different padding
+    ids, mask = ids[rows], mask[rows]
+    first, inverse = distinct_rows(ids, mask)
+    assert len(first) == 3 and torch.equal(ids[first][inverse], ids)
+    prefill_rows = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: prefill_rows.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    kw = dict(temperature=1.0, top_k=0, top_p=0.9, seeds=[1, 2, 3, 4, 5, 6], min_new_tokens=2)
+    fast = sample(model, ids, mask, 10, eos_id=2, pad_id=0, **kw)
+    assert prefill_rows[0] == (3, ids.shape[1])  # the prefill: 3 distinct prompts
+    monkeypatch.setattr(sampling_module, "preallocated_cache", lambda model, room: {})
+    prefill_rows.clear()
+    plain = sample(model, ids, mask, 10, eos_id=2, pad_id=0, **kw)
+    assert prefill_rows[0] == (6, ids.shape[1])  # transformers' own cache: every row
+    assert torch.equal(fast[0], plain[0])
+    torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=1e-5)
+    # rows with the same prompt and different seeds still differ
+    assert not torch.equal(fast[0][0], fast[0][2]) or not torch.equal(fast[0][2], fast[0][5])
+
+
 def test_fast_paths_apply_only_where_they_fit():
     ids, mask = left_padded()
     used = {}
@@ -127,7 +160,7 @@ def test_fast_paths_apply_only_where_they_fit():
         cache = preallocated_cache(model, 20)
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache)
-        used[kind] = (bool(cache), LeanDecoder.build(model, cache, out, mask) is not None)
+        used[kind] = (bool(cache), LeanDecoder.build(model, cache_of(out), mask) is not None)
     assert used == {
         "llama": (True, True),
         "qwen2": (True, True),
