@@ -23,12 +23,17 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.models.llama.modeling_llama import rotate_half  # Mistral and Qwen2: the same
 
 # decoder layers whose forward is: x + attn(norm1(x)), then x + mlp(norm2(x)), with rotary
 # q/k, full attention and no extra scaling of embeddings or logits
 LLAMA_FAMILY = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+
+# LeanDecoder stacks each layer's q/k/v and gate/up weights into one product (fewer, larger
+# operations: what matters where a token's time is mostly per-operation overhead) for models up
+# to this size; the stacked copy costs memory about the model's size while sampling
+FUSE_MAX_BYTES = 256 * 2**20
 
 
 class GrowingLayer(DynamicLayer):
@@ -128,6 +133,23 @@ class LeanDecoder:
         blocked = torch.finfo(dtype).min  # as transformers' eager mask: not -inf
         bias = torch.zeros(full_mask.shape, dtype=dtype, device=full_mask.device)
         self.bias = bias.masked_fill(full_mask == 0, blocked)[:, None, None, :]  # (B,1,1,S)
+        self.rope = self._rope_table(full_mask.shape[1], dtype, full_mask.device)
+        small = sum(p.numel() * p.element_size() for p in model.parameters()) <= FUSE_MAX_BYTES
+        self.fused = [_fused(layer) if small else (None, None) for layer in self.layers]
+
+    def _rope_table(self, n: int, dtype, device):
+        """(cos, signed sin), each (n, D), of positions 0 … n−1, or None where the rotary
+        embedding depends on more than the position (dynamic scaling). With the sin's first
+        half negated, `rotate_half(x) * sin` is `x.roll(D/2) * signed sin`, bit for bit."""
+        rotary = self.base.rotary_emb
+        kind = str(getattr(rotary, "rope_type", "default"))
+        if "dynamic" in kind or kind == "longrope":
+            return None
+        probe = torch.zeros(1, dtype=dtype, device=device)  # gives the dtype and device only
+        cos, sin = rotary(probe, torch.arange(n, device=device)[None])  # (1, n, D)
+        sign = torch.ones(cos.shape[-1], dtype=dtype, device=device)
+        sign[: cos.shape[-1] // 2] = -1
+        return cos[0], sin[0] * sign
 
     @classmethod
     def build(cls, model, cache, full_mask) -> LeanDecoder | None:
@@ -154,21 +176,38 @@ class LeanDecoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
         x = self.base.embed_tokens(tokens[:, None])  # (B, 1, hidden)
-        cos, sin = self.base.rotary_emb(x, positions)  # (B, 1, head_dim)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-        for layer, kv in zip(self.layers, self.cache_layers, strict=True):
-            x = x + self._attend(layer.self_attn, layer.input_layernorm(x), cos, sin, kv)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if self.rope is not None:
+            cos, sin = self.rope[0][positions], self.rope[1][positions]  # (B, 1, head_dim)
+        else:
+            cos, sin = self.base.rotary_emb(x, positions)
+            sin = torch.cat([-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2 :]], -1)
+        rope = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+        layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
+        for layer, kv, (qkv, gate_up) in layers:
+            h = layer.input_layernorm(x)
+            x = x + self._attend(layer.self_attn, h, rope, kv, qkv)
+            h = layer.post_attention_layernorm(x)
+            if gate_up is None:
+                x = x + layer.mlp(h)
+            else:  # as the MLP's forward, its gate and up projections in one product
+                gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return self.model.lm_head(self.base.norm(x))[:, -1]
 
-    def _attend(self, attn, h: torch.Tensor, cos, sin, kv: GrowingLayer) -> torch.Tensor:
+    def _attend(self, attn, h: torch.Tensor, rope, kv: GrowingLayer, qkv) -> torch.Tensor:
         """Self-attention of one new token per row, as transformers' eager attention."""
         b, d = h.shape[0], attn.head_dim
-        q = attn.q_proj(h).view(b, 1, -1, d).transpose(1, 2)  # (B, H, 1, D)
-        k = attn.k_proj(h).view(b, 1, -1, d).transpose(1, 2)  # (B, KVH, 1, D)
-        v = attn.v_proj(h).view(b, 1, -1, d).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if qkv is None:
+            q = attn.q_proj(h).view(b, -1, 1, d)  # (B, H, 1, D): one position, so no transpose
+            k = attn.k_proj(h).view(b, -1, 1, d)  # (B, KVH, 1, D)
+            v = attn.v_proj(h).view(b, -1, 1, d)
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        else:  # the three projections in one product; q and k rotated together
+            heads = attn.q_proj.out_features // d
+            kv_heads = attn.k_proj.out_features // d
+            both = F.linear(h, *qkv).view(b, -1, 1, d)  # (B, H + 2·KVH, 1, D)
+            qk = _rotate(both[:, : heads + kv_heads], *rope)
+            q, k, v = qk[:, :heads], qk[:, heads:], both[:, heads + kv_heads :]
         keys, values = kv.update(k, v)  # (B, KVH, n, D)
         n, kv_heads = keys.shape[2], keys.shape[1]
         # query head i reads key/value head i // groups, as transformers' repeat_kv
@@ -177,6 +216,32 @@ class LeanDecoder:
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(weights, values)  # (B, KVH, groups, D)
         return attn.o_proj(out.reshape(b, 1, -1))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers' `x * cos + rotate_half(x) * sin`, the same floats."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _fused(layer) -> tuple:
+    """((weight, bias) of q, k, v stacked, (weight, bias) of gate and up stacked) for one
+    decoder layer, each None where its projections do not stack (another MLP, mixed biases)."""
+
+    def stack(*linears):
+        if not all(isinstance(m, torch.nn.Linear) for m in linears):
+            return None
+        biases = [m.bias for m in linears]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        weight = torch.cat([m.weight.detach() for m in linears])
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return weight, bias
+
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = stack(attn.q_proj, attn.k_proj, attn.v_proj)
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    gate_up = stack(mlp.gate_proj, mlp.up_proj) if all(hasattr(mlp, a) for a in parts) else None
+    return qkv, gate_up
 
 
 def _partitioned(p: torch.nn.Parameter) -> bool:

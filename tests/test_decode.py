@@ -15,6 +15,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer
 
+import grpo_ensemble.decode as decode_module
 import grpo_ensemble.sampling as sampling_module
 from grpo_ensemble.decode import (
     GrowingLayer,
@@ -45,6 +46,9 @@ def build(kind: str):
         model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500.0))
     elif kind == "qwen2":  # biases on q, k, v
         model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False))
+    elif kind == "llama-dynamic":  # rotary scaling that depends on the length so far
+        rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_parameters=rope))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None))
     elif kind == "mistral-sliding":  # a sliding window: neither fast path applies
@@ -84,8 +88,12 @@ def test_growing_layer_returns_what_concatenation_returns():
     assert ours.get_seq_length() == 8
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
-def test_lean_step_equals_the_models_forward(kind):
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-dynamic"])
+def test_lean_step_equals_the_models_forward(kind, fuse, monkeypatch):
+    # fused: q/k/v and gate/up stacked into one product each (small models); else the
+    # model's own projections
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
     model = build(kind)
     ids, mask = left_padded()
     steps = 5
@@ -97,6 +105,9 @@ def test_lean_step_equals_the_models_forward(kind):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
         lean = LeanDecoder.build(model, cache_of(out), full)
         assert lean is not None
+        assert all((qkv is not None) == fuse for qkv, _ in lean.fused)
+        assert all((gate_up is not None) == fuse for _, gate_up in lean.fused)
+        assert (lean.rope is None) == (kind == "llama-dynamic")
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for t in range(steps):
             p = pos[:, -1:] + 1 + t
