@@ -123,11 +123,41 @@ def prompts(n: int) -> list[dict]:
     return TASKS["arithmetic"]("train")[:n]
 
 
-def flops(n_params: int, tokens: int, beta: float, mu: int) -> float:
-    """Useful training-phase FLOPs of one step: μ fwd+bwd passes, plus the ref and old passes
-    (the forward that gradient checkpointing repeats is not counted)."""
-    passes = 6 * mu + 2 * (beta > 0) + 2 * (mu > 1)
-    return passes * n_params * tokens
+def flops(n_params: int, work: dict, beta: float, mu: int) -> float:
+    """Training-phase FLOPs one step computes: μ fwd+bwd passes over `work["train"]` token
+    positions, the ref pass and (where run) the old pass over `work["frozen"]` (the forward
+    that gradient checkpointing repeats is not counted)."""
+    frozen_passes = 2 * (beta > 0) + 2 * (mu > 1 and work["old_pass"])
+    return n_params * (6 * mu * work["train"] + frozen_passes * work["frozen"])
+
+
+def work_of(framework: str, config: str, path: Path, gc: bool) -> dict:
+    """Token positions each pass runs, and whether μ > 1 runs an old pass. TRL runs every
+    row's prompt and an old pass; ours runs a group's prompt once where `shared_prompt_plan`
+    says so, and keeps the first pass's log-probs where the model has no dropout."""
+    c = CONFIGS[config]
+    rows, groups, prompt, new = c["completions"], c["completions"] // c["group"], 8, c["new_tokens"]
+    whole = rows * (prompt + new)
+    if framework != "ours":
+        return {"train": whole, "frozen": whole, "old_pass": True}
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ensemble.logprobs import TokenBatch, shared_prompt_plan
+    from grpo_ensemble.train import train_mode_is_eval_mode
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    prompts = [[1] + [3 + g] * (prompt - 1) for g in range(groups) for _ in range(rows // groups)]
+    batch = TokenBatch.build(prompts, [[3] * new] * rows, pad_id=0)
+    shared = rows * new + groups * prompt
+
+    def positions() -> int:
+        return whole if shared_prompt_plan(model, batch) is None else shared
+
+    frozen = positions()  # eval mode
+    if gc:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return {"train": positions(), "frozen": frozen, "old_pass": not train_mode_is_eval_mode(model)}
 
 
 def peak_rss_mb() -> float:
@@ -196,17 +226,18 @@ def run_ours(
         "update": med("time/update") - med("time/logprobs"),
         "sync": med("time/sync"),
     }
-    res = _result("ours", config, beta, mu, med("time/step"), phases, path, device)
+    res = _result("ours", config, beta, mu, med("time/step"), phases, path, device, gc)
     res.completion_len = med("completion_len")
     return res
 
 
-def _result(framework, config, beta, mu, step_s, phases, path, device) -> Result:
+def _result(framework, config, beta, mu, step_s, phases, path, device, gc=False) -> Result:
     c = CONFIGS[config]
     prompt_tokens = 8  # "<bos>37+45=": about 7 characters on average, plus BOS
     tokens = c["completions"] * (prompt_tokens + c["new_tokens"])
     train_s = phases["logprobs"] + phases["update"]
-    achieved = flops(n_matmul_params(path), tokens, beta, mu) / train_s / 1e9
+    work = work_of(framework, config, path, gc)
+    achieved = flops(n_matmul_params(path), work, beta, mu) / train_s / 1e9
     peak = matmul_gflops(device)
     return Result(
         framework=framework,

@@ -21,7 +21,7 @@ def test_benchmark_reports_phases_rates_and_memory(tmp_path):
     (r,) = json.loads(out.read_text())
     assert (r["framework"], r["config"], r["beta"], r["mu"]) == ("ours", "tiny", 0.04, 2)
     assert set(r["phases"]) == {"generate", "score", "logprobs", "update", "sync"}
-    assert r["phases"]["logprobs"] > 0  # beta > 0 and mu = 2: reference and old passes ran
+    assert r["phases"]["logprobs"] > 0  # beta > 0: the reference pass ran
     assert r["completion_len"] == 32.0  # fixed length: EOS forbidden before max_new_tokens
     assert r["gen_tokens_per_s"] * r["phases"]["generate"] == pytest.approx(8 * 32)
     assert r["peak_rss_mb"] > 0 and r["matmul_gflops"] > 0
@@ -29,3 +29,31 @@ def test_benchmark_reports_phases_rates_and_memory(tmp_path):
     assert "ours tiny" in proc.stdout
     assert r["gradient_checkpointing"] is True
     assert len(r["repeats_step_s"]) == 2 and r["step_s"] in r["repeats_step_s"]
+
+
+def test_flops_count_the_passes_and_positions_each_framework_computes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import grpo_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    tiny, medium = grpo_step.model_dir("tiny"), grpo_step.model_dir("medium")
+    # tiny: 8 rows × (8 prompt + 32 new); below the sharing threshold; no dropout: no old pass
+    assert grpo_step.work_of("ours", "tiny", tiny, False) == {
+        "train": 320,
+        "frozen": 320,
+        "old_pass": False,
+    }
+    # medium: 32 rows × (8 + 64), 4 prompts of 8 rows; each prompt once: 32·64 + 4·8
+    whole, shared = 32 * 72, 32 * 64 + 4 * 8
+    ours = grpo_step.work_of("ours", "medium", medium, False)
+    assert ours == {"train": shared, "frozen": shared, "old_pass": False}
+    # checkpointed: the update runs whole rows (no cache), the no-grad passes still share
+    ours_gc = grpo_step.work_of("ours", "medium", medium, True)
+    assert ours_gc == {"train": whole, "frozen": shared, "old_pass": False}
+    trl = grpo_step.work_of("trl", "medium", medium, False)
+    assert trl == {"train": whole, "frozen": whole, "old_pass": True}
+    n = 1000
+    assert grpo_step.flops(n, ours, 0.04, 2) == n * (6 * 2 * shared + 2 * shared)
+    assert grpo_step.flops(n, trl, 0.04, 2) == n * (6 * 2 * whole + (2 + 2) * whole)
+    assert grpo_step.flops(n, trl, 0.0, 1) == n * 6 * whole
