@@ -14,7 +14,10 @@ For the Llama family (Llama, Mistral, Qwen2: pre-norm decoder layers, rotary att
 MLP) `LeanDecoder` runs the decode step itself. It calls the model's own modules (embedding,
 projections, norms, MLP, rotary embedding, LM head) and does only the attention by hand, with
 the operations of transformers' `eager` attention. Any other model, or a model whose weights
-are partitioned (ZeRO-3 without gathering), decodes through its own `forward`.
+are managed by ZeRO-3, decodes through its own `forward`: ZeRO-3's module hooks gather and
+prefetch weights with the other ranks at module calls, even while the weights are gathered
+whole, so ranks that decode different numbers of tokens through the modules one by one would
+wait on each other for good.
 tests/test_decode.py checks both against the model's `forward`.
 """
 
@@ -154,7 +157,7 @@ class LeanDecoder:
     @classmethod
     def build(cls, model, cache, full_mask) -> LeanDecoder | None:
         """A decoder for `model` over the prefilled `cache`, or None where the model needs its
-        own forward (another architecture, partitioned weights, a cache other than ours)."""
+        own forward (another architecture, ZeRO-3 weights, a cache other than ours)."""
         base = getattr(model, "model", None)
         if base is None or not hasattr(model, "lm_head"):
             return None
@@ -169,7 +172,7 @@ class LeanDecoder:
             return None
         if not all(isinstance(x, GrowingLayer) for x in cache.layers):
             return None
-        if any(_partitioned(p) for p in model.parameters()):  # ZeRO-3, not gathered
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3: see the module
             return None
         return cls(model, cache, full_mask)
 
@@ -242,9 +245,3 @@ def _fused(layer) -> tuple:
     parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
     gate_up = stack(mlp.gate_proj, mlp.up_proj) if all(hasattr(mlp, a) for a in parts) else None
     return qkv, gate_up
-
-
-def _partitioned(p: torch.nn.Parameter) -> bool:
-    """A ZeRO-3 parameter whose data is not on this rank right now."""
-    status = getattr(p, "ds_status", None)
-    return status is not None and getattr(status, "name", "") != "AVAILABLE"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import dist
 from .decode import cache_name, cache_of, distinct_rows, full_attention_only
 
 # the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
@@ -76,6 +77,10 @@ def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
     if (checkpointing and module.training) or cache_name(module) is None:
         return None
     if not full_attention_only(module) or module.config.get_text_config().is_encoder_decoder:
+        return None
+    # ZeRO-3 on several ranks: every forward gathers weights with the other ranks, so all must
+    # run the same number of forwards, and whether sharing pays differs between their batches
+    if dist.world_size() > 1 and any(hasattr(p, "ds_id") for p in module.parameters()):
         return None
     # distinct prompts: the same ids and the same padding
     first, inverse = distinct_rows(batch.input_ids[:, :p_len], batch.attention_mask[:, :p_len])

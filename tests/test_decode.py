@@ -179,6 +179,16 @@ def test_fast_paths_apply_only_where_they_fit():
         "mistral-sliding": (False, False),  # a window: transformers' own cache and forward
         "gpt2": (True, False),  # full attention, so our cache; another layer: its forward
     }
+    # weights managed by ZeRO-3 (DeepSpeed marks them with a ds_id), even gathered whole: the
+    # model's forward, since ZeRO-3's hooks at each module call talk to the other ranks
+    # (test_distributed's two-rank ZeRO-3 run with gathered generation covers the real thing)
+    model = build("llama")
+    cache = preallocated_cache(model, 20)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache)
+    assert LeanDecoder.build(model, cache_of(out), mask) is not None
+    model.model.norm.weight.ds_id = 0
+    assert LeanDecoder.build(model, cache_of(out), mask) is None
 
 
 def test_greedy_sampling_equals_generate_for_every_architecture():

@@ -135,6 +135,38 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
     _assert_same_run(one.run_dir, two, steps=4)
 
 
+SHARING_RANKS = """
+import sys
+import grpo_ensemble.logprobs
+from grpo_ensemble.cli import main
+
+grpo_ensemble.logprobs.SHARE_MIN = {"cpu": 0, "cuda": 0}  # the tiny models are below it
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
+    # a group's prompt run once per forward, forced on: at ZeRO 2 each rank decides for its own
+    # micro-batches (a rank's filler batch runs whole), at ZeRO 3 (every forward a collective)
+    # no rank shares; both match one rank that shares, and no rank waits for another. ZeRO 3
+    # here also generates with the weights gathered whole (the default), ranks decoding
+    # different numbers of tokens: the lean decode step hung there, the model's forward does not
+    import grpo_ensemble.logprobs as logprobs_module
+
+    monkeypatch.setattr(logprobs_module, "SHARE_MIN", {"cpu": 0, "cuda": 0})
+    recipe = _recipe_file(tmp_path, {"zero_stage": stage})
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    script = tmp_path / "launch.py"
+    script.write_text(SHARING_RANKS)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_port()), str(script), "train", str(recipe)]
+    proc = _launch([*cmd, "--set", f"output_dir={two}"], tmp_path)
+    assert proc.stdout.count("done: step 3 of 3") == 1
+    _assert_same_run(one.run_dir, two)
+
+
 FAILING_RANK = """
 import os, sys
 from grpo_ensemble import RewardScorer, hookimpl
