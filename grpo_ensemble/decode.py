@@ -112,6 +112,15 @@ def distinct_rows(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first.scatter_reduce(0, inverse, rows, "amin"), inverse
 
 
+def repeat_rows(cache: Cache, prefilled: Cache, inverse: torch.Tensor) -> Cache:
+    """Fill `cache` with the keys and values of `prefilled` (one row per distinct prompt), row i
+    taking distinct row `inverse[i]`; returns `cache`. Differentiable: a row's gradient flows
+    back to its prompt's keys and values, summed over the rows that share it."""
+    for i, layer in enumerate(prefilled.layers):
+        cache.update(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse), i)
+    return cache
+
+
 def preallocated_cache(model: torch.nn.Module, room: int) -> dict:
     """Keyword arguments that give a forward a cache of `GrowingLayer`s with `room` positions,
     or {} (the model's default cache) where such a cache does not fit the model."""

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import dist
-from .decode import cache_name, cache_of, distinct_rows, full_attention_only
+from .decode import cache_name, cache_of, distinct_rows, full_attention_only, repeat_rows
 
 # the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
 # parameters is at least this: the second forward call must cost less than the arithmetic it
@@ -129,9 +129,7 @@ def _shared_prompt_logits(model, batch: TokenBatch, position_ids, first, inverse
         logits_to_keep=1,
         use_cache=True,
     )
-    cache = Cache(layer_class_to_replicate=DynamicLayer)
-    for i, layer in enumerate(cache_of(out).layers):  # each row gets its prompt's keys/values
-        cache.update(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse), i)
+    cache = repeat_rows(Cache(layer_class_to_replicate=DynamicLayer), cache_of(out), inverse)
     rest = model(  # completion tokens but the last (nothing follows it)
         input_ids=batch.completion_ids[:, :-1],
         attention_mask=batch.attention_mask[:, :-1],

@@ -19,7 +19,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .decode import LeanDecoder, cache_name, cache_of, distinct_rows, preallocated_cache
+from .decode import (
+    LeanDecoder,
+    cache_name,
+    cache_of,
+    distinct_rows,
+    preallocated_cache,
+    repeat_rows,
+)
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -107,10 +114,7 @@ class _Forward:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            self.cache = next(iter(cache.values()))
-            for i, layer in enumerate(cache_of(out).layers):  # each row, its prompt's keys/values
-                k, v = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
-                self.cache.update(k, v, i)
+            self.cache = repeat_rows(next(iter(cache.values())), cache_of(out), inverse)
             self.logits = out.logits[:, -1, :].index_select(0, inverse)
         else:
             out = model(
