@@ -11,9 +11,11 @@ Two costs of decoding through a transformers model's `forward` that are not arit
   matrix products.
 
 For the Llama family (Llama, Mistral, Qwen2: pre-norm decoder layers, rotary attention, gated
-MLP) `LeanDecoder` runs the decode step itself. It calls the model's own modules (embedding,
-projections, norms, MLP, rotary embedding, LM head) and does only the attention by hand, with
-the operations of transformers' `eager` attention. Any other model, or a model whose weights
+MLP) `LeanDecoder` runs the decode step itself, with the hidden states in column layout (see
+the class). It uses the model's own weights and modules (embedding, projections, norms, MLP
+activation, rotary embedding, LM head), computes the RMS norms and plain `Linear` products
+itself (the same operations, on columns), and the attention with the operations of
+transformers' `eager` attention. Any other model, or a model whose weights
 are managed by ZeRO-3, decodes through its own `forward`: ZeRO-3's module hooks gather and
 prefetch weights with the other ranks at module calls, even while the weights are gathered
 whole, so ranks that decode different numbers of tokens through the modules one by one would
@@ -131,10 +133,27 @@ def preallocated_cache(model: torch.nn.Module, room: int) -> dict:
     return {name: Cache(layer_class_to_replicate=layer)}
 
 
+# LeanDecoder keeps a step's hidden states in column layout, (hidden, B), on a CPU where
+# rows × hidden² reaches this (see the class); in row layout, (B, hidden), below it and on
+# other devices
+COLUMNS_MIN = {"cpu": 100_000}
+
+
 class LeanDecoder:
     """The one-token forward of a Llama-family model over a cache of `GrowingLayer`s filled by
     the model's own prefill. `full_mask` (B, S) is the attention mask of every position there
-    will be (1 for real tokens, 0 for left padding)."""
+    will be (1 for real tokens, 0 for left padding).
+
+    Layout. In column layout the hidden states are (hidden, B) and every projection is
+    `W @ h`, the weight on the left; in row layout they are (B, hidden) and a projection is
+    `h @ Wᵀ`, as `Linear` computes it. A CPU's matrix-product routine (MKL, 2 threads) runs
+    `W @ h` 1.4–1.8× faster than `h @ Wᵀ` for tens of rows and a width of a few hundred, and
+    slower for products of under about 10⁵ multiply-adds (8 rows of width 64), hence
+    `COLUMNS_MIN`. Both layouts run the same operations (norms, rotary embedding, MLP, the
+    attention as transformers' `eager` attention); in columns the sums of the norm and of the
+    products may round in another order, so the logits agree with the model's forward to float
+    rounding, not bit for bit.
+    """
 
     def __init__(self, model: torch.nn.Module, cache: Cache, full_mask: torch.Tensor):
         self.model = model
@@ -142,17 +161,22 @@ class LeanDecoder:
         self.layers = list(self.base.layers)
         self.cache_layers = list(cache.layers)
         dtype = self.base.embed_tokens.weight.dtype
+        device = full_mask.device
         blocked = torch.finfo(dtype).min  # as transformers' eager mask: not -inf
-        bias = torch.zeros(full_mask.shape, dtype=dtype, device=full_mask.device)
+        bias = torch.zeros(full_mask.shape, dtype=dtype, device=device)
         self.bias = bias.masked_fill(full_mask == 0, blocked)[:, None, None, :]  # (B,1,1,S)
-        self.rope = self._rope_table(full_mask.shape[1], dtype, full_mask.device)
+        width = self.base.embed_tokens.weight.shape[1]
+        least = COLUMNS_MIN.get(device.type)
+        self.columns = least is not None and full_mask.shape[0] * width**2 >= least
+        self.rope = self._rope_table(full_mask.shape[1], dtype, device)
         small = sum(p.numel() * p.element_size() for p in model.parameters()) <= FUSE_MAX_BYTES
         self.fused = [_fused(layer) if small else (None, None) for layer in self.layers]
 
     def _rope_table(self, n: int, dtype, device):
-        """(cos, signed sin), each (n, D), of positions 0 … n−1, or None where the rotary
-        embedding depends on more than the position (dynamic scaling). With the sin's first
-        half negated, `rotate_half(x) * sin` is `x.roll(D/2) * signed sin`, bit for bit."""
+        """(cos, signed sin), each (n, D), of positions 0 … n−1 ((D, n) in column layout), or
+        None where the rotary embedding depends on more than the position (dynamic scaling).
+        With the sin's first half negated, `rotate_half(x) * sin` is `x.roll(D/2) * signed
+        sin`, bit for bit."""
         rotary = self.base.rotary_emb
         kind = str(getattr(rotary, "rope_type", "default"))
         if "dynamic" in kind or kind == "longrope":
@@ -161,7 +185,8 @@ class LeanDecoder:
         cos, sin = rotary(probe, torch.arange(n, device=device)[None])  # (1, n, D)
         sign = torch.ones(cos.shape[-1], dtype=dtype, device=device)
         sign[: cos.shape[-1] // 2] = -1
-        return cos[0], sin[0] * sign
+        cos, sin = cos[0], sin[0] * sign
+        return (cos.t().contiguous(), sin.t().contiguous()) if self.columns else (cos, sin)
 
     @classmethod
     def build(cls, model, cache, full_mask) -> LeanDecoder | None:
@@ -187,52 +212,103 @@ class LeanDecoder:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
-        x = self.base.embed_tokens(tokens[:, None])  # (B, 1, hidden)
+        cols = self.columns
+        x = self.base.embed_tokens(tokens)  # (B, hidden)
+        if cols:
+            x = x.t().contiguous()
         if self.rope is not None:
-            cos, sin = self.rope[0][positions], self.rope[1][positions]  # (B, 1, head_dim)
+            at = positions[:, 0]
+            if cols:
+                rope = self.rope[0][:, at], self.rope[1][:, at]  # (D, B)
+            else:  # (B, 1, D): broadcast over heads
+                rope = self.rope[0][at].unsqueeze(1), self.rope[1][at].unsqueeze(1)
         else:
-            cos, sin = self.base.rotary_emb(x, positions)
-            sin = torch.cat([-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2 :]], -1)
-        rope = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+            cos, sin = self.base.rotary_emb(x, positions)  # (B, 1, D)
+            half = sin.shape[-1] // 2
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+            rope = (cos[:, 0].t(), sin[:, 0].t()) if cols else (cos, sin)
         layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
         for layer, kv, (qkv, gate_up) in layers:
-            h = layer.input_layernorm(x)
+            h = _norm(layer.input_layernorm, x, cols)
             x = x + self._attend(layer.self_attn, h, rope, kv, qkv)
-            h = layer.post_attention_layernorm(x)
+            h = _norm(layer.post_attention_layernorm, x, cols)
+            mlp = layer.mlp
             if gate_up is None:
-                x = x + layer.mlp(h)
-            else:  # as the MLP's forward, its gate and up projections in one product
-                gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
-                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return self.model.lm_head(self.base.norm(x))[:, -1]
+                gate, up = _project(mlp.gate_proj, h, cols), _project(mlp.up_proj, h, cols)
+            else:  # the gate and up projections in one product
+                gate, up = _product(*gate_up, h, cols).chunk(2, dim=0 if cols else -1)
+            x = x + _project(mlp.down_proj, mlp.act_fn(gate) * up, cols)
+        logits = _project(self.model.lm_head, _norm(self.base.norm, x, cols), cols)
+        return logits.t().contiguous() if cols else logits
 
     def _attend(self, attn, h: torch.Tensor, rope, kv: GrowingLayer, qkv) -> torch.Tensor:
-        """Self-attention of one new token per row, as transformers' eager attention."""
-        b, d = h.shape[0], attn.head_dim
+        """Self-attention of one new token per row, as transformers' eager attention, for `h`
+        in the decoder's layout; the result in that layout."""
+        cols, d = self.columns, attn.head_dim
+        b = h.shape[1] if cols else h.shape[0]
+        # heads: (heads, D, B) in columns, (B, heads, D) in rows
+        shape, at = ((-1, d, b), 0) if cols else ((b, -1, d), 1)
+        dim = 1 if cols else 2  # D
         if qkv is None:
-            q = attn.q_proj(h).view(b, -1, 1, d)  # (B, H, 1, D): one position, so no transpose
-            k = attn.k_proj(h).view(b, -1, 1, d)  # (B, KVH, 1, D)
-            v = attn.v_proj(h).view(b, -1, 1, d)
-            q, k = _rotate(q, *rope), _rotate(k, *rope)
+            q = _rotate(_project(attn.q_proj, h, cols).view(shape), *rope, dim)
+            k = _rotate(_project(attn.k_proj, h, cols).view(shape), *rope, dim)
+            v = _project(attn.v_proj, h, cols).view(shape)
         else:  # the three projections in one product; q and k rotated together
             heads = attn.q_proj.out_features // d
             kv_heads = attn.k_proj.out_features // d
-            both = F.linear(h, *qkv).view(b, -1, 1, d)  # (B, H + 2·KVH, 1, D)
-            qk = _rotate(both[:, : heads + kv_heads], *rope)
-            q, k, v = qk[:, :heads], qk[:, heads:], both[:, heads + kv_heads :]
-        keys, values = kv.update(k, v)  # (B, KVH, n, D)
+            both = _product(*qkv, h, cols).view(shape)
+            qk = _rotate(both.narrow(at, 0, heads + kv_heads), *rope, dim)
+            q, k = qk.split([heads, kv_heads], dim=at)
+            v = both.narrow(at, heads + kv_heads, kv_heads)
+        if cols:  # (B, heads, D)
+            q, k, v = q.permute(2, 0, 1), k.permute(2, 0, 1), v.permute(2, 0, 1)
+        keys, values = kv.update(k.unsqueeze(2), v.unsqueeze(2))  # (B, KVH, n, D)
         n, kv_heads = keys.shape[2], keys.shape[1]
         # query head i reads key/value head i // groups, as transformers' repeat_kv
         q = q.reshape(b, kv_heads, -1, d)  # (B, KVH, groups, D)
         scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + self.bias[..., :n]
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(weights, values)  # (B, KVH, groups, D)
-        return attn.o_proj(out.reshape(b, 1, -1))
+        out = torch.matmul(weights, values).reshape(b, -1)  # (B, H·D)
+        return _project(attn.o_proj, out.t() if cols else out, cols)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as transformers' `x * cos + rotate_half(x) * sin`, the same floats."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+# the RMS norms `_norm` computes itself, as their forward does
+RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor, columns: bool) -> torch.Tensor:
+    """`norm` of every column of `x` (hidden, B), or of every row of `x` (B, hidden)."""
+    if type(norm).__name__ not in RMS_NORMS:
+        return norm(x.t()).t() if columns else norm(x)
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(0 if columns else -1, keepdim=True) + norm.variance_epsilon)
+    return (norm.weight[:, None] if columns else norm.weight) * h.to(x.dtype)
+
+
+def _product(weight, bias, x: torch.Tensor, columns: bool) -> torch.Tensor:
+    """The product of a `Linear`'s weight and bias with columns `x` (in, B), `weight @ x`
+    (+ bias per row): (out, B); or with rows `x` (B, in), as `Linear`: (B, out)."""
+    if not columns:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(weight, x)
+    return torch.addmm(bias[:, None], weight, x)
+
+
+def _project(linear: torch.nn.Module, x: torch.Tensor, columns: bool) -> torch.Tensor:
+    """`linear` applied to every column of `x` (in, B), or to every row of `x` (B, in). A
+    plain `Linear` as `_product`; any other module (an adapter, a quantised layer) through its
+    own forward, on rows."""
+    if type(linear) is torch.nn.Linear:
+        return _product(linear.weight, linear.bias, x, columns)
+    return linear(x.t()).t() if columns else linear(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, dim: int):
+    """Rotary embedding along `dim` (the head dimension D) of (heads, D, B) columns with cos
+    and signed sin (D, B), or of (B, heads, D) rows with (B, 1, D), as transformers'
+    `x * cos + rotate_half(x) * sin`, the same floats."""
+    return x * cos + x.roll(x.shape[dim] // 2, dims=dim) * signed_sin
 
 
 def _fused(layer) -> tuple:

@@ -88,15 +88,34 @@ def test_growing_layer_returns_what_concatenation_returns():
     assert ours.get_seq_length() == 8
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-dynamic"])
-def test_lean_step_equals_the_models_forward(kind, fuse, monkeypatch):
-    # fused: q/k/v and gate/up stacked into one product each (small models); else the
-    # model's own projections
-    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
-    model = build(kind)
+class LowRank(torch.nn.Module):
+    """A projection with a low-rank adapter (as LoRA): not a plain `Linear`."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        self.out_features = base.out_features
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+class OtherNorm(torch.nn.Module):
+    """A norm the lean step does not compute itself (a LayerNorm in place of the RMS norm)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+def lean_against_forward(model, steps: int = 5, atol: float = 2e-6):
+    """The lean step's logits against the model's forward, over `steps` tokens; the decoder."""
     ids, mask = left_padded()
-    steps = 5
     full = torch.cat([mask, torch.ones(mask.shape[0], steps, dtype=mask.dtype)], 1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     new = torch.randint(3, 23, (steps, ids.shape[0]), generator=torch.Generator().manual_seed(2))
@@ -105,9 +124,6 @@ def test_lean_step_equals_the_models_forward(kind, fuse, monkeypatch):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
         lean = LeanDecoder.build(model, cache_of(out), full)
         assert lean is not None
-        assert all((qkv is not None) == fuse for qkv, _ in lean.fused)
-        assert all((gate_up is not None) == fuse for _, gate_up in lean.fused)
-        assert (lean.rope is None) == (kind == "llama-dynamic")
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for t in range(steps):
             p = pos[:, -1:] + 1 + t
@@ -119,13 +135,63 @@ def test_lean_step_equals_the_models_forward(kind, fuse, monkeypatch):
                 use_cache=True,
                 cache=ref.cache,
             )
-            torch.testing.assert_close(got, ref.logits[:, -1], rtol=0, atol=2e-6)
+            assert got.dtype == ref.logits.dtype
+            torch.testing.assert_close(got, ref.logits[:, -1], rtol=0, atol=atol)
+    return lean
+
+
+def use_columns(monkeypatch, columns: bool) -> None:
+    """The lean step in column layout (hidden, B) or row layout (B, hidden), whatever the
+    size (the tests' models are below the size where columns pay)."""
+    monkeypatch.setattr(decode_module, "COLUMNS_MIN", {"cpu": 0} if columns else {})
+
+
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-dynamic"])
+def test_lean_step_equals_the_models_forward(kind, fuse, columns, monkeypatch):
+    # fused: q/k/v and gate/up stacked into one product each (small models); else the
+    # model's own projections
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
+    use_columns(monkeypatch, columns)
+    lean = lean_against_forward(build(kind))
+    assert lean.columns == columns
+    assert all((qkv is not None) == fuse for qkv, _ in lean.fused)
+    assert all((gate_up is not None) == fuse for _, gate_up in lean.fused)
+    assert (lean.rope is None) == (kind == "llama-dynamic")
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_lean_step_runs_other_modules_through_their_forward(columns, monkeypatch):
+    # an adapter on a projection and another norm: the step calls them on rows
+    use_columns(monkeypatch, columns)
+    model = build("llama")
+    torch.manual_seed(3)
+    layer = model.model.layers[0]
+    layer.self_attn.q_proj = LowRank(layer.self_attn.q_proj)
+    layer.mlp.down_proj = LowRank(layer.mlp.down_proj)
+    layer.input_layernorm = OtherNorm(SHAPE["hidden_size"])
+    torch.nn.init.normal_(layer.input_layernorm.norm.weight)
+    for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
+        torch.nn.init.normal_(m.up.weight, std=0.5)  # a delta that changes the logits
+    lean = lean_against_forward(model.eval())
+    assert lean.fused[0][0] is None and lean.fused[1][0] is not None  # q/k/v stack: not layer 0
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_lean_step_in_bfloat16(columns, monkeypatch):
+    # columns sum in another order: bf16 logits agree to bf16 rounding
+    use_columns(monkeypatch, columns)
+    model = build("qwen2").to(torch.bfloat16)
+    lean_against_forward(model, atol=3e-2)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral-sliding", "gpt2"])
-def test_sampling_equals_the_plain_forward_loop(kind, monkeypatch):
+@pytest.mark.parametrize("columns", [True, False])
+def test_sampling_equals_the_plain_forward_loop(kind, columns, monkeypatch):
     """Tokens and log-probs of `sample` (fast paths where the model allows) against the same
     loop through the model's own forward and default cache."""
+    use_columns(monkeypatch, columns)
     model = build(kind)
     ids, mask = left_padded()
     kw = dict(temperature=1.0, top_k=0, top_p=0.9, seeds=[11, 12, 13, 14, 15], min_new_tokens=2)
