@@ -150,6 +150,13 @@ class TrainConfig(_Config):
     micro_batch_size: int = Field(
         32, ge=1, description="Candidates per forward/backward (sorted by length when several)."
     )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many token positions per forward/backward (candidates × "
+        "(longest prompt + longest completion)), besides micro_batch_size: short candidates "
+        "fill larger micro-batches (null: candidates only).",
+    )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

@@ -223,21 +223,27 @@ class MicroBatch:
 
 
 def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
-    """Micro-batches of the candidates that enter the loss. When they take several, sorted by
-    length: a micro-batch is padded to its longest prompt and completion, so similar lengths
-    together pad least (the loss is normalised over the whole step: the order changes no
-    gradient beyond floating-point rounding). One micro-batch keeps candidate order."""
+    """Micro-batches of the candidates that enter the loss: at most `train.micro_batch_size`
+    candidates each and, with `train.micro_batch_tokens`, at most that many token positions
+    (see `plan_micro_batches`). When they take several, or with a token budget, the candidates
+    are sorted by length first: a micro-batch is padded to its longest prompt and completion,
+    so similar lengths together pad least (the loss is normalised over the whole step: the
+    order changes no gradient beyond floating-point rounding). Otherwise one micro-batch keeps
+    candidate order."""
     keep = rollout.keep.nonzero().flatten().tolist()
     prompt_of = rollout.candidate_prompt
-    mb = run.recipe.train.micro_batch_size
-    if len(keep) > mb:
-        keep.sort(
-            key=lambda i: (len(rollout.candidates[i].token_ids), len(prompt_ids(run, prompt_of[i])))
-        )
+    mb, budget = run.recipe.train.micro_batch_size, run.recipe.train.micro_batch_tokens
+
+    def lengths(i: int) -> tuple[int, int]:  # (prompt, completion)
+        return len(prompt_ids(run, prompt_of[i])), len(rollout.candidates[i].token_ids)
+
+    if len(keep) > mb or budget is not None:
+        keep.sort(key=lambda i: lengths(i)[::-1])
+    plan = plan_micro_batches([lengths(i) for i in keep], mb, budget)
     mode = {m.name: m.mode for m in run.ensemble.members}
     out = []
-    for start in range(0, len(keep), mb):
-        idx = keep[start : start + mb]
+    for part in plan:
+        idx = [keep[k] for k in part]
         cands = [rollout.candidates[i] for i in idx]
         prompts = [prompt_ids(run, prompt_of[i]) for i in idx]
         batch = TokenBatch.build(prompts, [c.token_ids for c in cands], run.tokenizer.pad_token_id)
@@ -253,6 +259,30 @@ def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
         sources = [c.source for c in cands]
         out.append(MicroBatch(batch, rollout.advantages[idx], idx, modes, sources, behaviour))
     return [b.to(run.engine.device) for b in out]
+
+
+def plan_micro_batches(
+    lengths: list[tuple[int, int]], size: int, tokens: int | None = None
+) -> list[list[int]]:
+    """Candidates 0 … n−1, each (prompt length, completion length), in the order given, cut
+    into consecutive micro-batches of at most `size` candidates and, when `tokens` is set, at
+    most `tokens` padded positions: rows × (longest prompt + longest completion, at least 1),
+    what the micro-batch's forward computes. A candidate longer than the budget alone makes a
+    micro-batch."""
+    out: list[list[int]] = []
+    part: list[int] = []
+    longest = (0, 0)
+    for i, (p, c) in enumerate(lengths):
+        grown = (max(longest[0], p), max(longest[1], c, 1))
+        full = len(part) == size or (tokens is not None and (len(part) + 1) * sum(grown) > tokens)
+        if part and full:
+            out.append(part)
+            part, grown = [], (p, max(c, 1))
+        part.append(i)
+        longest = grown
+    if part:
+        out.append(part)
+    return out
 
 
 def filler_batch(run: Run) -> MicroBatch:
@@ -309,10 +339,8 @@ def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
 def batch_size_of(run: Run, batches) -> BatchSize:
     """Sizes of the whole step's batch over all ranks: every micro-batch's loss is normalised
     by them, so the gradients summed over ranks are those of one rank holding everything."""
-    mine = [
-        sum(len(b.index) for b in batches),
-        sum(float(b.tokens.completion_mask.sum()) for b in batches),
-    ]
+    tokens = sum(b.tokens.completion_mask.sum() for b in batches) if batches else 0
+    mine = [sum(len(b.index) for b in batches), float(tokens)]  # one wait for the device
     sequences, tokens = dist.all_sum(mine)
     return BatchSize(
         sequences=int(sequences),
@@ -333,6 +361,7 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref, keep=None) -> dict[
     sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0}
     sums.update({f"w/{k}/{x}": 0.0 for k in WEIGHT_KEYS for x in ("weight", "tokens")})
     off = OffPolicy(r.loss.shaped_gamma, r.loss.tis_low, r.loss.tis_high)
+    on_device: dict[str, torch.Tensor] = {}
     for j, mbatch in enumerate(batches):
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
@@ -360,16 +389,23 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref, keep=None) -> dict[
         if filler:
             continue
         mask = batch.completion_mask
-        sums["loss"] += out.loss.item()
-        sums["kl_sum"] += float((out.kl * mask).sum())
-        sums["clipped"] += float(out.clipped.sum())
-        sums["tokens"] += float(mask.sum())
+        parts = {
+            "loss": out.loss.detach(),
+            "kl_sum": (out.kl.detach() * mask).sum(),
+            "clipped": out.clipped.sum(),
+            "tokens": mask.sum(),
+        }
         if out.tis_clamped is not None:
-            sums["w/tis_clamped/weight"] += float(out.tis_clamped.sum())
+            parts["w/tis_clamped/weight"] = out.tis_clamped.sum()
         for name, k in MODES.items():
             rows = mask * (mbatch.modes == k).unsqueeze(1)
-            sums[f"w/{name}/weight"] += float((out.weight * rows).sum())
-            sums[f"w/{name}/tokens"] += float(rows.sum())
+            parts[f"w/{name}/weight"] = (out.weight.detach() * rows).sum()
+            parts[f"w/{name}/tokens"] = rows.sum()
+        for k, v in parts.items():  # on the device: no wait for it per micro-batch
+            on_device[k] = on_device[k] + v.double() if k in on_device else v.double()
+    if on_device:  # one transfer for every micro-batch's metrics
+        names = list(on_device)
+        sums.update(zip(names, torch.stack([on_device[k] for k in names]).tolist(), strict=True))
     return sums
 
 

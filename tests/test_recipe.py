@@ -51,6 +51,7 @@ BAD = [
     (GOOD + "unknown_key: 1\n", None, "unknown_key: unknown key"),
     (GOOD, "train.steps=many", "train.steps"),
     (GOOD, "train.lr=-1", "train.lr"),
+    (GOOD, "train.micro_batch_tokens=0", "train.micro_batch_tokens"),
     (GOOD, "policy.n=1", "policy.n: a group needs at least 2"),
     (GOOD, "loss.aggregation=median", "loss.aggregation"),
     (GOOD, "train.zero_stage=4", "train.zero_stage"),

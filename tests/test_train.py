@@ -26,6 +26,7 @@ from grpo_ensemble.train import (
     filler_batch,
     frozen_logprobs,
     micro_batches,
+    plan_micro_batches,
     train_mode_is_eval_mode,
 )
 
@@ -37,27 +38,56 @@ def _weights(model_dir):
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "constant"])
 def test_micro_batch_split_gives_the_same_gradient(small_recipe, tmp_path, aggregation):
-    # one step's candidates in one micro-batch, or in micro-batches of 3: same gradient, loss
+    # one step's candidates in one micro-batch, in micro-batches of 3, or cut by a token
+    # budget: same gradient, same loss and metric sums
     recipe = small_recipe(loss__aggregation=aggregation, loss__beta=0.05, loss__mu=2)
     run = build_run(recipe, tmp_path)
     torch.manual_seed(0)
     rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
     assert rollout.advantages.abs().sum() > 0  # there is a learning signal to compare
-    grads, losses = [], []
-    for mb in (16, 3):
+    keep = rollout.keep.nonzero().flatten().tolist()
+    tokens = sum(len(rollout.candidates[i].token_ids) for i in keep)
+    grads, sums, counts = [], [], []
+    for mb, budget in ((16, None), (3, None), (16, 40)):
         run.recipe.train.micro_batch_size = mb
+        run.recipe.train.micro_batch_tokens = budget
         batches = micro_batches(run, rollout)
-        assert len(batches) == (1 if mb == 16 else 6)
+        counts.append(len(batches))
+        for b in batches:
+            assert len(b.index) <= mb
+            if budget is not None and len(b.index) > 1:
+                assert b.tokens.input_ids.numel() <= budget
         size = batch_size_of(run, batches)
         ref = frozen_logprobs(run.ref_model, batches, 1.0)
         old = [r - 0.1 for r in ref]  # a fixed "old policy" so that ratios are not all 1
         run.engine.module.zero_grad(set_to_none=True)
-        losses.append(accumulate(run, batches, size, old, ref)["loss"])
+        sums.append(accumulate(run, batches, size, old, ref))
         grads.append({n: p.grad.clone() for n, p in run.engine.module.named_parameters()})
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
-    for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-4), name
+    assert counts[:2] == [1, 6] and counts[2] > 1
+    assert sums[0]["tokens"] == tokens  # every completion token, counted once
+    for other in sums[1:]:
+        assert other.keys() == sums[0].keys()
+        for key, value in sums[0].items():
+            assert other[key] == pytest.approx(value, abs=1e-6), key
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            assert torch.allclose(g, other[name], atol=1e-6, rtol=1e-4), name
     assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_plan_micro_batches():
+    # (prompt length, completion length) in the order given; positions: rows × (P + C)
+    lengths = [(3, 1), (3, 2), (4, 2), (3, 5), (3, 5), (2, 9), (3, 0)]
+    assert plan_micro_batches(lengths, size=8) == [[0, 1, 2, 3, 4, 5, 6]]
+    assert plan_micro_batches(lengths, size=3) == [[0, 1, 2], [3, 4, 5], [6]]
+    # 16 positions: [0,1] 2×5=10, +2: 3×6=18 > 16; [2,3] 2×9=18 > 16, so 2 alone (6);
+    # [3,4] 2×8=16; [5] 1×11, +6: 2×(3+9)=24 > 16; [6] 1×(3+1)
+    assert plan_micro_batches(lengths, size=8, tokens=16) == [[0, 1], [2], [3, 4], [5], [6]]
+    # a budget below one candidate's length: each alone
+    assert plan_micro_batches(lengths, size=8, tokens=1) == [[i] for i in range(7)]
+    # both limits: the size cuts first where it is reached first
+    assert plan_micro_batches(lengths[:2], size=1, tokens=100) == [[0], [1]]
+    assert plan_micro_batches([], size=4, tokens=10) == []
 
 
 def test_micro_batches_hold_similar_lengths(small_recipe, tmp_path):
