@@ -66,8 +66,8 @@ class GrowingLayer(DynamicLayer):
             self._alloc(old_k, old_v, 2 * end)
             self.key_buf[:, :, : self.filled] = old_k[:, :, : self.filled]
             self.value_buf[:, :, : self.filled] = old_v[:, :, : self.filled]
-        self.key_buf[:, :, self.filled : end] = key_states
-        self.value_buf[:, :, self.filled : end] = value_states
+        self.key_buf.narrow(2, self.filled, end - self.filled).copy_(key_states)
+        self.value_buf.narrow(2, self.filled, end - self.filled).copy_(value_states)
         self.filled = end
         self.keys = self.key_buf[:, :, :end]
         self.values = self.value_buf[:, :, :end]
@@ -165,6 +165,7 @@ class LeanDecoder:
         blocked = torch.finfo(dtype).min  # as transformers' eager mask: not -inf
         bias = torch.zeros(full_mask.shape, dtype=dtype, device=device)
         self.bias = bias.masked_fill(full_mask == 0, blocked)[:, None, None, :]  # (B,1,1,S)
+        self.head_bias = None  # the same per key/value head, made at the first step
         width = self.base.embed_tokens.weight.shape[1]
         least = COLUMNS_MIN.get(device.type)
         self.columns = least is not None and full_mask.shape[0] * width**2 >= least
@@ -264,11 +265,17 @@ class LeanDecoder:
             q, k, v = q.permute(2, 0, 1), k.permute(2, 0, 1), v.permute(2, 0, 1)
         keys, values = kv.update(k.unsqueeze(2), v.unsqueeze(2))  # (B, KVH, n, D)
         n, kv_heads = keys.shape[2], keys.shape[1]
-        # query head i reads key/value head i // groups, as transformers' repeat_kv
-        q = q.reshape(b, kv_heads, -1, d)  # (B, KVH, groups, D)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + self.bias[..., :n]
+        if self.head_bias is None:  # the mask per (row, key/value head): (B·KVH, 1, S)
+            full = self.bias.shape[-1]
+            self.head_bias = self.bias.expand(b, kv_heads, 1, full).reshape(-1, 1, full)
+        # query head i reads key/value head i // groups, as transformers' repeat_kv; with the
+        # rows and key/value heads in one batch dimension (views of the cache, no copy)
+        q = q.reshape(b * kv_heads, -1, d)  # (B·KVH, groups, D)
+        keys, values = keys.reshape(-1, n, d), values.reshape(-1, n, d)  # (B·KVH, n, D)
+        # scaling × q·k + mask in one product, as eager's (q·k) × scaling + mask
+        scores = torch.baddbmm(self.head_bias[..., :n], q, keys.transpose(1, 2), alpha=attn.scaling)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(weights, values).reshape(b, -1)  # (B, H·D)
+        out = torch.bmm(weights, values).reshape(b, -1)  # (B, H·D)
         return _project(attn.o_proj, out.t() if cols else out, cols)
 
 
