@@ -15,11 +15,14 @@ MLP) `LeanDecoder` runs the decode step itself, with the hidden states in column
 the class). It uses the model's own weights and modules (embedding, projections, norms, MLP
 activation, rotary embedding, LM head), computes the RMS norms and plain `Linear` products
 itself (the same operations, on columns), and the attention with the operations of
-transformers' `eager` attention. Any other model, or a model whose weights
-are managed by ZeRO-3, decodes through its own `forward`: ZeRO-3's module hooks gather and
-prefetch weights with the other ranks at module calls, even while the weights are gathered
-whole, so ranks that decode different numbers of tokens through the modules one by one would
-wait on each other for good.
+transformers' `eager` attention. Any other model decodes through its own `forward`.
+
+ZeRO-3: its module hooks gather and prefetch weights with the other ranks at module calls,
+even while the weights are gathered whole, so ranks that decode different numbers of tokens
+through the modules one by one would wait on each other for good. The lean step therefore
+runs under ZeRO-3 only where it calls no module (`hook_free`: plain embedding, projections
+and RMS norms, computed from their weights, and the weights gathered whole, as with
+`generation_weights: gather`); otherwise such a model decodes through its own forward.
 tests/test_decode.py checks both against the model's `forward`.
 """
 
@@ -183,7 +186,7 @@ class LeanDecoder:
         if "dynamic" in kind or kind == "longrope":
             return None
         probe = torch.zeros(1, dtype=dtype, device=device)  # gives the dtype and device only
-        cos, sin = rotary(probe, torch.arange(n, device=device)[None])  # (1, n, D)
+        cos, sin = rotary.forward(probe, torch.arange(n, device=device)[None])  # (1, n, D)
         sign = torch.ones(cos.shape[-1], dtype=dtype, device=device)
         sign[: cos.shape[-1] // 2] = -1
         cos, sin = cos[0], sin[0] * sign
@@ -207,14 +210,14 @@ class LeanDecoder:
             return None
         if not all(isinstance(x, GrowingLayer) for x in cache.layers):
             return None
-        if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3: see the module
-            return None
+        if any(hasattr(p, "ds_id") for p in model.parameters()) and not hook_free(model):
+            return None  # ZeRO-3: see the module
         return cls(model, cache, full_mask)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
         cols = self.columns
-        x = self.base.embed_tokens(tokens)  # (B, hidden)
+        x = _embed(self.base.embed_tokens, tokens)  # (B, hidden)
         if cols:
             x = x.t().contiguous()
         if self.rope is not None:
@@ -224,7 +227,7 @@ class LeanDecoder:
             else:  # (B, 1, D): broadcast over heads
                 rope = self.rope[0][at].unsqueeze(1), self.rope[1][at].unsqueeze(1)
         else:
-            cos, sin = self.base.rotary_emb(x, positions)  # (B, 1, D)
+            cos, sin = self.base.rotary_emb.forward(x, positions)  # (B, 1, D)
             half = sin.shape[-1] // 2
             sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
             rope = (cos[:, 0].t(), sin[:, 0].t()) if cols else (cos, sin)
@@ -238,7 +241,7 @@ class LeanDecoder:
                 gate, up = _project(mlp.gate_proj, h, cols), _project(mlp.up_proj, h, cols)
             else:  # the gate and up projections in one product
                 gate, up = _product(*gate_up, h, cols).chunk(2, dim=0 if cols else -1)
-            x = x + _project(mlp.down_proj, mlp.act_fn(gate) * up, cols)
+            x = x + _project(mlp.down_proj, mlp.act_fn.forward(gate) * up, cols)
         logits = _project(self.model.lm_head, _norm(self.base.norm, x, cols), cols)
         return logits.t().contiguous() if cols else logits
 
@@ -281,6 +284,38 @@ class LeanDecoder:
 
 # the RMS norms `_norm` computes itself, as their forward does
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+
+
+def hook_free(model: torch.nn.Module) -> bool:
+    """True when the lean step calls no module of `model` (so no module hook runs, ZeRO-3's
+    included) and every ZeRO-3 parameter is gathered whole: plain `Embedding`, `Linear`s and
+    RMS norms, which it computes from their weights; the MLP's activation and the rotary
+    embedding are called through `forward`, which runs no hooks."""
+    base = model.model
+    if type(base.embed_tokens) is not torch.nn.Embedding:
+        return False
+    if type(model.lm_head) is not torch.nn.Linear or type(base.norm).__name__ not in RMS_NORMS:
+        return False
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [getattr(attn, f"{x}_proj", None) for x in "qkvo"]
+        linears += [getattr(mlp, f"{x}_proj", None) for x in ("gate", "up", "down")]
+        if not all(type(m) is torch.nn.Linear for m in linears):
+            return False
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(type(n).__name__ in RMS_NORMS for n in norms):
+            return False
+    # ZeRO-3 marks a gathered parameter AVAILABLE (generation_weights: gather); a sharded one
+    # holds an empty placeholder until a module hook gathers it
+    status = (getattr(p, "ds_status", None) for p in model.parameters() if hasattr(p, "ds_id"))
+    return all(getattr(s, "name", None) == "AVAILABLE" for s in status)
+
+
+def _embed(embedding: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The embedding rows of `tokens`; a plain `Embedding` through `forward`, without hooks."""
+    if type(embedding) is torch.nn.Embedding:
+        return embedding.forward(tokens)
+    return embedding(tokens)
 
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor, columns: bool) -> torch.Tensor:

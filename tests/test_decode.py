@@ -245,15 +245,25 @@ def test_fast_paths_apply_only_where_they_fit():
         "mistral-sliding": (False, False),  # a window: transformers' own cache and forward
         "gpt2": (True, False),  # full attention, so our cache; another layer: its forward
     }
-    # weights managed by ZeRO-3 (DeepSpeed marks them with a ds_id), even gathered whole: the
-    # model's forward, since ZeRO-3's hooks at each module call talk to the other ranks
-    # (test_distributed's two-rank ZeRO-3 run with gathered generation covers the real thing)
+    # weights managed by ZeRO-3 (DeepSpeed marks them with a ds_id and a status): the lean step
+    # only where it calls no module (ZeRO-3's hooks at each module call talk to the other
+    # ranks) and every weight is gathered whole; else the model's forward.
+    # test_distributed's two-rank ZeRO-3 runs cover the real thing (gathered: lean; sharded: not)
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     model = build("llama")
     cache = preallocated_cache(model, 20)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache)
     assert LeanDecoder.build(model, cache_of(out), mask) is not None
-    model.model.norm.weight.ds_id = 0
+    for i, p in enumerate(model.parameters()):
+        p.ds_id, p.ds_status = i, ZeroParamStatus.AVAILABLE
+    assert LeanDecoder.build(model, cache_of(out), mask) is not None  # gathered, no hooks
+    model.model.norm.weight.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    assert LeanDecoder.build(model, cache_of(out), mask) is None  # a sharded weight
+    model.model.norm.weight.ds_status = ZeroParamStatus.AVAILABLE
+    attn = model.model.layers[1].self_attn
+    attn.v_proj = LowRank(attn.v_proj)  # its forward calls modules: hooks would run
     assert LeanDecoder.build(model, cache_of(out), mask) is None
 
 

@@ -136,11 +136,20 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
 
 
 SHARING_RANKS = """
-import sys
+import os, sys
 import grpo_ensemble.logprobs
+import grpo_ensemble.decode
 from grpo_ensemble.cli import main
 
 grpo_ensemble.logprobs.SHARE_MIN = {"cpu": 0, "cuda": 0}  # the tiny models are below it
+built = grpo_ensemble.decode.LeanDecoder.__init__
+
+def init(self, *args, **kwargs):  # a file per rank that decoded ZeRO-3 weights with the lean step
+    built(self, *args, **kwargs)
+    if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+        open("lean-zero3-rank" + os.environ["RANK"], "w").close()
+
+grpo_ensemble.decode.LeanDecoder.__init__ = init
 sys.exit(main())
 """
 
@@ -151,7 +160,8 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
     # micro-batches (a rank's filler batch runs whole), at ZeRO 3 (every forward a collective)
     # no rank shares; both match one rank that shares, and no rank waits for another. ZeRO 3
     # here also generates with the weights gathered whole (the default), ranks decoding
-    # different numbers of tokens: the lean decode step hung there, the model's forward does not
+    # different numbers of tokens: a decode step that calls the model's modules one by one hung
+    # there (ZeRO-3's hooks); the lean step, which calls none, runs on both ranks
     import grpo_ensemble.logprobs as logprobs_module
 
     monkeypatch.setattr(logprobs_module, "SHARE_MIN", {"cpu": 0, "cuda": 0})
@@ -164,6 +174,8 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
     cmd += ["--master_port", str(_port()), str(script), "train", str(recipe)]
     proc = _launch([*cmd, "--set", f"output_dir={two}"], tmp_path)
     assert proc.stdout.count("done: step 3 of 3") == 1
+    lean = [(tmp_path / f"lean-zero3-rank{r}").exists() for r in (0, 1)]
+    assert lean == ([True, True] if stage == 3 else [False, False])
     _assert_same_run(one.run_dir, two)
 
 
