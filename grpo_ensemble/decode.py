@@ -195,7 +195,8 @@ class LeanDecoder:
     @classmethod
     def build(cls, model, cache, full_mask) -> LeanDecoder | None:
         """A decoder for `model` over the prefilled `cache`, or None where the model needs its
-        own forward (another architecture, ZeRO-3 weights, a cache other than ours)."""
+        own forward (another architecture, ZeRO-3 weights that are sharded or that only module
+        calls would reach, a cache other than ours)."""
         base = getattr(model, "model", None)
         if base is None or not hasattr(model, "lm_head"):
             return None
