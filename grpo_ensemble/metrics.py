@@ -18,7 +18,8 @@ from .loss import MODES
 from .types import POLICY
 
 if TYPE_CHECKING:
-    from .train import MicroBatch, Rollout, Run
+    from .batching import MicroBatch
+    from .train import Rollout, Run
 
 
 def best_candidates(ro: Rollout) -> torch.Tensor:
@@ -117,7 +118,7 @@ def tokens_by_member(run: Run, batches: list[MicroBatch]) -> dict[str, float]:
     """Completion tokens in the loss, per member that produced them (every member a key)."""
     out = {m.name: 0.0 for m in run.ensemble.members}
     for b in batches:
-        if not b.index:  # a filler micro-batch (see train.filler_batch)
+        if not b.index:  # a filler micro-batch (see batching.filler_batch)
             continue
         per_row = b.tokens.completion_mask.sum(dim=1).tolist()  # (B,)
         for source, n in zip(b.sources, per_row, strict=True):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from grpo_ensemble import Candidate, Generator
+from grpo_ensemble.batching import micro_batches
 from grpo_ensemble.build import check_recipe
 from grpo_ensemble.errors import RecipeError
 from grpo_ensemble.loss import (
@@ -17,7 +18,7 @@ from grpo_ensemble.loss import (
     tis_surrogate,
 )
 from grpo_ensemble.models import load_tokenizer, resolve_model
-from grpo_ensemble.train import build_run, evaluate_groups, micro_batches
+from grpo_ensemble.train import build_run, evaluate_groups
 
 
 def test_shaped_loss_and_gradient_by_hand():

@@ -17,16 +17,14 @@ from grpo_ensemble import (
     plugins,
     train,
 )
+from grpo_ensemble.batching import filler_batch, micro_batches, plan_micro_batches
 from grpo_ensemble.models import resolve_model
 from grpo_ensemble.train import (
     accumulate,
     batch_size_of,
     build_run,
     evaluate_groups,
-    filler_batch,
     frozen_logprobs,
-    micro_batches,
-    plan_micro_batches,
     train_mode_is_eval_mode,
 )
 
