@@ -236,7 +236,7 @@ def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
 def batch_size_of(run: Run, batches) -> BatchSize:
     """Sizes of the whole step's batch over all ranks: every micro-batch's loss is normalised
     by them, so the gradients summed over ranks are those of one rank holding everything."""
-    tokens = sum(b.tokens.completion_mask.sum() for b in batches) if batches else 0
+    tokens = sum(b.tokens.completion_mask.sum() for b in batches)  # 0 when there are none
     mine = [sum(len(b.index) for b in batches), float(tokens)]  # one wait for the device
     sequences, tokens = dist.all_sum(mine)
     return BatchSize(
