@@ -211,7 +211,7 @@ class LeanDecoder:
             return None
         if not all(isinstance(x, GrowingLayer) for x in cache.layers):
             return None
-        if any(hasattr(p, "ds_id") for p in model.parameters()) and not hook_free(model):
+        if zero3_managed(model) and not hook_free(model):
             return None  # ZeRO-3: see the module
         return cls(model, cache, full_mask)
 
@@ -287,6 +287,17 @@ class LeanDecoder:
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
 
+def zero3_managed(module: torch.nn.Module) -> bool:
+    """True when ZeRO-3 manages the module's weights (DeepSpeed marks them with a ds_id)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _plain_linear(m) -> bool:
+    """A `torch.nn.Linear` itself, not a subclass (which may compute otherwise) or an
+    adapter: the lean step may then compute its product from its weight and bias."""
+    return type(m) is torch.nn.Linear
+
+
 def hook_free(model: torch.nn.Module) -> bool:
     """True when the lean step calls no module of `model` (so no module hook runs, ZeRO-3's
     included) and every ZeRO-3 parameter is gathered whole: plain `Embedding`, `Linear`s and
@@ -295,13 +306,13 @@ def hook_free(model: torch.nn.Module) -> bool:
     base = model.model
     if type(base.embed_tokens) is not torch.nn.Embedding:
         return False
-    if type(model.lm_head) is not torch.nn.Linear or type(base.norm).__name__ not in RMS_NORMS:
+    if not _plain_linear(model.lm_head) or type(base.norm).__name__ not in RMS_NORMS:
         return False
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = [getattr(attn, f"{x}_proj", None) for x in "qkvo"]
         linears += [getattr(mlp, f"{x}_proj", None) for x in ("gate", "up", "down")]
-        if not all(type(m) is torch.nn.Linear for m in linears):
+        if not all(_plain_linear(m) for m in linears):
             return False
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(type(n).__name__ in RMS_NORMS for n in norms):
@@ -342,7 +353,7 @@ def _project(linear: torch.nn.Module, x: torch.Tensor, columns: bool) -> torch.T
     """`linear` applied to every column of `x` (in, B), or to every row of `x` (B, in). A
     plain `Linear` as `_product`; any other module (an adapter, a quantised layer) through its
     own forward, on rows."""
-    if type(linear) is torch.nn.Linear:
+    if _plain_linear(linear):
         return _product(linear.weight, linear.bias, x, columns)
     return linear(x.t()).t() if columns else linear(x)
 
@@ -359,7 +370,7 @@ def _fused(layer) -> tuple:
     decoder layer, each None where its projections do not stack (another MLP, mixed biases)."""
 
     def stack(*linears):
-        if not all(isinstance(m, torch.nn.Linear) for m in linears):
+        if not all(_plain_linear(m) for m in linears):  # a subclass may compute otherwise
             return None
         biases = [m.bias for m in linears]
         if any(b is None for b in biases) and not all(b is None for b in biases):

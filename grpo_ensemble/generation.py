@@ -16,6 +16,7 @@ import torch
 
 from . import dist
 from .components import Generator, SamplingParams, candidate_seed, mix64
+from .decode import zero3_managed
 from .engine import gathered_params
 from .errors import PluginError, UserError
 from .models import load_model, same_tokenizer
@@ -75,7 +76,7 @@ class HFGenerator(Generator):
     def collective(self) -> bool:
         """True when generating takes part in collectives (ZeRO-3 sharded weights, >1 rank):
         then every rank must call `generate` at the same points, even with no prompts."""
-        return dist.world_size() > 1 and any(hasattr(p, "ds_id") for p in self.model.parameters())
+        return dist.world_size() > 1 and zero3_managed(self.model)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same module object: nothing to copy

@@ -15,7 +15,14 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import dist
-from .decode import cache_name, cache_of, distinct_rows, full_attention_only, repeat_rows
+from .decode import (
+    cache_name,
+    cache_of,
+    distinct_rows,
+    full_attention_only,
+    repeat_rows,
+    zero3_managed,
+)
 
 # the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
 # parameters is at least this: the second forward call must cost less than the arithmetic it
@@ -80,7 +87,7 @@ def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
         return None
     # ZeRO-3 on several ranks: every forward gathers weights with the other ranks, so all must
     # run the same number of forwards, and whether sharing pays differs between their batches
-    if dist.world_size() > 1 and any(hasattr(p, "ds_id") for p in module.parameters()):
+    if dist.world_size() > 1 and zero3_managed(module):
         return None
     # distinct prompts: the same ids and the same padding
     first, inverse = distinct_rows(batch.input_ids[:, :p_len], batch.attention_mask[:, :p_len])
