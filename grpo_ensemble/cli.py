@@ -5,10 +5,12 @@ Set GRPO_ENSEMBLE_DEBUG=1 to see the traceback of any error.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -148,22 +150,50 @@ def _launcher_args(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and maps errors to exit codes."""
     try:
-        return _main(argv)
-    finally:
+        code = _main(argv)
+    except BaseException:  # GRPO_ENSEMBLE_DEBUG: the traceback goes out the usual way
         _leave_process_group()
+        raise
+    if _leave_process_group():
+        _exit_rank(code)
+    return code
 
 
-def _leave_process_group() -> None:
-    """Shut the process group down before the interpreter does: left to exit, its threads can
-    abort the process ("terminate called without an active exception") after a clean end."""
+def _leave_process_group() -> bool:
+    """Shut the process group down; True if this process was a rank of a multi-process run."""
     if "torch" not in sys.modules:  # nothing to leave
-        return
+        return False
     d = sys.modules["torch"].distributed
     if d.is_available() and d.is_initialized() and os.environ.get("WORLD_SIZE", "1") != "1":
         try:
             d.destroy_process_group()
         except Exception:  # noqa: BLE001 — best effort on the way out
             pass
+        return True
+    return False
+
+
+def _exit_rank(code: int) -> None:
+    """End a rank without finalizing the interpreter.
+
+    A gloo worker thread frees the tensors of the collective it ran just after the collective
+    ends, and it takes the GIL to do so. When the rank exits right after that collective (as
+    after an error every rank agreed on), the interpreter may already be finalizing; the thread
+    then cannot take the GIL and the process dies of SIGABRT ("terminate called without an
+    active exception") instead of exiting with `code`. So this does what a normal exit does
+    that matters (wait for non-daemon threads, run exit handlers, flush output) and leaves with
+    `os._exit`.
+    """
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 — a closed stream: nothing to flush
+            pass
+    os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
