@@ -236,7 +236,8 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
         )
     outs = [p.communicate(timeout=300) for p in procs]
     errs = [e.decode() for _, e in outs]
-    assert [p.returncode for p in procs] == [1, 1], errs
+    tails = "\n".join(f"--- rank {r} stderr:\n{e[-2000:]}" for r, e in enumerate(errs))
+    assert [p.returncode for p in procs] == [1, 1], tails
     message = "run failed: rank 1: plugin 'fails_on_rank_one': reward scorer raised RuntimeError: "
     assert message + "scorer broke on purpose" in errs[0], errs[0]
     assert "Traceback" not in errs[0] and "Traceback" not in errs[1]
