@@ -109,9 +109,9 @@ def build_run(
                 gen.model, gen.gather = shard_frozen(gen.model, dtype), gather
     else:  # whole copies, on the device the policy trains on (DeepSpeed moved it there)
         ref = ref.to(engine.device) if ref is not None else None
-        for name, gen in peers.items():
+        for name, gen in peers.items():  # and in its precision, as the sharded copies are
             if isinstance(gen, HFGenerator) and name not in given:
-                gen.model = gen.model.to(engine.device)
+                gen.model = gen.model.to(engine.device, dtype)
     members = []
     for name, _, m in member_fields(recipe):
         if name == POLICY:  # shares the module being trained: always current weights

@@ -46,6 +46,20 @@ def test_precision_auto_is_fp32_on_cpu(small_recipe):
     assert resolve_dtype(small_recipe(train__precision="bf16")) == torch.bfloat16
 
 
+def test_every_model_of_a_run_takes_its_precision(small_recipe, tmp_path):
+    """train.precision bf16: the policy, the reference and a peer loaded from the recipe are
+    all bf16 (a peer stayed fp32 before: twice the memory and slow next to a bf16 policy)."""
+    from grpo_ensemble.train import build_run
+
+    run = build_run(small_recipe(train__precision="bf16", loss__beta=0.04), tmp_path)
+    models = {m.name: m.generator.model for m in run.ensemble.members}
+    models.update(engine=run.engine.module, reference=run.ref_model)
+    assert set(models) == {"policy", "strong", "engine", "reference"}
+    assert {k: {p.dtype for p in m.parameters()} for k, m in models.items()} == {
+        k: {torch.bfloat16} for k in models
+    }
+
+
 def test_engine_step_equals_plain_torch_adamw(small_recipe):
     """One optimizer step of our engine (fused AdamW, DeepSpeed's clipping, no all-reduce copy
     on one rank) against torch's reference AdamW loop with the same clipping."""
