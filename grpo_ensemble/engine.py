@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +66,24 @@ def init_distributed(timeout_s: int = 1800) -> None:
         init_method=init_method,
         **lone,
     )
+    if not lone and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit.register(_let_collectives_finish)
+
+
+# how long a rank waits at exit for the process group's threads (see _let_collectives_finish)
+EXIT_GRACE_S = 0.05
+
+
+def _let_collectives_finish() -> None:
+    """An exit handler of every rank of a multi-process run: wait `EXIT_GRACE_S` with the
+    GIL released. A gloo worker thread frees the tensors of the collective it ran just after
+    the collective ends, and takes the GIL to do so; once the interpreter is finalizing, that
+    kills the thread and the process ends with SIGABRT ("terminate called without an active
+    exception") instead of its exit code. A rank that exits right after a collective (an error
+    every rank agreed on, raised out of `train`) met that; exit handlers run before
+    finalization, so the threads finish here. (The `grpo-ensemble` command also leaves with
+    `os._exit`, see `cli._exit_rank`.)"""
+    time.sleep(EXIT_GRACE_S)
 
 
 def _loopback_interface() -> str | None:
