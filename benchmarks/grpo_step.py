@@ -58,6 +58,7 @@ class Result:
     peak_rss_mb: float
     device: str
     completion_len: float | None = None  # measured mean, where the framework reports it
+    reused_sampling_fraction: float | None = None  # ours: first-pass tokens replayed
 
 
 def model_dir(config: str) -> Path:
@@ -126,9 +127,11 @@ def prompts(n: int) -> list[dict]:
 def flops(n_params: int, work: dict, beta: float, mu: int) -> float:
     """Training-phase FLOPs one step computes: μ fwd+bwd passes over `work["train"]` token
     positions, the ref pass and (where run) the old pass over `work["frozen"]` (the forward
-    that gradient checkpointing repeats is not counted)."""
+    that gradient checkpointing repeats is not counted), less the first pass's forward over
+    the `work["reused"]` positions whose products it took from sampling."""
     frozen_passes = 2 * (beta > 0) + 2 * (mu > 1 and work["old_pass"])
-    return n_params * (6 * mu * work["train"] + frozen_passes * work["frozen"])
+    train = 6 * mu * work["train"] - 2 * work.get("reused", 0)
+    return n_params * (train + frozen_passes * work["frozen"])
 
 
 def work_of(framework: str, config: str, path: Path, gc: bool) -> dict:
@@ -176,7 +179,14 @@ def n_matmul_params(path: Path) -> int:
 
 
 def run_ours(
-    config: str, beta: float, mu: int, steps: int, warmup: int, threads: int, gc: bool
+    config: str,
+    beta: float,
+    mu: int,
+    steps: int,
+    warmup: int,
+    threads: int,
+    gc: bool,
+    reuse: bool = True,
 ) -> Result:
     import torch
 
@@ -207,6 +217,7 @@ def run_ours(
                 "threads": threads if device == "cpu" else None,
                 "checkpoint_every": 0,
                 "gradient_checkpointing": gc,
+                "reuse_sampling_forward": reuse,
             },
             "eval": {"before": False, "after": False},
             "log": {"progress": False},
@@ -226,17 +237,22 @@ def run_ours(
         "update": med("time/update") - med("time/logprobs"),
         "sync": med("time/sync"),
     }
-    res = _result("ours", config, beta, mu, med("time/step"), phases, path, device, gc)
+    # completion positions whose forward products the first pass took from sampling
+    reused = med("reused_sampling_fraction") * c["completions"] * (c["new_tokens"] - 1)
+    res = _result("ours", config, beta, mu, med("time/step"), phases, path, device, gc, reused)
     res.completion_len = med("completion_len")
+    res.reused_sampling_fraction = med("reused_sampling_fraction")
     return res
 
 
-def _result(framework, config, beta, mu, step_s, phases, path, device, gc=False) -> Result:
+def _result(
+    framework, config, beta, mu, step_s, phases, path, device, gc=False, reused=0.0
+) -> Result:
     c = CONFIGS[config]
     prompt_tokens = 8  # "<bos>37+45=": about 7 characters on average, plus BOS
     tokens = c["completions"] * (prompt_tokens + c["new_tokens"])
     train_s = phases["logprobs"] + phases["update"]
-    work = work_of(framework, config, path, gc)
+    work = {**work_of(framework, config, path, gc), "reused": reused}
     achieved = flops(n_matmul_params(path), work, beta, mu) / train_s / 1e9
     peak = matmul_gflops(device)
     return Result(
@@ -373,8 +389,11 @@ def worker(a) -> None:
         CONFIGS[a.config]["completions"] = a.completions
     if a.new_tokens:
         CONFIGS[a.config]["new_tokens"] = a.new_tokens
-    fn = run_ours if a.worker == "ours" else run_trl
-    res = fn(a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing)
+    args = (a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing)
+    if a.worker == "ours":
+        res = run_ours(*args, reuse=not a.no_reuse)
+    else:
+        res = run_trl(*args)
     print("RESULT " + json.dumps(asdict(res)))
 
 
@@ -398,6 +417,12 @@ def main() -> None:
         default=1,
         help="run each framework this many times, alternating ours and TRL so that a slow "
         "spell of the machine hits both; the run with the median step time is reported",
+    )
+    p.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="ours: the first optimizer pass computes its forward in full instead of taking "
+        "the policy's products from sampling (train.reuse_sampling_forward: false)",
     )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument(
@@ -461,6 +486,8 @@ def _run(fw: str, config: str, beta: float, mu: int, a, extra: tuple = ()) -> di
     cmd += ["--threads", str(a.threads), *extra]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if a.no_reuse:
+        cmd.append("--no-reuse")
     env = {**os.environ, "GRPO_ENSEMBLE_LOAD_PLUGINS": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -27,6 +27,8 @@ class MicroBatch:
     modes: torch.Tensor  # (B,) long, see loss.MODES
     sources: list[str]  # member of each candidate
     behaviour: torch.Tensor | None  # (B, C) sampling log-probs where mode is tis, else 0
+    # per row, where the policy's sampling kept its products (replay.py); None: not every row
+    traces: list | None = None
 
     def to(self, device) -> MicroBatch:
         """The same micro-batch with its tensors on `device` (the policy's)."""
@@ -38,6 +40,7 @@ class MicroBatch:
             self.modes.to(device),
             self.sources,
             behaviour,
+            self.traces,
         )
 
 
@@ -76,7 +79,13 @@ def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
                         raise PluginError(c.source, "tis needs the peer's token log-probs")
                     behaviour[row, : len(c.behaviour_logprobs)] = torch.tensor(c.behaviour_logprobs)
         sources = [c.source for c in cands]
-        out.append(MicroBatch(batch, rollout.advantages[idx], idx, modes, sources, behaviour))
+        traces = [c.trace for c in cands]
+        traces = traces if all(t is not None for t in traces) else None
+        out.append(
+            MicroBatch(batch, rollout.advantages[idx], idx, modes, sources, behaviour, traces)
+        )
+    for c in rollout.candidates:  # the micro-batches hold them now, until the first pass
+        c.trace = None
     return [b.to(run.engine.device) for b in out]
 
 

@@ -16,10 +16,11 @@ import torch
 
 from . import dist
 from .components import Generator, SamplingParams, candidate_seed, mix64
-from .decode import zero3_managed
+from .decode import BufferPool, Recording, zero3_managed
 from .engine import gathered_params
 from .errors import PluginError, UserError
 from .models import load_model, same_tokenizer
+from .replay import Trace
 from .sampling import sample
 from .types import POLICY, Candidate, Group, Prompt
 
@@ -33,6 +34,21 @@ def eval_mode(model: torch.nn.Module):
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def recording(generator, on: bool):
+    """`generator` (an `HFGenerator`) keeps its decode products for the update while inside
+    (replay.py): set by the training step around its own sampling, so that no other sampling
+    (evaluation) keeps any."""
+    if not on or not isinstance(generator, HFGenerator):
+        yield
+        return
+    generator.record = True
+    try:
+        yield
+    finally:
+        generator.record = False
 
 
 class HFGenerator(Generator):
@@ -71,6 +87,10 @@ class HFGenerator(Generator):
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.gather = bool(gather)
+        # keep the decode step's products for the update (set by the training step for the
+        # policy: `recording`), in buffers used again from one step to the next
+        self.record = False
+        self.buffers = BufferPool()
 
     @property
     def collective(self) -> bool:
@@ -110,6 +130,9 @@ class HFGenerator(Generator):
     def _batch(self, texts, sampling: SamplingParams, seeds, lockstep: bool) -> list[Candidate]:
         tok = self.tokenizer
         enc = tok(texts, return_tensors="pt", padding=True).to(self.model.device)
+        recording = None
+        if self.record:
+            recording = Recording(max(sampling.max_new_tokens - 1, 0), self.buffers)
         seqs, logps = sample(
             self.model,
             enc["input_ids"],
@@ -123,14 +146,21 @@ class HFGenerator(Generator):
             seeds=seeds,
             synced=lockstep,
             min_new_tokens=sampling.min_new_tokens,
+            recording=recording,
         )
         seqs = seqs.cpu()
         logps = None if logps is None else logps.cpu()
+        filled = recording is not None and recording.filled
         return [
-            self._candidate(seqs[i], None if logps is None else logps[i]) for i in range(len(texts))
+            self._candidate(
+                seqs[i],
+                None if logps is None else logps[i],
+                Trace(recording, i) if filled else None,
+            )
+            for i in range(len(texts))
         ]
 
-    def _candidate(self, ids: torch.Tensor, logp: torch.Tensor | None) -> Candidate:
+    def _candidate(self, ids: torch.Tensor, logp: torch.Tensor | None, trace=None) -> Candidate:
         eos = self.tokenizer.eos_token_id
         hits = (ids == eos).nonzero()
         finished = len(hits) > 0
@@ -143,6 +173,7 @@ class HFGenerator(Generator):
             source="",
             behaviour_logprobs=None if logp is None else logp[:length].tolist(),
             finished=finished,
+            trace=trace,
         )
 
 

@@ -142,6 +142,7 @@ def update_metrics(run: Run, sums: dict[str, float], grad_norms: list[float]) ->
     for name, v in members.items():
         m[f"member/{name}/token_fraction"] = v / first_pass
     m["offpolicy_token_fraction"] = sum(v for k, v in members.items() if k != POLICY) / first_pass
+    m["reused_sampling_fraction"] = sums.get("reused/first", 0.0) / first_pass
     m["loss"] = sums["loss"] / mu
     m["kl"] = sums["kl_sum"] / tokens
     m["clip_fraction"] = sums["clipped"] / tokens

@@ -173,6 +173,13 @@ class TrainConfig(_Config):
         description="Recompute each layer's activations in the backward pass instead of keeping "
         "them: less memory, about one more forward pass of time.",
     )
+    reuse_sampling_forward: bool = Field(
+        True,
+        description="The first optimizer pass takes the policy's matrix products at its "
+        "completion tokens from sampling instead of computing them again (Llama, Mistral, Qwen2; "
+        "when a step's policy candidates fit one micro-batch): the same gradient, about a third "
+        "less update arithmetic, sampling's products kept in memory until then.",
+    )
     offload_optimizer: bool = Field(
         False, description="Keep optimizer state in CPU memory (ZeRO stage 1 or more)."
     )

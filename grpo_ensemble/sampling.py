@@ -21,6 +21,7 @@ import torch
 
 from .decode import (
     LeanDecoder,
+    Recording,
     cache_name,
     cache_of,
     distinct_rows,
@@ -95,7 +96,7 @@ class _Forward:
     share theirs), then one token per row at a time over the KV cache, through the lean decode
     step where the model allows it (decode.py), else through its own forward."""
 
-    def __init__(self, model, input_ids, attention_mask, max_new_tokens: int):
+    def __init__(self, model, input_ids, attention_mask, max_new_tokens: int, recording=None):
         b, p_len = input_ids.shape
         self.model = model
         self.cache_key = cache_name(model) or "past_key_values"
@@ -126,7 +127,8 @@ class _Forward:
                 **cache,
             )
             self.cache, self.logits = cache_of(out), out.logits[:, -1, :]
-        self.lean = LeanDecoder.build(model, self.cache, self.full_mask) if cache else None
+        lean = LeanDecoder.build(model, self.cache, self.full_mask, recording) if cache else None
+        self.lean = lean
         self.next_pos = positions[:, -1:] + 1  # (B, 1)
 
     def advance(self, tokens: torch.Tensor) -> None:
@@ -171,6 +173,7 @@ def sample(
     seeds: Sequence[int] | None = None,
     synced: bool = False,
     min_new_tokens: int = 0,
+    recording: Recording | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample completions of left-padded prompts (B, P).
 
@@ -179,13 +182,17 @@ def sample(
     greedy, temperature 0). Without `seeds`, row seeds are drawn from torch's global generator.
     EOS cannot be drawn before `min_new_tokens` tokens (with min = max, every completion has
     exactly that length: fair timing comparisons).
+
+    With an empty `recording` (`Recording(max_new_tokens - 1)`), the lean decode step keeps
+    every projection's output in it where the model allows (`recording.filled` then), for the
+    update's first forward to reuse (replay.py).
     """
     b = input_ids.shape[0]
     greedy = temperature == 0
     if not greedy and seeds is None:
         seeds = torch.randint(0, 2**62, (b,)).tolist()
     keys = None if greedy else row_keys(seeds, input_ids.device)
-    forward = _Forward(model, input_ids, attention_mask, max_new_tokens)
+    forward = _Forward(model, input_ids, attention_mask, max_new_tokens, recording)
     vocab = forward.logits.shape[-1]
     noise = None  # of every position at once, where that is small
     if keys is not None and max_new_tokens * b * vocab <= NOISE_AT_ONCE:

@@ -39,7 +39,7 @@ from .engine import (
     shard_frozen,
 )
 from .errors import RecipeError, UserError
-from .generation import EnsembleGenerator, HFGenerator, Member
+from .generation import EnsembleGenerator, HFGenerator, Member, recording
 from .logprobs import completion_logprobs
 from .loss import MODES, BatchSize, OffPolicy, grpo_loss
 from .metrics import (  # noqa: F401 — best_candidates is re-exported
@@ -51,6 +51,7 @@ from .metrics import (  # noqa: F401 — best_candidates is re-exported
 )
 from .models import load_model
 from .recipe import Recipe
+from .replay import replay_logprobs, replayable
 from .rollout import Rollout, evaluate_groups  # noqa: F401 — re-exported
 from .scoring import score_groups
 from .types import POLICY, Group, Prompt
@@ -73,6 +74,8 @@ class Run:
     run_dir: Path
     prompt_ids: dict[str, list[int]] = field(default_factory=dict)
     data_reports: list[DataReport] = field(default_factory=list)
+    # the policy keeps its decode products for the update's first pass (see `reuse_applies`)
+    reuse_sampling: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -123,6 +126,9 @@ def build_run(
         mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
         members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
     ensemble = EnsembleGenerator(members, tok)
+    policy_gen = members[0].generator
+    own = isinstance(policy_gen, HFGenerator) and policy_gen.model is engine.module
+    reuse_sampling = own and reuse_applies(recipe, engine, members)
     for i, peer in enumerate(recipe.peers):
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
@@ -139,6 +145,7 @@ def build_run(
         eval_scorer=eval_scorer,
         run_dir=run_dir,
         data_reports=reports,
+        reuse_sampling=reuse_sampling,
     )
 
 
@@ -172,6 +179,25 @@ def _load(recipe: Recipe, dtype, generators: dict, reward_scorers, group_evaluat
         extra = sorted(set(generators) - {POLICY})
         raise UserError(f"generators given for members not in the recipe: {extra}")
     return scorers, evaluator, eval_scorer, data, policy, tok, ref, peers
+
+
+def reuse_applies(recipe: Recipe, engine, members: list[Member]) -> bool:
+    """True when the policy should keep its sampling products for the update's first pass
+    (replay.py): the option is on, the weights are whole (not ZeRO-3), no layer is
+    recomputed (checkpointing), the model computes the same in training and eval mode, and
+    every candidate a rank can hold in a step fits one micro-batch (so the update holds no
+    more than one micro-batch's worth, and no micro-batch mixes in a peer's candidates, which
+    have no products to reuse, unless peers are only injected on failure)."""
+    t = recipe.train
+    if not t.reuse_sampling_forward or t.zero_stage == 3 or t.gradient_checkpointing:
+        return False
+    if t.micro_batch_tokens is not None or not train_mode_is_eval_mode(engine.module):
+        return False
+    peers = sum(m.n for m in members[1:])
+    if peers and recipe.group.inject == "always":
+        return False
+    per_rank = -(-t.prompts_per_step // dist.world_size())
+    return per_rank * (members[0].n + peers) <= t.micro_batch_size
 
 
 def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
@@ -247,22 +273,32 @@ def batch_size_of(run: Run, batches) -> BatchSize:
     )
 
 
-def accumulate(run: Run, batches, size: BatchSize, old, ref, keep=None) -> dict[str, float]:
+def accumulate(
+    run: Run, batches, size: BatchSize, old, ref, keep=None, reuse=False
+) -> dict[str, float]:
     """Forward/backward over every micro-batch into one accumulated gradient (no step).
     Returns this rank's sums for the metrics. `old` None: each micro-batch's own log-probs,
-    detached, are the old ones (ratio 1); they are appended to the list `keep` when given."""
+    detached, are the old ones (ratio 1); they are appended to the list `keep` when given.
+    `reuse`: a micro-batch of the policy's own samples takes its forward's products from
+    sampling where they are still valid (replay.py); its traces are dropped either way."""
     r, engine = run.recipe, run.engine
     # DeepSpeed averages gradients over ranks; each rank's loss is already its share of the
     # global batch, so scaling by the number of ranks turns that average into the sum
     scale = float(dist.world_size())
-    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0}
+    sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "reused": 0.0}
     sums.update({f"w/{k}/{x}": 0.0 for k in WEIGHT_KEYS for x in ("weight", "tokens")})
     off = OffPolicy(r.loss.shaped_gamma, r.loss.tis_low, r.loss.tis_high)
     on_device: dict[str, torch.Tensor] = {}
     for j, mbatch in enumerate(batches):
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
-        logp = completion_logprobs(engine, batch, r.policy.sampling.temperature)  # (B, C)
+        temp = r.policy.sampling.temperature
+        reused = reuse and replayable(engine, batch, mbatch.traces)
+        if reused:
+            logp = replay_logprobs(engine, batch, mbatch.traces, temp)  # (B, C)
+        else:
+            logp = completion_logprobs(engine, batch, temp)  # (B, C)
+        mbatch.traces = None  # stale after this pass: free sampling's products
         if old is None and keep is not None:
             keep.append(logp.detach())
         out = grpo_loss(
@@ -291,6 +327,7 @@ def accumulate(run: Run, batches, size: BatchSize, old, ref, keep=None) -> dict[
             "kl_sum": (out.kl.detach() * mask).sum(),
             "clipped": out.clipped.sum(),
             "tokens": mask.sum(),
+            "reused": mask.sum() * float(reused),
         }
         if out.tis_clamped is not None:
             parts["w/tis_clamped/weight"] = out.tis_clamped.sum()
@@ -326,13 +363,16 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     first: dict[str, float] = {}
     grad_norms: list[float] = []
     bad = False
+    # the first pass may reuse sampling's products (replay.py): sampling ran in eval mode
+    reuse_sampling = r.train.reuse_sampling_forward and train_mode_is_eval_mode(engine.module)
     for i in range(r.loss.mu):
         keep: list[torch.Tensor] | None = [] if old is None and r.loss.mu > 1 else None
-        sums = accumulate(run, batches, size, old, ref, keep)
+        sums = accumulate(run, batches, size, old, ref, keep, reuse_sampling and i == 0)
         old = keep if keep is not None else old
         if i == 0:  # per-mode weights and token shares: of the first pass
             first = {k: v for k, v in sums.items() if k.startswith("w/")}
             first["tokens/first"] = sums["tokens"]
+            first["reused/first"] = sums["reused"]
         for k in ("loss", "kl_sum", "clipped", "tokens"):
             total[k] = total.get(k, 0.0) + sums[k]
         if not optimizer_step(engine):
@@ -394,9 +434,11 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     mine = dist.shard(len(prompts))  # this rank's whole groups
     seeds = [prompt_seed(run.recipe.seed, step, i) for i in mine]
     inject = partial(policy_failed, run) if run.recipe.group.inject == "on_failure" else None
-    groups = dist.agree(  # members sample, groups pooled per prompt
-        lambda: run.ensemble.generate([prompts[i] for i in mine], inject, seeds)
-    )
+    policy = run.ensemble.members[0].generator
+    with recording(policy, run.reuse_sampling):  # this step's samples only (not evaluation's)
+        groups = dist.agree(  # members sample, groups pooled per prompt
+            lambda: run.ensemble.generate([prompts[i] for i in mine], inject, seeds)
+        )
     t["generate"] = time.perf_counter()
     rollout = dist.agree(lambda: evaluate_groups(run, groups))  # rewards, advantages, keep
     t["score"] = time.perf_counter()

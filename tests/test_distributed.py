@@ -179,6 +179,40 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
     _assert_same_run(one.run_dir, two)
 
 
+REPLAYING_RANKS = """
+import sys
+import grpo_ensemble.decode
+from grpo_ensemble.cli import main
+
+grpo_ensemble.decode.REPLAY_MIN = 0  # the tiny models are below it
+sys.exit(main())
+"""
+
+
+def test_first_pass_reuses_sampling_on_two_ranks(tmp_path, monkeypatch):
+    # the policy alone, a rank's candidates in one micro-batch (ranks hold 9 and 6): each
+    # rank's first pass takes its forward's products from its own sampling (replay.py), with
+    # ZeRO-2's gradient reduction, and the run matches one rank's
+    import grpo_ensemble.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "REPLAY_MIN", 0)
+    recipe = _recipe_file(tmp_path, {"zero_stage": 2, "micro_batch_size": 16})
+    data = yaml.safe_load(recipe.read_text())
+    data["peers"] = []
+    recipe.write_text(yaml.safe_dump(data))
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    script = tmp_path / "launch.py"
+    script.write_text(REPLAYING_RANKS)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_port()), str(script), "train", str(recipe)]
+    proc = _launch([*cmd, "--set", f"output_dir={two}"], tmp_path)
+    assert proc.stdout.count("done: step 3 of 3") == 1
+    for run_dir in (one.run_dir, two):
+        assert [r["reused_sampling_fraction"] for r in _rows(run_dir)] == [1.0, 1.0, 1.0]
+    _assert_same_run(one.run_dir, two)
+
+
 FAILING_RANK = """
 import atexit, os, sys
 from grpo_ensemble import RewardScorer, hookimpl

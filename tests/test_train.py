@@ -18,6 +18,7 @@ from grpo_ensemble import (
     train,
 )
 from grpo_ensemble.batching import filler_batch, micro_batches, plan_micro_batches
+from grpo_ensemble.generation import recording
 from grpo_ensemble.models import resolve_model
 from grpo_ensemble.train import (
     accumulate,
@@ -431,3 +432,97 @@ def test_update_tensors_and_frozen_models_on_the_policys_device(small_recipe, tm
     for b in batches:
         tensors = [*vars(b.tokens).values(), b.advantages, b.modes]
         assert all(t.device == device for t in tensors)
+
+
+@pytest.fixture
+def replay_any_size(monkeypatch):
+    """Record and replay whatever the size (see `decode.REPLAY_MIN`)."""
+    monkeypatch.setattr(importlib.import_module("grpo_ensemble.decode"), "REPLAY_MIN", 0)
+
+
+@pytest.mark.usefixtures("replay_any_size")
+def test_first_pass_reuses_sampling_products_with_the_same_gradient(small_recipe, tmp_path):
+    # the policy alone, 4 prompts × 2 candidates in one micro-batch: the first pass takes its
+    # forward's products from sampling (replay.py), through the DeepSpeed engine, and
+    # accumulates the gradient the plain forward does; its traces are gone afterwards
+    run = build_run(small_recipe(peers=[], loss__beta=0.05), tmp_path)
+    module = run.engine.module
+    policy = run.ensemble.members[0].generator
+    assert run.reuse_sampling and not policy.record  # only while a step samples
+    torch.manual_seed(0)
+    with recording(policy, True):
+        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    assert not policy.record
+    batches = micro_batches(run, rollout)
+    assert len(batches) == 1 and batches[0].traces is not None
+    assert all(c.trace is None for c in rollout.candidates)  # the micro-batch holds them
+    assert batches[0].tokens.completion_ids.shape[1] > 2
+    size = batch_size_of(run, batches)
+    ref = frozen_logprobs(run.ref_model, batches, 1.0)
+    grads, sums = [], []
+    for _ in range(2):  # the second time the traces are gone: the plain forward
+        module.zero_grad(set_to_none=True)
+        sums.append(accumulate(run, batches, size, None, ref, None, reuse=True))
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
+    assert batches[0].traces is None
+    assert sums[0]["reused"] == sums[0]["tokens"] > 0 and sums[1]["reused"] == 0
+    assert sums[0]["loss"] == pytest.approx(sums[1]["loss"], abs=1e-6)
+    assert sums[0]["kl_sum"] == pytest.approx(sums[1]["kl_sum"], rel=1e-5)
+    for name, g in grads[1].items():
+        scale = g.abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(grads[0][name] / scale, g / scale, rtol=0, atol=3e-6)
+
+
+@pytest.mark.usefixtures("replay_any_size")
+def test_training_with_reused_products_as_without(small_recipe, tmp_path):
+    # two steps of μ = 2 with and without reuse: the same metrics, and the same weights but
+    # where Adam's normalised step turns the rounding of a gradient entry near 0 into a
+    # different step (a few entries, each within 2 × lr per optimizer step)
+    weights, metrics = {}, {}
+    for reuse in (True, False):
+        r = small_recipe(
+            peers=[],
+            output_dir=str(tmp_path / f"reuse{reuse}"),
+            train__lr=1e-3,
+            train__reuse_sampling_forward=reuse,
+            loss__beta=0.05,
+            loss__mu=2,
+            eval__before=False,
+            eval__after=False,
+        )
+        result = train(r)
+        weights[reuse], metrics[reuse] = _weights(result.model_dir), result.metrics
+    assert [m["reused_sampling_fraction"] for m in metrics[True]] == [1.0, 1.0]
+    assert [m["reused_sampling_fraction"] for m in metrics[False]] == [0.0, 0.0]
+    for key in ("completion_len", "reward", "loss", "kl", "clip_fraction"):
+        want = [m[key] for m in metrics[False]]  # step 2 from weights equal to rounding
+        assert [m[key] for m in metrics[True]] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+    assert all(m["completion_len"] > 1.5 for m in metrics[True])  # replayed tokens exist
+    apart = 0
+    for k, v in weights[False].items():
+        diff = (weights[True][k] - v).abs()
+        assert diff.max() <= 2 * 1e-3 * 4, k
+        apart += int((diff > 1e-5).sum())
+    assert apart <= 1e-4 * sum(v.numel() for v in weights[False].values())
+
+
+@pytest.mark.parametrize(
+    "changes, records",
+    [
+        ({"peers": []}, True),
+        ({}, False),  # a peer in every group: no micro-batch of the policy's alone
+        ({"group__inject": "on_failure", "train__micro_batch_size": 16}, True),
+        ({"group__inject": "on_failure"}, False),  # 4 × (2 + 2) may not fit 8
+        ({"peers": [], "train__micro_batch_size": 4}, False),  # 8 candidates: 2 micro-batches
+        ({"peers": [], "train__micro_batch_tokens": 256}, False),
+        ({"peers": [], "train__gradient_checkpointing": True}, False),
+        ({"peers": [], "train__reuse_sampling_forward": False}, False),
+    ],
+)
+def test_the_policy_records_only_where_the_update_can_reuse_it(
+    small_recipe, tmp_path, changes, records
+):
+    # (where the model allows and the replay pays: decided per sampling call, see test_replay)
+    run = build_run(small_recipe(**changes), tmp_path)
+    assert run.reuse_sampling is records
