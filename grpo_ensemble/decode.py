@@ -164,7 +164,8 @@ class BufferPool:
     about 60 ms of every step's sampling; a buffer used before costs none of that. A recording
     ends (and gives its buffers back) when nothing refers to it any more: in training, once
     the update's first pass has run its forward; the next sampling, which takes them again,
-    comes after that pass's backward."""
+    comes after that pass's backward. With μ > 1 the update frees them before its second pass,
+    which computes its own forward: kept beside its activations they would raise the peak."""
 
     KEYS_MAX = 16  # distinct shapes kept; the oldest go first
 
@@ -200,8 +201,8 @@ class Recording:
     (out, t·B) or (t·B, out) matrix without a copy, tokens in the order (token, row), which
     is the layout the replay computes in. A product writes into its place directly (in column
     layout with a row stride: about 10% more time for the products than contiguous, far less
-    than a copy afterwards). `version` is the weights' in-place version counters when it was
-    filled: any change to a weight since (an optimizer step) makes it stale.
+    than a copy afterwards). `version` is the model's `weights_version` when it was filled:
+    an optimizer step since makes it stale.
     """
 
     def __init__(self, steps_max: int, pool: BufferPool | None = None):
@@ -215,7 +216,7 @@ class Recording:
         self.columns = False
         self.rows = 0
         self.model: torch.nn.Module | None = None
-        self.version: list[int] = []
+        self.version = 0
 
     @property
     def filled(self) -> bool:
@@ -240,9 +241,16 @@ class Recording:
         return buf[:, self.steps] if self.columns else buf[self.steps]
 
 
-def weights_version(model: torch.nn.Module) -> list[int]:
-    """The in-place version counter of every parameter (it moves at every optimizer step)."""
-    return [p._version for p in model.parameters()]
+def weights_version(model: torch.nn.Module) -> int:
+    """How many optimizer steps have changed `model`'s weights, as `count_update` counts them
+    (the training loop, at each optimizer step). Tensors' own version counters do not see an
+    optimizer's writes (fused kernels, DeepSpeed's flat buffers)."""
+    return getattr(model, "_grpo_ensemble_updates", 0)
+
+
+def count_update(model: torch.nn.Module) -> None:
+    """Note that an optimizer step changed `model`'s weights: its recordings are stale."""
+    model._grpo_ensemble_updates = weights_version(model) + 1
 
 
 class LeanDecoder:

@@ -14,9 +14,10 @@ gradient equal those of `logprobs.completion_logprobs` to float rounding
 (tests/test_replay.py).
 
 It applies where the lean decode step recorded (Llama, Mistral, Qwen2 with plain projections,
-a rotary embedding that depends on the position only, not ZeRO-3) and only while nothing has
-changed a weight since (their version counters are checked), in a model that computes the
-same in training and eval mode (no dropout: sampling runs in eval mode).
+a rotary embedding that depends on the position only, not ZeRO-3) and only while no optimizer
+step has changed the weights since (`decode.weights_version`; in training a recording lives
+from the step's sampling to its first pass anyway), in a model that computes the same in
+training and eval mode (no dropout: sampling runs in eval mode).
 """
 
 from __future__ import annotations

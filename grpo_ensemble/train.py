@@ -32,6 +32,7 @@ from .build import (
 )
 from .components import Generator, GroupEvaluator, RewardScorer, mix64
 from .data import DataReport, PromptSampler, too_long
+from .decode import BufferPool, count_update
 from .engine import (
     build_engine,
     init_distributed,
@@ -366,6 +367,8 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     # the first pass may reuse sampling's products (replay.py): sampling ran in eval mode
     reuse_sampling = r.train.reuse_sampling_forward and train_mode_is_eval_mode(engine.module)
     for i in range(r.loss.mu):
+        if i == 1:  # a pass of its own activations: the recordings' pages not kept beside
+            release_recording_buffers(run)
         keep: list[torch.Tensor] | None = [] if old is None and r.loss.mu > 1 else None
         sums = accumulate(run, batches, size, old, ref, keep, reuse_sampling and i == 0)
         old = keep if keep is not None else old
@@ -386,6 +389,14 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
     return {**update_metrics(run, sums, grad_norms), "time/logprobs": logprob_seconds}
 
 
+def release_recording_buffers(run: Run) -> None:
+    """Free the buffers the policy's generator keeps for its next recordings (decode.BufferPool):
+    beside a pass that computes its own forward they would add to the peak memory."""
+    pool = getattr(run.ensemble.members[0].generator, "buffers", None)
+    if isinstance(pool, BufferPool):
+        pool.free.clear()
+
+
 def optimizer_step(engine) -> bool:
     """Step the optimizer unless the accumulated gradient holds NaN or inf; False if skipped.
 
@@ -402,6 +413,7 @@ def optimizer_step(engine) -> bool:
             return False
     skipped = engine.skipped_steps
     engine.step()
+    count_update(engine.module)  # recordings of its sampling are stale (replay.py)
     return engine.skipped_steps == skipped
 
 

@@ -20,12 +20,15 @@ from grpo_ensemble import (
 from grpo_ensemble.batching import filler_batch, micro_batches, plan_micro_batches
 from grpo_ensemble.generation import recording
 from grpo_ensemble.models import resolve_model
+from grpo_ensemble.replay import replayable
 from grpo_ensemble.train import (
     accumulate,
     batch_size_of,
     build_run,
     evaluate_groups,
     frozen_logprobs,
+    grpo_step,
+    optimizer_step,
     train_mode_is_eval_mode,
 )
 
@@ -466,6 +469,13 @@ def test_first_pass_reuses_sampling_products_with_the_same_gradient(small_recipe
         grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
     assert batches[0].traces is None
     assert sums[0]["reused"] == sums[0]["tokens"] > 0 and sums[1]["reused"] == 0
+    # after an optimizer step a recording of the weights before it is not used
+    with recording(policy, True):
+        again = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    batches = micro_batches(run, again)
+    assert replayable(run.engine, batches[0].tokens, batches[0].traces)
+    assert optimizer_step(run.engine)
+    assert not replayable(run.engine, batches[0].tokens, batches[0].traces)
     assert sums[0]["loss"] == pytest.approx(sums[1]["loss"], abs=1e-6)
     assert sums[0]["kl_sum"] == pytest.approx(sums[1]["kl_sum"], rel=1e-5)
     for name, g in grads[1].items():
@@ -505,6 +515,19 @@ def test_training_with_reused_products_as_without(small_recipe, tmp_path):
         assert diff.max() <= 2 * 1e-3 * 4, k
         apart += int((diff > 1e-5).sum())
     assert apart <= 1e-4 * sum(v.numel() for v in weights[False].values())
+
+
+@pytest.mark.usefixtures("replay_any_size")
+@pytest.mark.parametrize("mu", [1, 2])
+def test_recording_buffers_kept_for_the_next_step_only_with_one_pass(small_recipe, tmp_path, mu):
+    # μ = 1: the recording's buffers wait for the next step's sampling; μ = 2: freed before the
+    # second pass, which computes its own forward
+    run = build_run(small_recipe(peers=[], loss__mu=mu), tmp_path)
+    pool = run.ensemble.members[0].generator.buffers
+    row = grpo_step(run, 1)
+    assert row["reused_sampling_fraction"] == 1.0
+    kept = sum(len(v) for v in pool.free.values())
+    assert kept == (2 * 4 if mu == 1 else 0)  # 2 layers: qkv, o, gate_up, down
 
 
 @pytest.mark.parametrize(
