@@ -164,8 +164,13 @@ class BufferPool:
     about 60 ms of every step's sampling; a buffer used before costs none of that. A recording
     ends (and gives its buffers back) when nothing refers to it any more: in training, once
     the update's first pass has run its forward; the next sampling, which takes them again,
-    comes after that pass's backward. With μ > 1 the update frees them before its second pass,
-    which computes its own forward: kept beside its activations they would raise the peak."""
+    comes after that pass's backward. Only the buffers that pass's graph keeps until its
+    backward anyway are kept (the MLP's gate and up products, which its activation's backward
+    needs): the others, kept here, would add to the update's peak memory (on medium 62 MB).
+    With μ > 1 the update frees them before its second pass, which computes its own forward:
+    kept beside its activations they would raise the peak."""
+
+    KEPT = {"gate_up", "gate", "up"}  # the recorded products the update's backward holds
 
     KEYS_MAX = 16  # distinct shapes kept; the oldest go first
 
@@ -235,8 +240,11 @@ class Recording:
                 shape = (out, self.steps_max, self.rows)
             else:
                 shape = (self.steps_max, self.rows, out)
-            bufs[name] = self.pool.take(shape, like) if self.pool else like.new_empty(shape)
-            self.buffers.append(bufs[name])
+            if self.pool is not None and name in BufferPool.KEPT:
+                bufs[name] = self.pool.take(shape, like)
+                self.buffers.append(bufs[name])
+            else:
+                bufs[name] = like.new_empty(shape)
         buf = bufs[name]
         return buf[:, self.steps] if self.columns else buf[self.steps]
 

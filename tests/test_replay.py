@@ -187,12 +187,16 @@ def test_replay_in_bfloat16(columns, monkeypatch):
         assert cos > 0.99, name
 
 
-def test_a_recordings_buffers_serve_the_next_one_once_it_ends():
-    # the pool gives an ended recording's buffers to the next of the same shapes (no fresh
-    # pages to map); a live recording's stay its own
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_recordings_mlp_buffers_serve_the_next_one_once_it_ends(fuse, monkeypatch):
+    # the pool gives an ended recording's gate and up buffers (the products the update's
+    # backward holds anyway) to the next of the same shapes (no fresh pages to map); a live
+    # recording's stay its own; the other products' buffers are not kept
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
     model = build("llama")
     ids, mask = left_padded()
     pool = BufferPool()
+    kept = ["gate_up"] if fuse else ["gate", "up"]
 
     def record(seed: int) -> Recording:
         rec = Recording(NEW - 1, pool)
@@ -200,14 +204,18 @@ def test_a_recordings_buffers_serve_the_next_one_once_it_ends():
             sample(model, ids, mask, NEW, 2, 0, seeds=[seed] * 5, recording=rec)
         return rec
 
+    def pooled() -> int:
+        return sum(len(v) for v in pool.free.values())
+
     first = record(0)
-    first_ptrs = {b.data_ptr() for b in first.buffers}
-    assert len(first_ptrs) == len(first.buffers) == 2 * 4 and not pool.free  # qkv, o, gate_up, down
+    ptrs = {b.data_ptr() for b in first.buffers}
+    mlp = {first.layers[i][name].data_ptr() for i in (0, 1) for name in kept}
+    assert ptrs == mlp and len(ptrs) == 2 * len(kept) and pooled() == 0
     second = record(1)  # the first is alive: new buffers
-    assert not first_ptrs & {b.data_ptr() for b in second.buffers}
+    assert not ptrs & {b.data_ptr() for b in second.buffers}
     del first
-    assert sum(len(v) for v in pool.free.values()) == 8
+    assert pooled() == 2 * len(kept)
     third = record(2)
-    assert {b.data_ptr() for b in third.buffers} == first_ptrs and not pool.free
+    assert {b.data_ptr() for b in third.buffers} == ptrs and pooled() == 0
     del second, third
-    assert sum(len(v) for v in pool.free.values()) == 16
+    assert pooled() == 4 * len(kept)
