@@ -87,6 +87,19 @@ def _launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def _two_ranks_of_script(tmp_path: Path, script_text: str, recipe: Path) -> Path:
+    """`grpo-ensemble train RECIPE` for 3 steps on 2 ranks under torchrun, through a script
+    that patches the package first (`script_text`, ending in the CLI's main); its run dir."""
+    script = tmp_path / "launch.py"
+    script.write_text(script_text)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_port()), str(script), "train", str(recipe)]
+    proc = _launch([*cmd, "--set", f"output_dir={two}"], tmp_path)
+    assert proc.stdout.count("done: step 3 of 3") == 1  # only rank 0 speaks
+    return two
+
+
 @pytest.mark.parametrize(
     "launcher, train_changes",
     [
@@ -167,13 +180,7 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
     monkeypatch.setattr(logprobs_module, "SHARE_MIN", {"cpu": 0, "cuda": 0})
     recipe = _recipe_file(tmp_path, {"zero_stage": stage})
     one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
-    script = tmp_path / "launch.py"
-    script.write_text(SHARING_RANKS)
-    two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(_port()), str(script), "train", str(recipe)]
-    proc = _launch([*cmd, "--set", f"output_dir={two}"], tmp_path)
-    assert proc.stdout.count("done: step 3 of 3") == 1
+    two = _two_ranks_of_script(tmp_path, SHARING_RANKS, recipe)
     lean = [(tmp_path / f"lean-zero3-rank{r}").exists() for r in (0, 1)]
     assert lean == ([True, True] if stage == 3 else [False, False])
     _assert_same_run(one.run_dir, two)
@@ -201,13 +208,7 @@ def test_first_pass_reuses_sampling_on_two_ranks(tmp_path, monkeypatch):
     data["peers"] = []
     recipe.write_text(yaml.safe_dump(data))
     one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
-    script = tmp_path / "launch.py"
-    script.write_text(REPLAYING_RANKS)
-    two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(_port()), str(script), "train", str(recipe)]
-    proc = _launch([*cmd, "--set", f"output_dir={two}"], tmp_path)
-    assert proc.stdout.count("done: step 3 of 3") == 1
+    two = _two_ranks_of_script(tmp_path, REPLAYING_RANKS, recipe)
     for run_dir in (one.run_dir, two):
         assert [r["reused_sampling_fraction"] for r in _rows(run_dir)] == [1.0, 1.0, 1.0]
     _assert_same_run(one.run_dir, two)
