@@ -16,10 +16,11 @@ import torch
 
 from . import dist
 from .components import Generator, SamplingParams, candidate_seed, mix64
-from .decode import BufferPool, Recording, zero3_managed
+from .decode import zero3_managed
 from .engine import gathered_params
 from .errors import PluginError, UserError
 from .models import load_model, same_tokenizer
+from .recording import BufferPool, Recording
 from .replay import Trace
 from .sampling import sample
 from .types import POLICY, Candidate, Group, Prompt

@@ -2,7 +2,7 @@
 
 In the first optimizer pass of a step the weights are still those the policy sampled with, so
 every projection's output at a completion position (q, k, v, o, gate, up, down of every layer)
-is one the lean decode step already computed for that token (`decode.Recording`). Those
+is one the lean decode step already computed for that token (`recording.Recording`). Those
 products are about a third of a forward and backward's arithmetic. `replay_logprobs` runs the
 update's forward without them: each projection is `Replayed`, whose forward returns the
 recorded output and whose backward computes the gradients of its input and weight from the
@@ -15,7 +15,7 @@ gradient equal those of `logprobs.completion_logprobs` to float rounding
 
 It applies where the lean decode step recorded (Llama, Mistral, Qwen2 with plain projections,
 a rotary embedding that depends on the position only, not ZeRO-3) and only while no optimizer
-step has changed the weights since (`decode.weights_version`; in training a recording lives
+step has changed the weights since (`recording.weights_version`; in training a recording lives
 from the step's sampling to its first pass anyway), in a model that computes the same in
 training and eval mode (no dropout: sampling runs in eval mode).
 """
@@ -28,8 +28,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decode import Recording, _norm, _rotate, cache_of, replay_pays, weights_version
+from .decode import _norm, _rotate, cache_of
 from .logprobs import TokenBatch, selective_log_softmax, shared_prompt_plan
+from .recording import Recording, replay_pays, weights_version
 
 
 class Trace(NamedTuple):
@@ -147,7 +148,6 @@ def replay_logprobs(
     b, width = batch.input_ids.shape
     c_len = batch.completion_ids.shape[1]
     p_len, steps = width - c_len, c_len - 1
-    n = steps * b
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     plan = shared_prompt_plan(model, batch)
     rows = plan[0] if plan is not None else slice(None)
@@ -176,43 +176,11 @@ def replay_logprobs(
     causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
     mask = torch.cat([seen, causal.expand(b, 1, steps, steps)], dim=-1)
 
-    def heads(cols: torch.Tensor, d: int) -> torch.Tensor:  # (H·D, N) → (B, H, T, D)
-        return cols.view(-1, d, steps, b).permute(3, 0, 2, 1).contiguous()
-
     for i, layer in enumerate(base.layers):
-        attn, mlp, y = layer.self_attn, layer.mlp, ys[i]
-        d = attn.head_dim
-        h = _norm(layer.input_layernorm, x, True)
-        sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-        parts = y["qkv"].split(sizes) if "qkv" in y else (y["q"], y["k"], y["v"])
-        q, k, v = (
-            Replayed.apply(part, h, lin.weight, lin.bias)
-            for part, lin in zip(parts, (attn.q_proj, attn.k_proj, attn.v_proj), strict=True)
-        )  # (H·D, N)
-        q = _rotate(q.view(-1, d, n), cos, sin, 1).view(-1, n)
-        k = _rotate(k.view(-1, d, n), cos, sin, 1).view(-1, n)
         keys, values = cache.layers[i].keys, cache.layers[i].values  # (U, KVH, P, D)
         if plan is not None:
             keys, values = keys.index_select(0, plan[1]), values.index_select(0, plan[1])
-        o = F.scaled_dot_product_attention(
-            heads(q, d),
-            torch.cat([keys, heads(k, d)], dim=2),
-            torch.cat([values, heads(v, d)], dim=2),
-            attn_mask=mask,
-            scale=attn.scaling,
-            enable_gqa=sizes[0] != sizes[1],
-        )  # (B, H, T, D)
-        o = o.permute(1, 3, 2, 0).reshape(-1, n)  # (H·D, N)
-        x = x + Replayed.apply(y["o"], o, attn.o_proj.weight, attn.o_proj.bias)
-        h = _norm(layer.post_attention_layernorm, x, True)
-        if "gate_up" in y:
-            gate_y, up_y = y["gate_up"].chunk(2)
-        else:
-            gate_y, up_y = y["gate"], y["up"]
-        gate = Replayed.apply(gate_y, h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = Replayed.apply(up_y, h, mlp.up_proj.weight, mlp.up_proj.bias)
-        act = mlp.act_fn.forward(gate) * up
-        x = x + Replayed.apply(y["down"], act, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = _layer(layer, ys[i], x, (cos, sin), mask, (keys, values), (b, steps))
     head = module.lm_head
     logits = F.linear(_norm(base.norm, x, True).t(), head.weight, head.bias)  # (N, V)
     # the prompt's last position predicts completion token 0; completion token t, token t+1
@@ -220,3 +188,42 @@ def replay_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     return selective_log_softmax(logits, batch.completion_ids)
+
+
+def _layer(layer, y: dict, x: torch.Tensor, rope, mask, prompt_kv, rows_steps) -> torch.Tensor:
+    """One decoder layer over the completion positions, in column layout (hidden, N), its
+    projections `Replayed` from `y`; the prompt's keys and values (B, KVH, P, D) before the
+    completion's in the attention."""
+    (cos, sin), (b, steps) = rope, rows_steps
+    n = x.shape[1]
+    attn, mlp = layer.self_attn, layer.mlp
+    d = attn.head_dim
+
+    def heads(cols: torch.Tensor) -> torch.Tensor:  # (H·D, N) → (B, H, T, D)
+        return cols.view(-1, d, steps, b).permute(3, 0, 2, 1).contiguous()
+
+    h = _norm(layer.input_layernorm, x, True)
+    sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    parts = y["qkv"].split(sizes) if "qkv" in y else (y["q"], y["k"], y["v"])
+    q, k, v = (
+        Replayed.apply(part, h, lin.weight, lin.bias)
+        for part, lin in zip(parts, (attn.q_proj, attn.k_proj, attn.v_proj), strict=True)
+    )  # (H·D, N)
+    q = _rotate(q.view(-1, d, n), cos, sin, 1).view(-1, n)
+    k = _rotate(k.view(-1, d, n), cos, sin, 1).view(-1, n)
+    o = F.scaled_dot_product_attention(
+        heads(q),
+        torch.cat([prompt_kv[0], heads(k)], dim=2),
+        torch.cat([prompt_kv[1], heads(v)], dim=2),
+        attn_mask=mask,
+        scale=attn.scaling,
+        enable_gqa=sizes[0] != sizes[1],
+    )  # (B, H, T, D)
+    o = o.permute(1, 3, 2, 0).reshape(-1, n)  # (H·D, N)
+    x = x + Replayed.apply(y["o"], o, attn.o_proj.weight, attn.o_proj.bias)
+    h = _norm(layer.post_attention_layernorm, x, True)
+    gate_y, up_y = y["gate_up"].chunk(2) if "gate_up" in y else (y["gate"], y["up"])
+    gate = Replayed.apply(gate_y, h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = Replayed.apply(up_y, h, mlp.up_proj.weight, mlp.up_proj.bias)
+    act = mlp.act_fn.forward(gate) * up
+    return x + Replayed.apply(y["down"], act, mlp.down_proj.weight, mlp.down_proj.bias)

@@ -21,13 +21,13 @@ import torch
 
 from .decode import (
     LeanDecoder,
-    Recording,
     cache_name,
     cache_of,
     distinct_rows,
     preallocated_cache,
     repeat_rows,
 )
+from .recording import Recording
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9

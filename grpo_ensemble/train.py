@@ -32,7 +32,6 @@ from .build import (
 )
 from .components import Generator, GroupEvaluator, RewardScorer, mix64
 from .data import DataReport, PromptSampler, too_long
-from .decode import BufferPool, count_update
 from .engine import (
     build_engine,
     init_distributed,
@@ -52,6 +51,7 @@ from .metrics import (  # noqa: F401 — best_candidates is re-exported
 )
 from .models import load_model
 from .recipe import Recipe
+from .recording import BufferPool, count_update
 from .replay import replay_logprobs, replayable
 from .rollout import Rollout, evaluate_groups  # noqa: F401 — re-exported
 from .scoring import score_groups
@@ -274,6 +274,20 @@ def batch_size_of(run: Run, batches) -> BatchSize:
     )
 
 
+def policy_logprobs(engine, mbatch: MicroBatch, temperature: float, reuse: bool):
+    """(B, C) log-probs of a micro-batch under the policy, with the graph for its backward,
+    and whether its forward's products came from sampling (`reuse` and still valid: see
+    replay.py). The micro-batch's traces are dropped: stale after this pass."""
+    batch = mbatch.tokens
+    reused = reuse and replayable(engine, batch, mbatch.traces)
+    if reused:
+        logp = replay_logprobs(engine, batch, mbatch.traces, temperature)
+    else:
+        logp = completion_logprobs(engine, batch, temperature)
+    mbatch.traces = None  # frees sampling's products once the graph no longer needs them
+    return logp, reused
+
+
 def accumulate(
     run: Run, batches, size: BatchSize, old, ref, keep=None, reuse=False
 ) -> dict[str, float]:
@@ -293,13 +307,7 @@ def accumulate(
     for j, mbatch in enumerate(batches):
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
-        temp = r.policy.sampling.temperature
-        reused = reuse and replayable(engine, batch, mbatch.traces)
-        if reused:
-            logp = replay_logprobs(engine, batch, mbatch.traces, temp)  # (B, C)
-        else:
-            logp = completion_logprobs(engine, batch, temp)  # (B, C)
-        mbatch.traces = None  # stale after this pass: free sampling's products
+        logp, reused = policy_logprobs(engine, mbatch, r.policy.sampling.temperature, reuse)
         if old is None and keep is not None:
             keep.append(logp.detach())
         out = grpo_loss(
@@ -390,7 +398,7 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
 
 
 def release_recording_buffers(run: Run) -> None:
-    """Free the buffers the policy's generator keeps for its next recordings (decode.BufferPool):
+    """Free the buffers the policy's generator keeps for its next recordings (recording.BufferPool):
     beside a pass that computes its own forward they would add to the peak memory."""
     pool = getattr(run.ensemble.members[0].generator, "buffers", None)
     if isinstance(pool, BufferPool):

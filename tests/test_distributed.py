@@ -188,10 +188,10 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
 
 REPLAYING_RANKS = """
 import sys
-import grpo_ensemble.decode
+import grpo_ensemble.recording
 from grpo_ensemble.cli import main
 
-grpo_ensemble.decode.REPLAY_MIN = 0  # the tiny models are below it
+grpo_ensemble.recording.REPLAY_MIN = 0  # the tiny models are below it
 sys.exit(main())
 """
 
@@ -200,9 +200,9 @@ def test_first_pass_reuses_sampling_on_two_ranks(tmp_path, monkeypatch):
     # the policy alone, a rank's candidates in one micro-batch (ranks hold 9 and 6): each
     # rank's first pass takes its forward's products from its own sampling (replay.py), with
     # ZeRO-2's gradient reduction, and the run matches one rank's
-    import grpo_ensemble.decode as decode_module
+    import grpo_ensemble.recording as recording_module
 
-    monkeypatch.setattr(decode_module, "REPLAY_MIN", 0)
+    monkeypatch.setattr(recording_module, "REPLAY_MIN", 0)
     recipe = _recipe_file(tmp_path, {"zero_stage": 2, "micro_batch_size": 16})
     data = yaml.safe_load(recipe.read_text())
     data["peers"] = []

@@ -9,8 +9,9 @@ from test_decode import LowRank, build, left_padded, use_columns
 
 import grpo_ensemble.decode as decode_module
 import grpo_ensemble.logprobs as logprobs_module
-from grpo_ensemble.decode import BufferPool, Recording, count_update
+import grpo_ensemble.recording as recording_module
 from grpo_ensemble.logprobs import TokenBatch, completion_logprobs
+from grpo_ensemble.recording import BufferPool, Recording, count_update
 from grpo_ensemble.replay import Trace, replay_logprobs, replayable
 from grpo_ensemble.sampling import sample
 
@@ -20,8 +21,8 @@ NEW = 12
 @pytest.fixture(autouse=True)
 def replay_any_size(monkeypatch):
     """Record and replay whatever the size (the tests' models are below the size where the
-    replay pays, `decode.REPLAY_MIN`)."""
-    monkeypatch.setattr(decode_module, "REPLAY_MIN", 0)
+    replay pays, `recording.REPLAY_MIN`)."""
+    monkeypatch.setattr(recording_module, "REPLAY_MIN", 0)
 
 
 def sampled(model, copies: int = 1, seed: int = 0, temperature: float = 1.0):
@@ -153,7 +154,7 @@ def test_nothing_recorded_where_replay_would_differ(kind):
 def test_recorded_only_where_the_saved_products_reach_the_bound(bound, records, monkeypatch):
     # 5 rows × 11 replayed tokens × 2 layers of 2·32·32 (q, o) + 2·32·16 (k, v: 2 key/value
     # heads of 8) + 3·32·64 (MLP) + 2·32 (norms) = 9280 parameters: 1 020 800 multiply-adds
-    monkeypatch.setattr(decode_module, "REPLAY_MIN", bound)
+    monkeypatch.setattr(recording_module, "REPLAY_MIN", bound)
     model = build("llama")
     prompts, completions, rec = sampled(model)
     assert rec.filled is records

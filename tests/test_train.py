@@ -439,8 +439,8 @@ def test_update_tensors_and_frozen_models_on_the_policys_device(small_recipe, tm
 
 @pytest.fixture
 def replay_any_size(monkeypatch):
-    """Record and replay whatever the size (see `decode.REPLAY_MIN`)."""
-    monkeypatch.setattr(importlib.import_module("grpo_ensemble.decode"), "REPLAY_MIN", 0)
+    """Record and replay whatever the size (see `recording.REPLAY_MIN`)."""
+    monkeypatch.setattr(importlib.import_module("grpo_ensemble.recording"), "REPLAY_MIN", 0)
 
 
 @pytest.mark.usefixtures("replay_any_size")
