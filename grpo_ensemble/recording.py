@@ -26,8 +26,8 @@ def replay_pays(model: torch.nn.Module, rows: int, tokens: int) -> bool:
 
 class BufferPool:
     """Buffers of recordings that ended, for the next ones of the same shape. A fresh buffer's
-    pages are mapped and zeroed by the OS at first touch: for medium's 160 MB of products
-    about 60 ms of every step's sampling; a buffer used before costs none of that. A recording
+    pages are mapped and zeroed by the OS at first touch (medium's 160 MB of products: about
+    50 ms of every step's sampling); a buffer used before costs none of that. A recording
     ends (and gives its buffers back) when nothing refers to it any more: in training, once
     the update's first pass has run its forward; the next sampling, which takes them again,
     comes after that pass's backward. Only the buffers that pass's graph keeps until its
