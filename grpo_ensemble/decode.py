@@ -202,9 +202,7 @@ class LeanDecoder:
             return None
         probe = torch.zeros(1, dtype=dtype, device=device)  # gives the dtype and device only
         cos, sin = rotary.forward(probe, torch.arange(n, device=device)[None])  # (1, n, D)
-        sign = torch.ones(cos.shape[-1], dtype=dtype, device=device)
-        sign[: cos.shape[-1] // 2] = -1
-        cos, sin = cos[0], sin[0] * sign
+        cos, sin = cos[0], signed_sin(sin[0])
         return (cos.t().contiguous(), sin.t().contiguous()) if self.columns else (cos, sin)
 
     @classmethod
@@ -244,8 +242,7 @@ class LeanDecoder:
                 rope = self.rope[0][at].unsqueeze(1), self.rope[1][at].unsqueeze(1)
         else:
             cos, sin = self.base.rotary_emb.forward(x, positions)  # (B, 1, D)
-            half = sin.shape[-1] // 2
-            sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+            sin = signed_sin(sin)
             rope = (cos[:, 0].t(), sin[:, 0].t()) if cols else (cos, sin)
         layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
         for i, (layer, kv, (qkv, gate_up)) in enumerate(layers):
@@ -397,6 +394,13 @@ def _project(linear: torch.nn.Module, x: torch.Tensor, columns: bool, out=None) 
     if _plain_linear(linear):
         return _product(linear.weight, linear.bias, x, columns, out)
     return linear(x.t()).t() if columns else linear(x)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` (…, D) with its first half negated: then `rotate_half(x) * sin` is
+    `x.roll(D/2) * signed_sin(sin)` (see `_rotate`), the same floats."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, dim: int):

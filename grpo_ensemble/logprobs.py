@@ -124,18 +124,25 @@ def completion_logprobs(
     return selective_log_softmax(logits, batch.completion_ids)
 
 
+def prompt_forward(model, batch: TokenBatch, position_ids, rows=None):
+    """The forward of the batch's prompts (of `rows` only, when given), keeping their keys and
+    values (`use_cache`) and the logits of their last position."""
+    p_len = batch.input_ids.shape[1] - batch.completion_ids.shape[1]
+    rows = slice(None) if rows is None else rows
+    return model(
+        input_ids=batch.input_ids[rows, :p_len],
+        attention_mask=batch.attention_mask[rows, :p_len],
+        position_ids=position_ids[rows, :p_len],
+        logits_to_keep=1,
+        use_cache=True,
+    )
+
+
 def _shared_prompt_logits(model, batch: TokenBatch, position_ids, first, inverse) -> torch.Tensor:
     """(B, C, V) logits predicting the completion tokens, each distinct prompt run once."""
     module = getattr(model, "module", model)
     p_len = batch.input_ids.shape[1] - batch.completion_ids.shape[1]
-    prompt_mask = batch.attention_mask[first, :p_len]
-    out = model(
-        input_ids=batch.input_ids[first, :p_len],
-        attention_mask=prompt_mask,
-        position_ids=position_ids[first, :p_len],
-        logits_to_keep=1,
-        use_cache=True,
-    )
+    out = prompt_forward(model, batch, position_ids, first)
     cache = repeat_rows(Cache(layer_class_to_replicate=DynamicLayer), cache_of(out), inverse)
     rest = model(  # completion tokens but the last (nothing follows it)
         input_ids=batch.completion_ids[:, :-1],

@@ -28,8 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decode import _norm, _rotate, cache_of
-from .logprobs import TokenBatch, selective_log_softmax, shared_prompt_plan
+from .decode import _norm, _rotate, cache_of, signed_sin
+from .logprobs import TokenBatch, prompt_forward, selective_log_softmax, shared_prompt_plan
 from .recording import Recording, replay_pays, weights_version
 
 
@@ -150,14 +150,7 @@ def replay_logprobs(
     p_len, steps = width - c_len, c_len - 1
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     plan = shared_prompt_plan(model, batch)
-    rows = plan[0] if plan is not None else slice(None)
-    prompt = model(
-        input_ids=batch.input_ids[rows, :p_len],
-        attention_mask=batch.attention_mask[rows, :p_len],
-        position_ids=position_ids[rows, :p_len],
-        logits_to_keep=1,
-        use_cache=True,
-    )
+    prompt = prompt_forward(model, batch, position_ids, plan[0] if plan is not None else None)
     cache = cache_of(prompt)
     first_logits = prompt.logits[:, -1:]
     if plan is not None:
@@ -168,9 +161,7 @@ def replay_logprobs(
     x = base.embed_tokens(ids).t().contiguous()  # (hidden, N)
     at = position_ids[:, p_len : p_len + steps].t().reshape(1, -1)
     cos, sin = base.rotary_emb(x, at)  # (1, N, D)
-    half = sin.shape[-1] // 2
-    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see decode._rope_table
-    cos, sin = cos[0].t().contiguous(), sin[0].t().contiguous()  # (D, N)
+    cos, sin = cos[0].t().contiguous(), signed_sin(sin[0]).t().contiguous()  # (D, N)
     # a completion position sees the prompt's real tokens and the completion up to itself
     seen = batch.attention_mask[:, None, None, :p_len].bool().expand(b, 1, steps, p_len)
     causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()

@@ -127,9 +127,6 @@ def build_run(
         mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
         members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
     ensemble = EnsembleGenerator(members, tok)
-    policy_gen = members[0].generator
-    own = isinstance(policy_gen, HFGenerator) and policy_gen.model is engine.module
-    reuse_sampling = own and reuse_applies(recipe, engine, members)
     for i, peer in enumerate(recipe.peers):
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
@@ -146,7 +143,7 @@ def build_run(
         eval_scorer=eval_scorer,
         run_dir=run_dir,
         data_reports=reports,
-        reuse_sampling=reuse_sampling,
+        reuse_sampling=reuse_applies(recipe, engine, members),
     )
 
 
@@ -188,7 +185,11 @@ def reuse_applies(recipe: Recipe, engine, members: list[Member]) -> bool:
     recomputed (checkpointing), the model computes the same in training and eval mode, and
     every candidate a rank can hold in a step fits one micro-batch (so the update holds no
     more than one micro-batch's worth, and no micro-batch mixes in a peer's candidates, which
-    have no products to reuse, unless peers are only injected on failure)."""
+    have no products to reuse, unless peers are only injected on failure). Only for our own
+    generator over the module being trained."""
+    policy = members[0].generator
+    if not isinstance(policy, HFGenerator) or policy.model is not engine.module:
+        return False
     t = recipe.train
     if not t.reuse_sampling_forward or t.zero_stage == 3 or t.gradient_checkpointing:
         return False
@@ -288,6 +289,25 @@ def policy_logprobs(engine, mbatch: MicroBatch, temperature: float, reuse: bool)
     return logp, reused
 
 
+def metric_parts(out, mbatch: MicroBatch, reused: bool) -> dict[str, torch.Tensor]:
+    """A micro-batch's sums for the step's metrics, as tensors on its device."""
+    mask = mbatch.tokens.completion_mask
+    parts = {
+        "loss": out.loss.detach(),
+        "kl_sum": (out.kl.detach() * mask).sum(),
+        "clipped": out.clipped.sum(),
+        "tokens": mask.sum(),
+        "reused": mask.sum() * float(reused),
+    }
+    if out.tis_clamped is not None:
+        parts["w/tis_clamped/weight"] = out.tis_clamped.sum()
+    for name, k in MODES.items():
+        rows = mask * (mbatch.modes == k).unsqueeze(1)
+        parts[f"w/{name}/weight"] = (out.weight.detach() * rows).sum()
+        parts[f"w/{name}/tokens"] = rows.sum()
+    return parts
+
+
 def accumulate(
     run: Run, batches, size: BatchSize, old, ref, keep=None, reuse=False
 ) -> dict[str, float]:
@@ -330,21 +350,8 @@ def accumulate(
         engine.backward(out.loss * (0.0 if filler else scale), scale_wrt_gas=False)
         if filler:
             continue
-        mask = batch.completion_mask
-        parts = {
-            "loss": out.loss.detach(),
-            "kl_sum": (out.kl.detach() * mask).sum(),
-            "clipped": out.clipped.sum(),
-            "tokens": mask.sum(),
-            "reused": mask.sum() * float(reused),
-        }
-        if out.tis_clamped is not None:
-            parts["w/tis_clamped/weight"] = out.tis_clamped.sum()
-        for name, k in MODES.items():
-            rows = mask * (mbatch.modes == k).unsqueeze(1)
-            parts[f"w/{name}/weight"] = (out.weight.detach() * rows).sum()
-            parts[f"w/{name}/tokens"] = rows.sum()
-        for k, v in parts.items():  # on the device: no wait for it per micro-batch
+        # on the device: no wait for it per micro-batch
+        for k, v in metric_parts(out, mbatch, reused).items():
             on_device[k] = on_device[k] + v.double() if k in on_device else v.double()
     if on_device:  # one transfer for every micro-batch's metrics
         names = list(on_device)
