@@ -66,8 +66,39 @@ def init_distributed(timeout_s: int = 1800) -> None:
         init_method=init_method,
         **lone,
     )
+    _unlink_shm_workspace()
     if not lone and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         atexit.register(_let_collectives_finish)
+
+
+# the shared memory file DeepSpeed's CPU all-reduce maps per rank (its shm.cpp: the prefix, uid,
+# MASTER_ADDR, MASTER_PORT and rank, joined by "_"), under Linux's POSIX shared memory folder
+SHM_WORKSPACE = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+SHM_DIR = Path("/dev/shm")
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove this rank's name of DeepSpeed's all-reduce workspace.
+
+    When the ranks run on one machine under DeepSpeed's launcher (it sets LOCAL_SIZE; a lone
+    rank included), each rank creates a 66 MB shared memory file while joining the process
+    group, maps every other rank's, and never removes its own: each such run left 66 MB per
+    rank in /dev/shm, which is memory, until the machine restarts. Once every rank has passed
+    this barrier, all of them have mapped all the files (inside `deepspeed.init_distributed`),
+    so the names are no longer needed; the memory stays mapped and goes when the last rank
+    exits, however it exits."""
+    torch.distributed.barrier()
+    getuid = getattr(os, "getuid", None)
+    if getuid is None or not SHM_DIR.is_dir():
+        return
+    name = SHM_WORKSPACE.format(
+        uid=getuid(),
+        addr=os.environ.get("MASTER_ADDR", ""),
+        port=os.environ.get("MASTER_PORT", ""),
+        rank=torch.distributed.get_rank(),
+    )
+    with contextlib.suppress(FileNotFoundError):
+        (SHM_DIR / name).unlink()
 
 
 # how long a rank waits at exit for the process group's threads (see _let_collectives_finish)

@@ -14,6 +14,7 @@ one process.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from helpers import subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble.dist import shard
-from grpo_ensemble.engine import deepspeed_config, merge_config
+from grpo_ensemble.engine import SHM_DIR, deepspeed_config, merge_config
 from grpo_ensemble.errors import RecipeError
 from grpo_ensemble.loop import train
 
@@ -122,14 +123,17 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
     one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}", "train.steps=4"])
     two = tmp_path / "two"
 
+    ports = []
+
     def launch(*extra: str) -> subprocess.CompletedProcess:
         args = ["train", str(recipe), "--set", f"output_dir={two}", *extra]
+        ports.append(_port())
         if launcher == "torchrun":
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-            cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", *args]
+            cmd += ["--master_port", str(ports[-1]), "-m", "grpo_ensemble", *args]
         else:
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-            cmd += ["--master_port", str(_port()), "--module", "grpo_ensemble", *args]
+            cmd += ["--master_port", str(ports[-1]), "--module", "grpo_ensemble", *args]
         return _launch(cmd, tmp_path)
 
     proc = launch()
@@ -146,6 +150,44 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
     proc = launch("--set", "train.steps=4", "--resume", "auto")
     assert "resumed from" in proc.stdout and proc.stdout.count("done: step 4 of 4") == 1
     _assert_same_run(one.run_dir, two, steps=4)
+    # DeepSpeed's launcher made both runs' ranks share an all-reduce workspace in /dev/shm;
+    # none of its files outlives the run
+    assert [_shm_workspaces(port) for port in ports] == [[], []]
+
+
+def _shm_workspaces(port: int) -> list[str]:
+    """The files of DeepSpeed's CPU all-reduce workspace under MASTER_PORT `port`."""
+    return sorted(p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+SHM_PROBE = """
+import os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+if sys.argv[1] == "ours":
+    from grpo_ensemble.engine import init_distributed
+    init_distributed()
+else:
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+"""
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory is not under /dev/shm")
+def test_the_shared_memory_of_deepspeeds_cpu_all_reduce_is_not_left_behind(tmp_path):
+    """Under DeepSpeed's launcher (LOCAL_SIZE set) each rank's `deepspeed.init_distributed`
+    creates a 66 MB file in /dev/shm that DeepSpeed never removes; ours removes it once every
+    rank has mapped it."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(SHM_PROBE)
+    plain, ours = _port(), _port()
+    for who, port in (("deepspeed", plain), ("ours", ours)):
+        subprocess.run([sys.executable, str(probe), who, str(port)], check=True, env=_env())
+    left = _shm_workspaces(plain)
+    for name in left:
+        (SHM_DIR / name).unlink()
+    assert left == [f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{plain}_0"]
+    assert _shm_workspaces(ours) == []
 
 
 SHARING_RANKS = """
