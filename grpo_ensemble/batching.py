@@ -44,6 +44,37 @@ class MicroBatch:
         )
 
 
+@dataclass
+class LeftOut:
+    """A rank's candidates in the loss that the update does not compute (`zero_share`): what
+    the loss's normaliser and the token metrics still count of them."""
+
+    sequences: int = 0
+    tokens: int = 0
+    by_member: dict[str, int] | None = None  # completion tokens per member
+
+
+def zero_share(run: Run, rollout: Rollout) -> torch.Tensor:
+    """(n_candidates,) bool: candidates in the loss whose share of it, and of its gradient, is
+    exactly 0, so the update may leave them out (`train.skip_zero_advantage`). With beta 0
+    every term of a candidate's loss (clipped, shaped and tis surrogates) is its advantage
+    times something finite; with beta > 0 the KL term is not, and nothing is left out."""
+    keep = rollout.keep
+    if not run.recipe.train.skip_zero_advantage or run.recipe.loss.beta > 0:
+        return torch.zeros_like(keep)
+    return keep & (rollout.advantages == 0)
+
+
+def left_out(run: Run, rollout: Rollout) -> LeftOut:
+    """The tally of the candidates `micro_batches` leaves out (`zero_share`)."""
+    by_member = {m.name: 0 for m in run.ensemble.members}
+    rows = zero_share(run, rollout).nonzero().flatten().tolist()
+    for i in rows:
+        c = rollout.candidates[i]
+        by_member[c.source] += len(c.token_ids)
+    return LeftOut(len(rows), sum(by_member.values()), by_member)
+
+
 def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
     """Micro-batches of the candidates that enter the loss: at most `train.micro_batch_size`
     candidates each and, with `train.micro_batch_tokens`, at most that many token positions
@@ -51,8 +82,9 @@ def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
     are sorted by length first: a micro-batch is padded to its longest prompt and completion,
     so similar lengths together pad least (the loss is normalised over the whole step: the
     order changes no gradient beyond floating-point rounding). Otherwise one micro-batch keeps
-    candidate order."""
-    keep = rollout.keep.nonzero().flatten().tolist()
+    candidate order. Candidates whose share of the loss is exactly 0 are left out
+    (`zero_share`; `left_out` counts them)."""
+    keep = (rollout.keep & ~zero_share(run, rollout)).nonzero().flatten().tolist()
     prompt_of = rollout.candidate_prompt
     mb, budget = run.recipe.train.micro_batch_size, run.recipe.train.micro_batch_tokens
 

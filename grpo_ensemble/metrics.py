@@ -18,7 +18,7 @@ from .loss import MODES
 from .types import POLICY
 
 if TYPE_CHECKING:
-    from .batching import MicroBatch
+    from .batching import LeftOut, MicroBatch
     from .train import Rollout, Run
 
 
@@ -114,9 +114,13 @@ def step_times(run: Run, t: dict) -> dict[str, float]:
     }
 
 
-def tokens_by_member(run: Run, batches: list[MicroBatch]) -> dict[str, float]:
-    """Completion tokens in the loss, per member that produced them (every member a key)."""
+def tokens_by_member(run: Run, batches: list[MicroBatch], left: LeftOut | None = None) -> dict:
+    """Completion tokens in the loss, per member that produced them (every member a key), the
+    candidates `left` out of the micro-batches included."""
     out = {m.name: 0.0 for m in run.ensemble.members}
+    if left is not None and left.by_member:
+        for name, n in left.by_member.items():
+            out[name] += n
     for b in batches:
         if not b.index:  # a filler micro-batch (see batching.filler_batch)
             continue
@@ -137,12 +141,14 @@ def update_metrics(run: Run, sums: dict[str, float], grad_norms: list[float]) ->
             m[f"{name}/weight_mean"] = sums[f"w/{name}/weight"] / sums[f"w/{name}/tokens"]
     if sums["w/tis/tokens"]:
         m["tis/clamped_fraction"] = sums["w/tis_clamped/weight"] / sums["w/tis/tokens"]
-    first_pass = max(sums["tokens/first"], 1.0)
+    computed = max(sums["tokens/first"], 1.0)  # the first pass's tokens
+    first_pass = max(sums["tokens/first"] + sums.get("left_out/first", 0.0), 1.0)  # in the loss
     members = {k.removeprefix("member/"): v for k, v in sums.items() if k.startswith("member/")}
     for name, v in members.items():
         m[f"member/{name}/token_fraction"] = v / first_pass
     m["offpolicy_token_fraction"] = sum(v for k, v in members.items() if k != POLICY) / first_pass
-    m["reused_sampling_fraction"] = sums.get("reused/first", 0.0) / first_pass
+    m["reused_sampling_fraction"] = sums.get("reused/first", 0.0) / computed
+    m["zero_advantage_skipped_fraction"] = sums.get("left_out/first", 0.0) / first_pass
     m["loss"] = sums["loss"] / mu
     m["kl"] = sums["kl_sum"] / tokens
     m["clip_fraction"] = sums["clipped"] / tokens

@@ -180,6 +180,13 @@ class TrainConfig(_Config):
         "when a step's policy candidates fit one micro-batch): the same gradient, about a third "
         "less update arithmetic, sampling's products kept in memory until then.",
     )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="With beta 0, leave candidates whose advantage is exactly 0 (e.g. every "
+        "candidate of a group whose rewards are all equal) out of the update's forward and "
+        "backward: their share of the loss and of its gradient is exactly 0. They still count "
+        "in the loss's normaliser, so the gradient is the same.",
+    )
     offload_optimizer: bool = Field(
         False, description="Keep optimizer state in CPU memory (ZeRO stage 1 or more)."
     )

@@ -4,6 +4,7 @@ groups, old/ref log-probs, μ passes of micro-batched updates, sync, metrics.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .batching import MicroBatch, filler_batch, micro_batches
+from .batching import LeftOut, MicroBatch, filler_batch, left_out, micro_batches
 from .build import (
     TIS_TOKENIZER,
     WeightedScorer,
@@ -261,11 +262,13 @@ def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
     return not noisy(config.to_dict())
 
 
-def batch_size_of(run: Run, batches) -> BatchSize:
-    """Sizes of the whole step's batch over all ranks: every micro-batch's loss is normalised
-    by them, so the gradients summed over ranks are those of one rank holding everything."""
+def batch_size_of(run: Run, batches, left: LeftOut | None = None) -> BatchSize:
+    """Sizes of the whole step's batch over all ranks, the candidates `left` out of the
+    micro-batches included: every micro-batch's loss is normalised by them, so the gradients
+    summed over ranks are those of one rank computing everything."""
+    left = left or LeftOut()
     tokens = sum(b.tokens.completion_mask.sum() for b in batches)  # 0 when there are none
-    mine = [sum(len(b.index) for b in batches), float(tokens)]  # one wait for the device
+    mine = [sum(len(b.index) for b in batches) + left.sequences, float(tokens) + left.tokens]
     sequences, tokens = dist.all_sum(mine)
     return BatchSize(
         sequences=int(sequences),
@@ -359,14 +362,18 @@ def accumulate(
     return sums
 
 
-def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) -> dict[str, float]:
+def update(
+    run: Run, batches: list[MicroBatch], n_batches: int | None = None, left: LeftOut | None = None
+) -> dict[str, float]:
     """μ optimizer steps over the step's micro-batches; returns loss, KL, clip metrics.
-    `n_batches` is the most micro-batches any rank has; this rank fills up to it."""
+    `n_batches` is the most micro-batches any rank has; this rank fills up to it. `left`: the
+    candidates in the loss that the micro-batches leave out (their share is 0)."""
     r, engine = run.recipe, run.engine
+    left = left or LeftOut()
     n_batches = len(batches) if n_batches is None else n_batches
     batches = batches + [filler_batch(run)] * (n_batches - len(batches))
     temp = r.policy.sampling.temperature
-    size = batch_size_of(run, batches)
+    size = batch_size_of(run, batches, left)
     start = time.perf_counter()
     # μ > 1: the old log-probs are the policy's before this step's first optimizer step. The
     # first pass computes exactly those (the weights move only after its last micro-batch), so
@@ -391,13 +398,15 @@ def update(run: Run, batches: list[MicroBatch], n_batches: int | None = None) ->
             first = {k: v for k, v in sums.items() if k.startswith("w/")}
             first["tokens/first"] = sums["tokens"]
             first["reused/first"] = sums["reused"]
+            first["left_out/first"] = float(left.tokens)
         for k in ("loss", "kl_sum", "clipped", "tokens"):
             total[k] = total.get(k, 0.0) + sums[k]
-        if not optimizer_step(engine):
+        norm = optimizer_step(engine)
+        if norm is None:
             bad = True
             break
-        grad_norms.append(float(engine.get_global_grad_norm() or 0.0))
-    by_member = {f"member/{k}": v for k, v in tokens_by_member(run, batches).items()}
+        grad_norms.append(norm)
+    by_member = {f"member/{k}": v for k, v in tokens_by_member(run, batches, left).items()}
     sums = dist.sum_dict({**total, **first, **by_member})
     if bad:  # the weights did not move: report the step, count it
         return {**NO_UPDATE, "loss": sums["loss"], "nonfinite_update": 1}
@@ -412,24 +421,31 @@ def release_recording_buffers(run: Run) -> None:
         pool.free.clear()
 
 
-def optimizer_step(engine) -> bool:
-    """Step the optimizer unless the accumulated gradient holds NaN or inf; False if skipped.
+def optimizer_step(engine) -> float | None:
+    """Step the optimizer unless the accumulated gradient holds NaN or inf. Returns the
+    gradient's global norm before clipping, or None if the step was skipped.
 
     ZeRO stages 1-3 check the gradient norm themselves and skip such a step (counted in
-    `engine.skipped_steps`, the LR schedule not advanced). Stage 0 does not, so we check the
-    (already all-reduced, hence identical on every rank) gradients first.
+    `engine.skipped_steps`, the LR schedule not advanced), and report the norm. Stage 0 does
+    neither (its `get_global_grad_norm` stays 0), so we take the norm of the (already
+    all-reduced, hence identical on every rank) gradients first.
     """
+    norm = None
     if engine.zero_optimization_stage() == 0:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         # a norm is NaN or inf when its gradient holds a NaN or an inf, or is so large that
         # the norm overflows: no usable update either way (clipping would divide by it)
-        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0.0
+        norm = float(norm)
+        if not math.isfinite(norm):
             engine.zero_grad()
-            return False
+            return None
     skipped = engine.skipped_steps
     engine.step()
     count_update(engine.module)  # recordings of its sampling are stale (replay.py)
-    return engine.skipped_steps == skipped
+    if engine.skipped_steps != skipped:
+        return None
+    return norm if norm is not None else float(engine.get_global_grad_norm() or 0.0)
 
 
 def policy_failed(run: Run, groups: list[Group]) -> list[bool]:
@@ -470,8 +486,11 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     rollout = dist.agree(lambda: evaluate_groups(run, groups))  # rewards, advantages, keep
     t["score"] = time.perf_counter()
     batches = dist.agree(lambda: micro_batches(run, rollout))
-    n_batches = int(dist.all_max([len(batches)])[0])  # ranks may hold different counts
-    upd = update(run, batches, n_batches) if n_batches else dict(NO_UPDATE)
+    left = left_out(run, rollout)
+    # ranks may hold different counts; candidates left out still take an optimizer step (of a
+    # zero gradient: Adam's moments and weight decay move on as if they had been computed)
+    n_batches = int(dist.all_max([len(batches) or int(left.sequences > 0)])[0])
+    upd = update(run, batches, n_batches, left) if n_batches else dict(NO_UPDATE)
     t["update"] = time.perf_counter()
     run.ensemble.members[0].generator.sync_weights(run.engine.module)  # policy samples anew
     t["sync"] = time.perf_counter()

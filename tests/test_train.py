@@ -17,7 +17,7 @@ from grpo_ensemble import (
     plugins,
     train,
 )
-from grpo_ensemble.batching import filler_batch, micro_batches, plan_micro_batches
+from grpo_ensemble.batching import filler_batch, left_out, micro_batches, plan_micro_batches
 from grpo_ensemble.generation import recording
 from grpo_ensemble.models import resolve_model
 from grpo_ensemble.replay import replayable
@@ -93,7 +93,8 @@ def test_plan_micro_batches():
 
 
 def test_micro_batches_hold_similar_lengths(small_recipe, tmp_path):
-    run = build_run(small_recipe(train__micro_batch_size=3), tmp_path)
+    recipe = small_recipe(train__micro_batch_size=3, train__skip_zero_advantage=False)
+    run = build_run(recipe, tmp_path)
     torch.manual_seed(0)
     rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
     keep = rollout.keep.nonzero().flatten().tolist()
@@ -259,6 +260,24 @@ def test_zero_stages_agree_in_one_process(small_recipe, tmp_path):
             assert torch.allclose(weights[stage][k], v, atol=1e-5), (stage, k)
 
 
+def test_grad_norm_is_reported_at_every_zero_stage(small_recipe, tmp_path):
+    # DeepSpeed reports no norm at stage 0 (its get_global_grad_norm stays 0): ours is the
+    # norm of the whole gradient before clipping, as stages 1-3 report it
+    norms = {}
+    for stage in (0, 2):
+        r = small_recipe(train__zero_stage=stage, train__max_grad_norm=0.5, peers=[])
+        run = build_run(r, tmp_path / str(stage))
+        torch.manual_seed(0)
+        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+        batches = micro_batches(run, rollout)
+        accumulate(run, batches, batch_size_of(run, batches), None, None)
+        grads = [p.grad for p in run.engine.module.parameters() if p.grad is not None]
+        want = float(torch.cat([g.flatten().double() for g in grads]).norm()) if grads else None
+        norms[stage] = (optimizer_step(run.engine), want)
+    assert norms[0][0] == pytest.approx(norms[0][1], rel=1e-6)  # independently: float64
+    assert norms[0][0] == pytest.approx(norms[2][0], rel=1e-5) and norms[0][0] > 0.5
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(
     small_recipe, tmp_path, monkeypatch
 ):
@@ -358,6 +377,96 @@ def test_first_pass_keeps_the_old_logprobs(small_recipe, tmp_path, monkeypatch):
     assert moved  # the update did something to compare
     for k, v in w_sep.items():
         assert torch.allclose(w_reuse[k], v, atol=1e-6), k
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_zero_advantage_candidates_left_out_with_the_same_gradient(small_recipe, tmp_path, mu):
+    # beta 0: a candidate of advantage 0 adds exactly 0 to the loss and its gradient; the
+    # update leaves it out of its micro-batches and still counts it in the normaliser
+    run = build_run(small_recipe(loss__mu=mu, train__micro_batch_size=5), tmp_path)
+    torch.manual_seed(0)
+    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    n = len(rollout.candidates)
+    rollout.advantages = (torch.arange(n) - 7.5) * 0.1  # none 0 (the rewards may have some)
+    rollout.advantages[:4] = 0.0  # the first group's: the policy's 2 and the peer's 2
+    rollout.advantages[9] = 0.0  # one candidate of the third group
+    kept = rollout.keep.nonzero().flatten().tolist()
+    zero = [i for i in kept if rollout.advantages[i] == 0]
+    assert zero == [0, 1, 2, 3, 9] and len(kept) == 16
+    assert all(rollout.advantages[i] != 0 for i in kept if i not in zero)
+    old = lambda bs: [torch.full(b.tokens.completion_ids.shape, -1.5) for b in bs]  # noqa: E731
+
+    def gradient(skip: bool):
+        run.recipe.train.skip_zero_advantage = skip
+        batches = micro_batches(run, rollout)
+        left = left_out(run, rollout)
+        size = batch_size_of(run, batches, left)
+        run.engine.module.zero_grad(set_to_none=True)
+        sums = accumulate(run, batches, size, old(batches) if mu > 1 else None, None)
+        grads = {n: p.grad.clone() for n, p in run.engine.module.named_parameters()}
+        return batches, left, size, sums, grads
+
+    b_on, left, size_on, sums_on, g_on = gradient(True)
+    b_off, none, size_off, sums_off, g_off = gradient(False)
+    assert sorted(i for b in b_on for i in b.index) == [i for i in kept if i not in zero]
+    assert sorted(i for b in b_off for i in b.index) == kept
+    tokens = {i: len(rollout.candidates[i].token_ids) for i in kept}
+    assert (left.sequences, left.tokens) == (5, sum(tokens[i] for i in zero))
+    assert left.by_member == {
+        "policy": sum(tokens[i] for i in zero if rollout.candidates[i].source == "policy"),
+        "strong": sum(tokens[i] for i in zero if rollout.candidates[i].source == "strong"),
+    }
+    assert (none.sequences, none.tokens) == (0, 0)
+    assert size_on == size_off and size_off.tokens == sum(tokens.values())
+    assert sums_on["loss"] == pytest.approx(sums_off["loss"], abs=1e-7)
+    assert sums_on["tokens"] == sums_off["tokens"] - left.tokens  # computed tokens only
+    assert any(g.abs().sum() > 0 for g in g_off.values())
+    for name, g in g_off.items():
+        assert torch.allclose(g_on[name], g, atol=1e-7, rtol=1e-5), name
+
+
+def test_nothing_left_out_with_beta_or_when_turned_off(small_recipe, tmp_path):
+    for changes in ({"loss__beta": 0.05}, {"train__skip_zero_advantage": False}):
+        run = build_run(small_recipe(**changes), tmp_path / str(len(changes)))
+        torch.manual_seed(0)
+        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+        rollout.advantages[:4] = 0.0
+        assert left_out(run, rollout).sequences == 0
+        assert len([i for b in micro_batches(run, rollout) for i in b.index]) == 16
+
+
+def test_a_step_of_zero_advantages_still_steps_the_optimizer(small_recipe, tmp_path, monkeypatch):
+    # step 2 has no learning signal at all: left out whole, it still takes an optimizer step
+    # of a zero gradient, so Adam's moments move the weights exactly as when it is computed
+    train_module = importlib.import_module("grpo_ensemble.train")
+    evaluate = train_module.evaluate_groups
+    weights, rows = {}, {}
+    for skip in (True, False):
+        # step 1 computed in full in both runs: the same weights and moments, bit for bit
+        recipe = small_recipe(train__lr=1e-2, train__skip_zero_advantage=False)
+        run = build_run(recipe, tmp_path / str(skip))
+        monkeypatch.setattr(train_module, "evaluate_groups", evaluate)
+        start = {k: v.clone() for k, v in run.engine.module.state_dict().items()}
+        grpo_step(run, 1)
+        after_one = {k: v.clone() for k, v in run.engine.module.state_dict().items()}
+        assert any(not torch.equal(after_one[k], v) for k, v in start.items())
+        run.recipe.train.skip_zero_advantage = skip
+
+        def no_signal(run, groups):
+            rollout = evaluate(run, groups)
+            rollout.advantages.zero_()
+            return rollout
+
+        monkeypatch.setattr(train_module, "evaluate_groups", no_signal)
+        rows[skip] = grpo_step(run, 2)
+        weights[skip] = run.engine.module.state_dict()
+        assert any(not torch.equal(weights[skip][k], v) for k, v in after_one.items())
+    assert rows[True]["zero_advantage_skipped_fraction"] == 1.0
+    assert rows[False]["zero_advantage_skipped_fraction"] == 0.0
+    assert rows[True]["loss"] == rows[False]["loss"] == 0.0
+    assert rows[True]["grad_norm"] == rows[False]["grad_norm"]
+    for k, v in weights[False].items():
+        assert torch.equal(weights[True][k], v), k
 
 
 def test_train_mode_is_eval_mode():
@@ -474,7 +583,7 @@ def test_first_pass_reuses_sampling_products_with_the_same_gradient(small_recipe
         again = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
     batches = micro_batches(run, again)
     assert replayable(run.engine, batches[0].tokens, batches[0].traces)
-    assert optimizer_step(run.engine)
+    assert optimizer_step(run.engine) is not None
     assert not replayable(run.engine, batches[0].tokens, batches[0].traces)
     assert sums[0]["loss"] == pytest.approx(sums[1]["loss"], abs=1e-6)
     assert sums[0]["kl_sum"] == pytest.approx(sums[1]["kl_sum"], rel=1e-5)
