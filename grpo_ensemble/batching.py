@@ -4,7 +4,7 @@ positions each, padded to their own longest prompt and completion."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,7 +51,7 @@ class LeftOut:
 
     sequences: int = 0
     tokens: int = 0
-    by_member: dict[str, int] | None = None  # completion tokens per member
+    by_member: dict[str, int] = field(default_factory=dict)  # completion tokens per member
 
 
 def zero_share(run: Run, rollout: Rollout) -> torch.Tensor:

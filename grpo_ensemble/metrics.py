@@ -118,7 +118,7 @@ def tokens_by_member(run: Run, batches: list[MicroBatch], left: LeftOut | None =
     """Completion tokens in the loss, per member that produced them (every member a key), the
     candidates `left` out of the micro-batches included."""
     out = {m.name: 0.0 for m in run.ensemble.members}
-    if left is not None and left.by_member:
+    if left is not None:
         for name, n in left.by_member.items():
             out[name] += n
     for b in batches:
