@@ -256,6 +256,66 @@ def test_first_pass_reuses_sampling_on_two_ranks(tmp_path, monkeypatch):
     _assert_same_run(one.run_dir, two)
 
 
+# step 2: every advantage 0 (every rank leaves all out); step 3: the last 2 of the 5 prompts'
+# advantages 0, which on 2 ranks are all of rank 1's (3/2 split) and none of rank 0's
+ZERO_ADVANTAGES = """
+import torch
+
+def wrap(evaluate):
+    calls = []
+
+    def evaluate_groups(run, groups):
+        rollout = evaluate(run, groups)
+        calls.append(1)
+        if len(calls) == 2:
+            rollout.advantages.zero_()
+        elif len(calls) == 3:
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            k = sum(len(g.candidates) for g in rollout.groups[-2:])
+            if world == 1 or rank == 1:
+                rollout.advantages[len(rollout.advantages) - k :] = 0.0
+        return rollout
+
+    return evaluate_groups
+"""
+
+SKIPPING_RANKS = (
+    ZERO_ADVANTAGES
+    + """
+import importlib, sys
+from grpo_ensemble.cli import main
+
+steps = importlib.import_module("grpo_ensemble.train")  # the package exports a train function
+steps.evaluate_groups = wrap(steps.evaluate_groups)
+sys.exit(main())
+"""
+)
+
+
+def test_zero_advantage_candidates_left_out_on_two_ranks(tmp_path, monkeypatch):
+    # beta 0 at ZeRO-2: candidates of advantage 0 left out on each rank, a rank with all of its
+    # candidates left out running a filler micro-batch while the other computes, and a step
+    # with every candidate left out still stepping the optimizer: the run matches one rank's
+    import importlib
+
+    train_module = importlib.import_module("grpo_ensemble.train")
+    namespace: dict = {}
+    exec(ZERO_ADVANTAGES, namespace)
+    monkeypatch.setattr(
+        train_module, "evaluate_groups", namespace["wrap"](train_module.evaluate_groups)
+    )
+    recipe = _recipe_file(tmp_path, {"zero_stage": 2})
+    data = yaml.safe_load(recipe.read_text())
+    data["loss"]["beta"] = 0.0
+    recipe.write_text(yaml.safe_dump(data))
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    two = _two_ranks_of_script(tmp_path, SKIPPING_RANKS, recipe)
+    for run_dir in (one.run_dir, two):
+        skipped = [r["zero_advantage_skipped_fraction"] for r in _rows(run_dir)]
+        assert skipped[1] == 1.0 and 0.0 < skipped[2] < 1.0, skipped
+    _assert_same_run(one.run_dir, two)
+
+
 FAILING_RANK = """
 import atexit, os, sys
 from grpo_ensemble import RewardScorer, hookimpl
