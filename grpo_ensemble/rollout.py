@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import PluginError
-from .scoring import score_groups
+from .scoring import Known, score_groups
 from .types import POLICY, Candidate, Group, GroupLayout, Prompt
 
 if TYPE_CHECKING:
@@ -40,10 +40,11 @@ class Rollout:
         return [g.prompt for g in self.groups for _ in g.candidates]
 
 
-def evaluate_groups(run: Run, groups: list[Group]) -> Rollout:
+def evaluate_groups(run: Run, groups: list[Group], known: Known | None = None) -> Rollout:
     """Score the candidates and turn each group's rewards into advantages. Groups that a
-    scorer or the evaluator failed on leave the step where the recipe says so (counted)."""
-    scores = score_groups(groups, run.scorers)
+    scorer or the evaluator failed on leave the step where the recipe says so (counted).
+    `known`: scores already taken of each group's first candidates (see `score_groups`)."""
+    scores = score_groups(groups, run.scorers, known)
     n_groups = len(groups)
     groups, rewards, per_scorer = _drop(groups, scores.skip, scores.combined, scores.per_scorer)
     layout, adv, bad = group_advantages(run, groups, rewards)

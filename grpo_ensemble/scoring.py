@@ -29,6 +29,7 @@ class Scores:
     per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,)
     skip: list[bool]  # per group: leave the step (a skip_group scorer failed on it)
     faults: dict[str, int] = field(default_factory=dict)  # name → groups it failed on
+    failed: dict[str, set[int]] = field(default_factory=dict)  # name → those groups' indices
 
     def __iter__(self):  # `combined, per_scorer = score_groups(...)` keeps working
         return iter((self.combined, self.per_scorer))
@@ -110,16 +111,81 @@ def _score_one(
     return torch.where(torch.isfinite(values), values, 0.0), faults
 
 
-def score_groups(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Scores:
-    """Every scorer over every candidate, with each scorer's error policy applied."""
+@dataclass
+class Known:
+    """Scores of each group's first `counts[i]` candidates, taken earlier in the same step (on
+    failure injection scores the policy's candidates to decide where peers sample)."""
+
+    counts: list[int]
+    scores: Scores
+
+
+def score_groups(
+    groups: Sequence[Group], scorers: Sequence[WeightedScorer], known: Known | None = None
+) -> Scores:
+    """Every scorer over every candidate, with each scorer's error policy applied. With
+    `known`, each group's first candidates keep those scores (and faults) and only the ones
+    after them are scored: each candidate is scored once a step, so a scorer that costs much
+    is not called twice and one that is not deterministic gives the update the very rewards
+    that decided the injection."""
+    if known is None:
+        return _score_all(groups, scorers)
+    if len(known.counts) != len(groups):
+        raise ValueError(f"known scores for {len(known.counts)} groups, not {len(groups)}")
+    rest = [Group(g.prompt, g.candidates[n:]) for g, n in zip(groups, known.counts, strict=True)]
+    todo = [i for i, g in enumerate(rest) if g.candidates]
+    fresh = _score_all([rest[i] for i in todo], scorers) if todo else None
+    return _merge(known, fresh, todo, [len(g.candidates) for g in rest])
+
+
+def _merge(known: Known, fresh: Scores | None, todo: list[int], extra: list[int]) -> Scores:
+    """Group by group: the known scores of its first candidates, then the fresh ones of the
+    rest (`fresh` holds the groups `todo`, `extra[i]` candidates each)."""
+    old = known.scores
+    names = list(old.per_scorer)
+    pieces: dict[str, list[torch.Tensor]] = {n: [] for n in ["", *names]}
+    skip = list(old.skip)
+    failed = {n: set(old.failed.get(n, ())) for n in names}
+    at_old = at_new = 0
+    slot = {g: j for j, g in enumerate(todo)}
+    for i, n in enumerate(known.counts):
+        parts = [(old, at_old, n)]
+        at_old += n
+        if i in slot:
+            parts.append((fresh, at_new, extra[i]))
+            at_new += extra[i]
+            skip[i] = skip[i] or fresh.skip[slot[i]]
+        for src, a, k in parts:
+            pieces[""].append(src.combined[a : a + k])
+            for name in names:
+                pieces[name].append(src.per_scorer[name][a : a + k])
+    if fresh is not None:
+        for name in names:
+            failed[name] |= {todo[j] for j in fresh.failed.get(name, ())}
+
+    def cat(xs):
+        return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32)
+
+    return Scores(
+        cat(pieces[""]),
+        {name: cat(pieces[name]) for name in names},
+        skip,
+        {name: len(failed[name]) for name in names},
+        failed,
+    )
+
+
+def _score_all(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Scores:
     samples = [Sample(g.prompt, c) for g in groups for c in g.candidates]
     combined = torch.zeros(len(samples), dtype=torch.float32)
     per_scorer: dict[str, torch.Tensor] = {}
     skip = [False] * len(groups)
     counts: dict[str, int] = {}
+    failed: dict[str, set[int]] = {}
     for ws in scorers:
         values, faults = _score_one(ws, groups, samples)
         counts[ws.name] = len(faults)
+        failed[ws.name] = set(faults)
         if faults and ws.on_error == "fail":
             i = min(faults)
             raise PluginError(ws.name, f"{faults[i]} for prompt {groups[i].prompt.text!r}")
@@ -128,4 +194,4 @@ def score_groups(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> 
                 skip[i] = True
         per_scorer[ws.name] = values
         combined += ws.weight * values
-    return Scores(combined, per_scorer, skip, counts)
+    return Scores(combined, per_scorer, skip, counts, failed)

@@ -9,7 +9,6 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from .recipe import Recipe
 from .recording import BufferPool, count_update
 from .replay import replay_logprobs, replayable
 from .rollout import Rollout, evaluate_groups  # noqa: F401 — re-exported
-from .scoring import score_groups
+from .scoring import Known, score_groups
 from .types import POLICY, Group, Prompt
 
 
@@ -448,16 +447,30 @@ def optimizer_step(engine) -> float | None:
     return norm if norm is not None else float(engine.get_global_grad_norm() or 0.0)
 
 
-def policy_failed(run: Run, groups: list[Group]) -> list[bool]:
-    """On-failure injection: True for prompts where no policy candidate reached success."""
-    # only the policy's candidates so far; a scorer failing on any rank stops every rank
-    rewards = dist.agree(lambda: score_groups(groups, run.scorers)).combined
-    out, k = [], 0
-    for g in groups:
-        n = len(g.candidates)
-        out.append(n == 0 or float(rewards[k : k + n].max()) < run.recipe.group.success_reward)
-        k += n
-    return out
+class PolicyFailed:
+    """On-failure injection's test, called by the ensemble once the policy has sampled: True
+    for the prompts where no policy candidate reached success. It keeps the scores it took
+    (`known`) for the step's scoring, which then scores only the peers' candidates."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.known: Known | None = None
+
+    def __call__(self, groups: list[Group]) -> list[bool]:
+        # only the policy's candidates so far; a scorer failing on any rank stops every rank
+        scores = dist.agree(lambda: score_groups(groups, self.run.scorers))
+        self.known = Known([len(g.candidates) for g in groups], scores)
+        out, k = [], 0
+        for g in groups:
+            n = len(g.candidates)
+            best = float(scores.combined[k : k + n].max()) if n else None
+            # a group a skip_group scorer failed on leaves the step anyway: no peers for it
+            out.append(
+                not scores.skip[len(out)]
+                and (best is None or best < self.run.recipe.group.success_reward)
+            )
+            k += n
+        return out
 
 
 # metrics of a step whose groups were all dropped (no learning signal): no optimizer step
@@ -476,14 +489,15 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     prompts = run.sampler.next(run.recipe.train.prompts_per_step)  # global: same on every rank
     mine = dist.shard(len(prompts))  # this rank's whole groups
     seeds = [prompt_seed(run.recipe.seed, step, i) for i in mine]
-    inject = partial(policy_failed, run) if run.recipe.group.inject == "on_failure" else None
+    inject = PolicyFailed(run) if run.recipe.group.inject == "on_failure" else None
     policy = run.ensemble.members[0].generator
     with recording(policy, run.reuse_sampling):  # this step's samples only (not evaluation's)
         groups = dist.agree(  # members sample, groups pooled per prompt
             lambda: run.ensemble.generate([prompts[i] for i in mine], inject, seeds)
         )
     t["generate"] = time.perf_counter()
-    rollout = dist.agree(lambda: evaluate_groups(run, groups))  # rewards, advantages, keep
+    known = inject.known if inject is not None else None  # the policy's, scored already
+    rollout = dist.agree(lambda: evaluate_groups(run, groups, known))  # rewards, advantages
     t["score"] = time.perf_counter()
     batches = dist.agree(lambda: micro_batches(run, rollout))
     left = left_out(run, rollout)

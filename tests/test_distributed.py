@@ -264,8 +264,8 @@ import torch
 def wrap(evaluate):
     calls = []
 
-    def evaluate_groups(run, groups):
-        rollout = evaluate(run, groups)
+    def evaluate_groups(run, groups, known=None):
+        rollout = evaluate(run, groups, known)
         calls.append(1)
         if len(calls) == 2:
             rollout.advantages.zero_()

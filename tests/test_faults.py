@@ -205,3 +205,54 @@ def test_a_run_goes_on_past_a_flaky_scorer_with_skip_group(small_recipe):
         assert m["candidates"] == 4 * (8 - m["skipped_groups"])
     assert (result.run_dir / "final" / "model.safetensors").is_file()
     assert torch.isfinite(torch.tensor([m["loss"] for m in result.metrics])).all()
+
+
+def _with(groups, extra):
+    """`groups` with the candidates `extra[i]` (texts) of a peer appended to group i."""
+    return [
+        Group(g.prompt, g.candidates + [Candidate(t, [1], "peer") for t in ts])
+        for g, ts in zip(groups, extra, strict=True)
+    ]
+
+
+def test_known_scores_are_kept_and_only_the_new_candidates_scored():
+    from grpo_ensemble.scoring import Known
+
+    class Counting(FailsOnBad):
+        def __init__(self):
+            self.scored = []
+
+        def score(self, samples):
+            self.scored += [(s.prompt.text, s.completion, s.candidate.source) for s in samples]
+            return super().score(samples)
+
+    scorer = Counting()
+    ws = [_ws(scorer, "skip_group")]
+    known = Known([2, 2, 2], score_groups(GROUPS, ws))  # the "bad" group fails here
+    scorer.scored.clear()
+    s = score_groups(_with(GROUPS, [["2"], ["0"], []]), ws, known)
+    # only the peer's candidates were scored: in one call, which failed ("bad"), then group by
+    # group (group 2 has no new candidate)
+    assert scorer.scored == [
+        ("1+1=", "2", "peer"),
+        ("bad", "0", "peer"),
+        ("1+1=", "2", "peer"),
+        ("bad", "0", "peer"),
+    ]
+    # group 0: known 2, 0, then the peer's 2 (weight 2 × exact match); group 2 unchanged
+    assert s.combined.tolist() == [2.0, 0.0, 2.0, 0.0, 0.0, 0.0, 2.0, 0.0]
+    assert s.skip == [False, True, False]
+    assert s.faults == {"fails_on_bad": 1}  # the same group failing twice counts once
+
+
+def test_a_group_that_fails_only_on_its_new_candidates_is_counted():
+    from grpo_ensemble.scoring import Known
+
+    ws = [_ws(FailsOnBad(), "zero")]
+    first = [GROUPS[0], Group(GROUPS[1].prompt, []), GROUPS[2]]  # no candidate of "bad" yet
+    known = Known([2, 0, 2], score_groups(first, ws))
+    assert known.scores.faults == {"fails_on_bad": 0}
+    s = score_groups(_with(first, [[], ["0", "1"], ["4"]]), ws, known)
+    assert s.per_scorer["fails_on_bad"].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    assert s.failed == {"fails_on_bad": {1}} and s.faults == {"fails_on_bad": 1}
+    assert s.skip == [False, False, False]

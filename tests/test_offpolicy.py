@@ -1,11 +1,12 @@
 """Per-member modes for peer candidates, against numbers computed by hand."""
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
-from grpo_ensemble import Candidate, Generator
+from grpo_ensemble import Candidate, Generator, RewardScorer
 from grpo_ensemble.batching import micro_batches
 from grpo_ensemble.build import check_recipe
 from grpo_ensemble.errors import RecipeError
@@ -152,9 +153,7 @@ def test_each_mode_trains_and_logs(small_recipe, mode):
 
 
 def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
-    from functools import partial
-
-    from grpo_ensemble.train import grpo_step, policy_failed
+    from grpo_ensemble.train import PolicyFailed, grpo_step
 
     recipe = small_recipe(
         peers=[{"name": "oracle", "n": 2}],
@@ -164,7 +163,8 @@ def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
     )
     run = build_run(recipe, tmp_path, generators={"oracle": Oracle()})
     torch.manual_seed(0)
-    groups = run.ensemble.generate(run.sampler.next(8), partial(policy_failed, run))
+    check = PolicyFailed(run)
+    groups = run.ensemble.generate(run.sampler.next(8), check)
     sizes = []
     for g in groups:
         solved = any(c.text.strip() == g.prompt.fields["answer"] for c in g.candidates[:2])
@@ -172,6 +172,9 @@ def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
         sizes.append(len(g.candidates))
     assert 2 in sizes and 4 in sizes  # really ragged
     ro = evaluate_groups(run, groups)
+    assert check.known.counts == [2] * 8  # the policy's candidates were scored for the test
+    # with them known, only the oracle's are scored again: the same rewards
+    assert evaluate_groups(run, groups, check.known).rewards.tolist() == ro.rewards.tolist()
     k = 0
     for g in groups:  # each group's advantages: r − mean over that group only, by hand
         r = ro.rewards[k : k + len(g.candidates)]
@@ -181,6 +184,95 @@ def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
     failed = m["candidates"] - 2 * 8  # oracle candidates injected this step
     assert m.get("member/oracle/candidates", 0) == failed
     assert m["member/policy/best_share"] + m.get("member/oracle/best_share", 0) == pytest.approx(1)
+
+
+class CountingScorer(RewardScorer):
+    """Exact match plus a different small amount at every call of every candidate (so that
+    scoring a candidate twice would give it two rewards); counts the calls per candidate."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls: dict[int, int] = {}
+        self.n = 0
+
+    def score(self, samples):
+        out = []
+        for s in samples:
+            self.calls[id(s.candidate)] = self.calls.get(id(s.candidate), 0) + 1
+            self.n += 1
+            out.append(float(s.completion.strip() == s.row["answer"]) + self.n / 1000)
+        return out
+
+
+def test_on_failure_scores_each_candidate_once(small_recipe, tmp_path):
+    from grpo_ensemble.train import PolicyFailed, grpo_step
+
+    recipe = small_recipe(
+        peers=[{"name": "oracle", "n": 2}],
+        group__inject="on_failure",
+        group__evaluator="dr_grpo",
+        train__prompts_per_step=8,
+    )
+    scorer = CountingScorer()
+    run = build_run(
+        recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=[(scorer, 1.0)]
+    )
+    torch.manual_seed(0)
+    check = PolicyFailed(run)
+    groups = run.ensemble.generate(run.sampler.next(8), check)
+    seen = check.known.scores.combined.tolist()  # what decided the injection
+    assert len(seen) == 16 and scorer.n == 16
+    ro = evaluate_groups(run, groups, check.known)
+    sizes = [len(g.candidates) for g in groups]
+    assert 2 in sizes and 4 in sizes  # peers sampled for some prompts only
+    assert sorted(scorer.calls.values()) == [1] * sum(sizes)  # each candidate scored once
+    k = j = 0
+    for g in groups:  # the policy's rewards are those the test saw; the oracle's were new calls
+        assert ro.rewards[k : k + 2].tolist() == seen[j : j + 2]
+        for c, r in zip(g.candidates[2:], ro.rewards[k + 2 : k + len(g.candidates)], strict=True):
+            assert c.source == "oracle" and r.item() > 1.0  # exact match + a later call's amount
+        k, j = k + len(g.candidates), j + 2
+    scorer.calls.clear()
+    m = grpo_step(run, 1)  # a whole step: each of its candidates scored once too
+    assert sorted(scorer.calls.values()) == [1] * int(m["candidates"])
+
+
+class FailsOnFirstPrompt(RewardScorer):
+    """Exact match, but every call holding the first prompt it was ever given raises."""
+
+    name = "fails_on_first"
+    bad = None
+
+    def score(self, samples):
+        self.bad = self.bad or samples[0].prompt.text
+        if any(s.prompt.text == self.bad for s in samples):
+            raise ValueError("cannot parse")
+        return [float(s.completion.strip() == s.row["answer"]) for s in samples]
+
+
+def test_on_failure_samples_no_peers_for_a_group_that_leaves_the_step(small_recipe, tmp_path):
+    from grpo_ensemble.train import PolicyFailed
+
+    recipe = small_recipe(
+        peers=[{"name": "oracle", "n": 2}],
+        group__inject="on_failure",
+        train__prompts_per_step=8,
+    )
+    scorer = FailsOnFirstPrompt()
+    run = build_run(
+        recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=[(scorer, 1.0)]
+    )
+    run.scorers[0] = replace(run.scorers[0], on_error="skip_group")
+    torch.manual_seed(0)
+    check = PolicyFailed(run)
+    groups = run.ensemble.generate(run.sampler.next(8), check)
+    bad = [g for g in groups if g.prompt.text == scorer.bad]
+    assert len(bad) == 1 and [c.source for c in bad[0].candidates] == ["policy"] * 2
+    assert check.known.scores.skip.count(True) == 1
+    ro = evaluate_groups(run, groups, check.known)
+    assert ro.skipped_groups == 1 and bad[0] not in ro.groups
+    assert any(len(g.candidates) == 4 for g in ro.groups)  # the others did get peers
 
 
 def test_best_share_by_hand():

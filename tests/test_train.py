@@ -452,8 +452,8 @@ def test_a_step_of_zero_advantages_still_steps_the_optimizer(small_recipe, tmp_p
         assert any(not torch.equal(after_one[k], v) for k, v in start.items())
         run.recipe.train.skip_zero_advantage = skip
 
-        def no_signal(run, groups):
-            rollout = evaluate(run, groups)
+        def no_signal(run, groups, known=None):
+            rollout = evaluate(run, groups, known)
             rollout.advantages.zero_()
             return rollout
 
