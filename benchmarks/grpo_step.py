@@ -172,7 +172,7 @@ def work_of(framework: str, config: str, path: Path, gc: bool) -> dict:
 
     frozen = positions()  # eval mode
     if gc:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     return {"train": positions(), "frozen": frozen, "old_pass": not train_mode_is_eval_mode(model)}
 

@@ -71,6 +71,14 @@ def selective_log_softmax(
     return torch.cat(out)
 
 
+def checkpointing(module: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on in a transformers model (read through
+    `is_activation_checkpointing`: its old name `is_gradient_checkpointing` warns)."""
+    on = getattr(type(module), "is_activation_checkpointing", None)
+    name = "is_activation_checkpointing" if on is not None else "is_gradient_checkpointing"
+    return bool(getattr(module, name, False))
+
+
 def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
     """(distinct prompt rows (U,), row → its distinct prompt (B,)) when running each distinct
     prompt once pays and the model allows it, else None. `model` may be a DeepSpeed engine."""
@@ -80,8 +88,7 @@ def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
     if b < 2 or p_len < 1 or batch.completion_ids.shape[1] < 2:
         return None
     # transformers turns the cache off in checkpointed layers while training
-    checkpointing = getattr(module, "is_gradient_checkpointing", False)
-    if (checkpointing and module.training) or cache_name(module) is None:
+    if (checkpointing(module) and module.training) or cache_name(module) is None:
         return None
     if not full_attention_only(module) or module.config.get_text_config().is_encoder_decoder:
         return None

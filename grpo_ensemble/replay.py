@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from .decode import _norm, _rotate, cache_of, signed_sin
-from .logprobs import TokenBatch, prompt_forward, selective_log_softmax, shared_prompt_plan
+from .logprobs import (
+    TokenBatch,
+    checkpointing,
+    prompt_forward,
+    selective_log_softmax,
+    shared_prompt_plan,
+)
 from .recording import Recording, replay_pays, weights_version
 
 
@@ -71,7 +77,7 @@ def replayable(model: torch.nn.Module, batch: TokenBatch, traces) -> bool:
     c_len = batch.completion_ids.shape[1]
     if traces is None or c_len < 2 or len(traces) != batch.input_ids.shape[0]:
         return False
-    if getattr(module, "is_gradient_checkpointing", False) and module.training:
+    if checkpointing(module) and module.training:
         return False
     recordings = {id(t.recording): t.recording for t in traces if t is not None}
     if len(recordings) == 0 or any(t is None for t in traces):

@@ -81,3 +81,20 @@ def test_threshold_counts_saved_prompt_positions(monkeypatch):
     assert shared_prompt_plan(model, batch) is not None
     monkeypatch.setattr(logprobs_module, "SHARE_MIN", {"cpu": 12 * params + 1, "cuda": 0})
     assert shared_prompt_plan(model, batch) is None
+
+
+def test_checkpointing_is_read_without_a_deprecation_warning(always_share):
+    import warnings
+
+    from grpo_ensemble.logprobs import checkpointing
+
+    model = build("llama").train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' old name warns (FutureWarning)
+        assert checkpointing(model) is False
+        assert shared_prompt_plan(model, group_batch()) is not None
+        model.activation_checkpointing_enable()
+        assert checkpointing(model) is True
+        # transformers turns the KV cache off in checkpointed layers: no shared prompt then
+        assert shared_prompt_plan(model, group_batch()) is None
+    assert checkpointing(torch.nn.Linear(2, 2)) is False  # not a transformers model
