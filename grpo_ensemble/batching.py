@@ -27,7 +27,8 @@ class MicroBatch:
     modes: torch.Tensor  # (B,) long, see loss.MODES
     sources: list[str]  # member of each candidate
     behaviour: torch.Tensor | None  # (B, C) sampling log-probs where mode is tis, else 0
-    # per row, where the policy's sampling kept its products (replay.py); None: not every row
+    # per row, where the policy's sampling kept its products (replay.py; None for a row it
+    # did not sample); None: no row
     traces: list | None = None
 
     def to(self, device) -> MicroBatch:
@@ -112,7 +113,7 @@ def micro_batches(run: Run, rollout: Rollout) -> list[MicroBatch]:
                     behaviour[row, : len(c.behaviour_logprobs)] = torch.tensor(c.behaviour_logprobs)
         sources = [c.source for c in cands]
         traces = [c.trace for c in cands]
-        traces = traces if all(t is not None for t in traces) else None
+        traces = traces if any(t is not None for t in traces) else None
         out.append(
             MicroBatch(batch, rollout.advantages[idx], idx, modes, sources, behaviour, traces)
         )

@@ -58,6 +58,11 @@ class TokenBatch:
     def to(self, device) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in vars(self).values()))
 
+    def select(self, rows: Sequence[int]) -> TokenBatch:
+        """The batch of these rows (in this order), with the same widths."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
+        return TokenBatch(*(t.index_select(0, index) for t in vars(self).values()))
+
 
 def selective_log_softmax(
     logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 16

@@ -184,9 +184,8 @@ def reuse_applies(recipe: Recipe, engine, members: list[Member]) -> bool:
     (replay.py): the option is on, the weights are whole (not ZeRO-3), no layer is
     recomputed (checkpointing), the model computes the same in training and eval mode, and
     every candidate a rank can hold in a step fits one micro-batch (so the update holds no
-    more than one micro-batch's worth, and no micro-batch mixes in a peer's candidates, which
-    have no products to reuse, unless peers are only injected on failure). Only for our own
-    generator over the module being trained."""
+    more than one micro-batch's worth; a peer's candidates in it are computed, the policy's
+    replayed). Only for our own generator over the module being trained."""
     policy = members[0].generator
     if not isinstance(policy, HFGenerator) or policy.model is not engine.module:
         return False
@@ -196,8 +195,6 @@ def reuse_applies(recipe: Recipe, engine, members: list[Member]) -> bool:
     if t.micro_batch_tokens is not None or not train_mode_is_eval_mode(engine.module):
         return False
     peers = sum(m.n for m in members[1:])
-    if peers and recipe.group.inject == "always":
-        return False
     per_rank = -(-t.prompts_per_step // dist.world_size())
     return per_rank * (members[0].n + peers) <= t.micro_batch_size
 
@@ -279,19 +276,38 @@ def batch_size_of(run: Run, batches, left: LeftOut | None = None) -> BatchSize:
 
 def policy_logprobs(engine, mbatch: MicroBatch, temperature: float, reuse: bool):
     """(B, C) log-probs of a micro-batch under the policy, with the graph for its backward,
-    and whether its forward's products came from sampling (`reuse` and still valid: see
-    replay.py). The micro-batch's traces are dropped: stale after this pass."""
-    batch = mbatch.tokens
-    reused = reuse and replayable(engine, batch, mbatch.traces)
-    if reused:
-        logp = replay_logprobs(engine, batch, mbatch.traces, temperature)
-    else:
+    and the (B,) rows whose forward's products came from sampling (`reuse` and still valid:
+    see replay.py), or None. A micro-batch that mixes the policy's samples with peers' replays
+    the policy's rows and runs the others through the plain forward, as two sub-batches of
+    its rows. The micro-batch's traces are dropped: stale after this pass."""
+    batch, traces = mbatch.tokens, mbatch.traces
+    traced = [i for i, t in enumerate(traces or ()) if t is not None] if reuse else []
+    rows = len(batch.input_ids)
+    mine = batch if len(traced) == rows or not traced else batch.select(traced)
+    reused = None
+    if traced and replayable(engine, mine, [traces[i] for i in traced]):
+        reused = torch.zeros(rows, dtype=torch.bool, device=batch.input_ids.device)
+        reused[traced] = True
+    if reused is None:
         logp = completion_logprobs(engine, batch, temperature)
+    elif len(traced) == rows:
+        logp = replay_logprobs(engine, batch, traces, temperature)
+    else:
+        others = [i for i in range(rows) if not reused[i]]
+        both = torch.cat(
+            [
+                replay_logprobs(engine, mine, [traces[i] for i in traced], temperature),
+                completion_logprobs(engine, batch.select(others), temperature),
+            ]
+        )
+        order = torch.empty(rows, dtype=torch.long, device=both.device)
+        order[traced + others] = torch.arange(rows, device=both.device)
+        logp = both.index_select(0, order)  # back in the micro-batch's row order
     mbatch.traces = None  # frees sampling's products once the graph no longer needs them
     return logp, reused
 
 
-def metric_parts(out, mbatch: MicroBatch, reused: bool) -> dict[str, torch.Tensor]:
+def metric_parts(out, mbatch: MicroBatch, reused) -> dict[str, torch.Tensor]:
     """A micro-batch's sums for the step's metrics, as tensors on its device."""
     mask = mbatch.tokens.completion_mask
     parts = {
@@ -299,7 +315,7 @@ def metric_parts(out, mbatch: MicroBatch, reused: bool) -> dict[str, torch.Tenso
         "kl_sum": (out.kl.detach() * mask).sum(),
         "clipped": out.clipped.sum(),
         "tokens": mask.sum(),
-        "reused": mask.sum() * float(reused),
+        "reused": mask.sum() * 0.0 if reused is None else (mask * reused.unsqueeze(1)).sum(),
     }
     if out.tis_clamped is not None:
         parts["w/tis_clamped/weight"] = out.tis_clamped.sum()

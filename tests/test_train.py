@@ -594,6 +594,49 @@ def test_first_pass_reuses_sampling_products_with_the_same_gradient(small_recipe
 
 
 @pytest.mark.usefixtures("replay_any_size")
+@pytest.mark.parametrize("mu", [1, 2])
+def test_a_micro_batch_with_a_peers_rows_replays_the_policys(small_recipe, tmp_path, mu):
+    # 4 prompts × (2 policy + 2 peer) candidates in one micro-batch: the policy's rows take
+    # their products from sampling, the peer's are computed; the same log-probs, metrics and
+    # gradient as computing every row, the old log-probs (μ = 2) in the micro-batch's order
+    recipe = small_recipe(train__micro_batch_size=16, loss__mu=mu, train__skip_zero_advantage=False)
+    run = build_run(recipe, tmp_path)
+    module = run.engine.module
+    assert run.reuse_sampling
+    policy = run.ensemble.members[0].generator
+    torch.manual_seed(0)
+    with recording(policy, True):
+        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    batches = micro_batches(run, rollout)
+    assert len(batches) == 1
+    traces = batches[0].traces
+    sources = [rollout.candidates[i].source for i in batches[0].index]
+    assert [t is not None for t in traces] == [s == "policy" for s in sources]
+    assert sources.count("policy") == 8 and sources.count("strong") == 8
+    size = batch_size_of(run, batches)
+    grads, sums, kept = [], [], []
+    for reuse in (True, False):
+        module.zero_grad(set_to_none=True)
+        batches[0].traces = traces
+        keep = [] if mu == 2 else None
+        sums.append(accumulate(run, batches, size, None, None, keep, reuse=reuse))
+        kept.append(keep)
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
+    mask = batches[0].tokens.completion_mask
+    policy_rows = torch.tensor([s == "policy" for s in sources])
+    assert sums[0]["reused"] == mask[policy_rows].sum().item() > 0  # the policy's tokens only
+    assert sums[0]["tokens"] == sums[1]["tokens"] == mask.sum().item()
+    assert sums[1]["reused"] == 0
+    assert sums[0]["loss"] == pytest.approx(sums[1]["loss"], abs=1e-6)
+    if mu == 2:  # each row's own log-probs, in the micro-batch's row order
+        torch.testing.assert_close(kept[0][0] * mask, kept[1][0] * mask, rtol=0, atol=1e-5)
+    for name, g in grads[1].items():
+        scale = g.abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(grads[0][name] / scale, g / scale, rtol=0, atol=3e-6)
+
+
+@pytest.mark.usefixtures("replay_any_size")
 def test_training_with_reused_products_as_without(small_recipe, tmp_path):
     # two steps of μ = 2 with and without reuse: the same metrics, and the same weights but
     # where Adam's normalised step turns the rounding of a gradient entry near 0 into a
@@ -643,7 +686,8 @@ def test_recording_buffers_kept_for_the_next_step_only_with_one_pass(small_recip
     "changes, records",
     [
         ({"peers": []}, True),
-        ({}, False),  # a peer in every group: no micro-batch of the policy's alone
+        ({}, False),  # 4 × (2 + 2) candidates may not fit one micro-batch of 8
+        ({"train__micro_batch_size": 16}, True),  # a peer in every group: its rows computed
         ({"group__inject": "on_failure", "train__micro_batch_size": 16}, True),
         ({"group__inject": "on_failure"}, False),  # 4 × (2 + 2) may not fit 8
         ({"peers": [], "train__micro_batch_size": 4}, False),  # 8 candidates: 2 micro-batches
