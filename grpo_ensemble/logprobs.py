@@ -92,6 +92,10 @@ def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
     p_len = width - batch.completion_ids.shape[1]
     if b < 2 or p_len < 1 or batch.completion_ids.shape[1] < 2:
         return None
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    least = SHARE_MIN.get(batch.input_ids.device.type, SHARE_MIN["cuda"])
+    if (b - 1) * p_len * params < least:  # not even if every row had the same prompt
+        return None
     # transformers turns the cache off in checkpointed layers while training
     if (checkpointing(module) and module.training) or cache_name(module) is None:
         return None
@@ -103,10 +107,8 @@ def shared_prompt_plan(model: torch.nn.Module, batch: TokenBatch):
         return None
     # distinct prompts: the same ids and the same padding
     first, inverse = distinct_rows(batch.input_ids[:, :p_len], batch.attention_mask[:, :p_len])
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-    device = batch.input_ids.device.type
     saved = (b - len(first)) * p_len * params
-    if saved == 0 or saved < SHARE_MIN.get(device, SHARE_MIN["cuda"]):
+    if saved == 0 or saved < least:
         return None
     return first, inverse
 

@@ -393,7 +393,8 @@ def update(
     # μ > 1: the old log-probs are the policy's before this step's first optimizer step. The
     # first pass computes exactly those (the weights move only after its last micro-batch), so
     # it keeps them, unless training mode (dropout) would make them differ from a no-grad pass
-    reuse = r.loss.mu > 1 and train_mode_is_eval_mode(engine.module)
+    same = train_mode_is_eval_mode(engine.module)  # no dropout: training mode is eval mode
+    reuse = r.loss.mu > 1 and same
     old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 and not reuse else None
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
     logprob_seconds = dist.all_max([time.perf_counter() - start])[0]  # the slowest rank's
@@ -402,7 +403,7 @@ def update(
     grad_norms: list[float] = []
     bad = False
     # the first pass may reuse sampling's products (replay.py): sampling ran in eval mode
-    reuse_sampling = r.train.reuse_sampling_forward and train_mode_is_eval_mode(engine.module)
+    reuse_sampling = r.train.reuse_sampling_forward and same
     for i in range(r.loss.mu):
         if i == 1:  # a pass of its own activations: the recordings' pages not kept beside
             release_recording_buffers(run)
