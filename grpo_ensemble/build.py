@@ -53,9 +53,10 @@ def check_params(cls: type, params: Mapping, field: str, **extra) -> None:
 def build_scorers(
     recipe: Recipe, given: Sequence[tuple[RewardScorer, float]] | None = None
 ) -> list[WeightedScorer]:
-    """The recipe's weighted scorers, or the caller's `(scorer, weight)` pairs."""
+    """The recipe's weighted scorers, or the caller's `(scorer, weight)` pairs, or
+    `(scorer, weight, {"on_error": …, "timeout_s": …})` triples (the recipe's fields)."""
     if given is not None:
-        return [WeightedScorer(getattr(s, "name", "") or type(s).__name__, s, w) for s, w in given]
+        return [_given_scorer(i, item) for i, item in enumerate(given)]
     out = []
     for i, r in enumerate(recipe.rewards):
         scorer = construct("reward_scorer", r.name, r.params, f"rewards.{i}.name")
@@ -63,6 +64,31 @@ def build_scorers(
         label = r.name if r.name not in names else f"{r.name}_{i}"
         out.append(WeightedScorer(label, scorer, r.weight, r.on_error, r.timeout_s))
     return out
+
+
+def _given_scorer(i: int, item) -> WeightedScorer:
+    """One of the caller's `reward_scorers`, checked as the recipe's `rewards[i]` would be."""
+    from pydantic import ValidationError
+
+    from .recipe import RewardConfig
+
+    where = f"reward_scorers[{i}]"
+    if not isinstance(item, tuple | list) or len(item) not in (2, 3):
+        raise UserError(f"{where}: give (scorer, weight) or (scorer, weight, options)")
+    scorer, weight, options = (*item, {}) if len(item) == 2 else item
+    if not isinstance(options, Mapping):
+        raise UserError(f"{where}: options must be a mapping of on_error and timeout_s")
+    unknown = sorted(set(options) - {"on_error", "timeout_s"})
+    if unknown:
+        raise UserError(f"{where}: unknown option {unknown[0]!r} (on_error, timeout_s)")
+    name = getattr(scorer, "name", "") or type(scorer).__name__
+    try:
+        c = RewardConfig(name=name, weight=weight, **options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise UserError(f"{where}.{field}: {err['msg']}") from None
+    return WeightedScorer(name, scorer, c.weight, c.on_error, c.timeout_s)
 
 
 def build_evaluator(recipe: Recipe, given: GroupEvaluator | None = None) -> GroupEvaluator:

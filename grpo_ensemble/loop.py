@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from . import dist, plugins
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .components import Generator, GroupEvaluator, RewardScorer
+from .components import Generator, GroupEvaluator
 from .engine import gathered_params, init_distributed
 from .errors import Interrupted, RunError, UserError
 from .evaluation import EvalResult, accuracy_of, heldout_scores
@@ -88,7 +88,7 @@ def train(
     recipe: Recipe | str | Path,
     *,
     generators: Mapping[str, Generator] | None = None,
-    reward_scorers: Sequence[tuple[RewardScorer, float]] | None = None,
+    reward_scorers: Sequence[tuple] | None = None,
     group_evaluator: GroupEvaluator | None = None,
     overrides: Sequence[str] = (),
     resume: str | None = None,
@@ -96,7 +96,8 @@ def train(
 ) -> TrainResult:
     """Run a recipe end to end. Components given as objects replace the recipe's named ones:
     `generators` maps member names ("policy" or a peer's name) to Generator instances,
-    `reward_scorers` is a list of (scorer, weight), `group_evaluator` an evaluator instance.
+    `reward_scorers` is a list of (scorer, weight) or (scorer, weight, {"on_error": …,
+    "timeout_s": …}), `group_evaluator` an evaluator instance.
     `resume` is "auto" (the newest checkpoint in the run directory, if any) or a checkpoint
     directory.
 

@@ -89,7 +89,7 @@ def build_run(
     recipe: Recipe,
     run_dir: Path,
     generators: Mapping[str, Generator] | None = None,
-    reward_scorers: Sequence[tuple[RewardScorer, float]] | None = None,
+    reward_scorers: Sequence[tuple] | None = None,
     group_evaluator: GroupEvaluator | None = None,
 ) -> Run:
     """Load models, build components and the DeepSpeed engine. Python objects win over names."""

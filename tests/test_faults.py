@@ -256,3 +256,33 @@ def test_a_group_that_fails_only_on_its_new_candidates_is_counted():
     assert s.per_scorer["fails_on_bad"].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
     assert s.failed == {"fails_on_bad": {1}} and s.faults == {"fails_on_bad": 1}
     assert s.skip == [False, False, False]
+
+
+def test_scorers_given_as_objects_take_the_recipes_error_options():
+    from grpo_ensemble.build import build_scorers
+    from grpo_ensemble.errors import UserError
+
+    a, b = FailsOnBad(), NanOnBad()
+    got = build_scorers(None, [(a, 2.0), (b, 0.5, {"on_error": "zero", "timeout_s": 3})])
+    assert [(w.name, w.scorer, w.weight, w.on_error, w.timeout_s) for w in got] == [
+        ("fails_on_bad", a, 2.0, "fail", None),
+        ("nan_on_bad", b, 0.5, "zero", 3.0),
+    ]
+    bad = {
+        "reward_scorers[0]: give (scorer, weight) or (scorer, weight, options)": [a],
+        "reward_scorers[0]: options must be a mapping of on_error and timeout_s": [(a, 1.0, 5)],
+        "reward_scorers[1]: unknown option 'retries' (on_error, timeout_s)": [
+            (a, 1.0),
+            (b, 1.0, {"retries": 2}),
+        ],
+        "reward_scorers[0].on_error: Input should be 'fail', 'skip_group' or 'zero'": [
+            (a, 1.0, {"on_error": "ignore"})
+        ],
+        "reward_scorers[0].timeout_s: Input should be greater than 0": [(a, 1.0, {"timeout_s": 0})],
+        "reward_scorers[0].weight: Input should be a valid number, unable to parse string as a "
+        "number": [(a, "heavy")],
+    }
+    for message, given in bad.items():
+        with pytest.raises(UserError) as info:
+            build_scorers(None, given)
+        assert str(info.value) == message

@@ -1,7 +1,6 @@
 """Per-member modes for peer candidates, against numbers computed by hand."""
 
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
@@ -260,10 +259,8 @@ def test_on_failure_samples_no_peers_for_a_group_that_leaves_the_step(small_reci
         train__prompts_per_step=8,
     )
     scorer = FailsOnFirstPrompt()
-    run = build_run(
-        recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=[(scorer, 1.0)]
-    )
-    run.scorers[0] = replace(run.scorers[0], on_error="skip_group")
+    given = [(scorer, 1.0, {"on_error": "skip_group"})]
+    run = build_run(recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=given)
     torch.manual_seed(0)
     check = PolicyFailed(run)
     groups = run.ensemble.generate(run.sampler.next(8), check)
