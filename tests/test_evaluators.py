@@ -54,6 +54,32 @@ def test_stats_subset_sets_the_baseline_for_everyone():
     assert dr_grpo_advantages(rewards, valid, stats).tolist() == [[-0.5, 0.5, 0.5, 0.5]]
 
 
+def test_grpo_scales_by_the_groups_std_where_the_statistics_have_none():
+    # group.stats: policy with on-failure injection: the policy's two candidates failed alike
+    # (std 0), the peer's two succeeded. Before: (1 - 0) / 1e-4 = 10^4 for the peer's
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 0.0]])
+    valid = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])
+    stats = torch.tensor(
+        [[True, True, False, False], [True, True, False, False], valid[2].tolist()]
+    )
+    eps = 1e-4
+    adv = grpo_advantages(rewards, valid, stats, eps)
+    pooled = math.sqrt(4 * 0.5**2 / 3)  # the whole group's unbiased std
+    peer = 1 / (pooled + eps)
+    assert torch.allclose(adv[0], torch.tensor([0.0, 0.0, peer, peer]))
+    # the policy's own std where it has one: mean 0.5, std sqrt(0.5)
+    own = math.sqrt(0.5)
+    assert torch.allclose(adv[1], torch.tensor([-0.5, 0.5, 0.5, -0.5]) / (own + eps))
+    assert adv[2].tolist() == [0.0, 0.0, 0.0, 0.0]  # all equal (padding aside): 0
+    lone = grpo_advantages(
+        torch.tensor([[0.0, 1.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.tensor([[True, False]]),
+        eps,
+    )  # one statistics candidate
+    assert torch.allclose(lone, torch.tensor([[0.0, 1 / (math.sqrt(0.5) + eps)]]))
+
+
 def test_rloo_lone_statistics_candidate_gets_zero():
     rewards = torch.tensor([[1.0, 0.0]])
     valid = torch.ones(1, 2, dtype=torch.bool)

@@ -21,13 +21,25 @@ def _group_mean(rewards: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tenso
     return mean, count
 
 
+def _std(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased std (as TRL) over `mask` per group, (n_prompts, 1); 0 for fewer than 2."""
+    mean, count = _group_mean(rewards, mask)
+    sq = ((rewards - mean) ** 2) * mask.to(rewards.dtype)
+    return (sq.sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+
+
 def grpo_advantages(
     rewards: torch.Tensor, valid: torch.Tensor, stats: torch.Tensor, eps: float = 1e-4
 ) -> torch.Tensor:
-    """(r − mean) / (std + eps), std unbiased (as TRL) over the `stats` candidates."""
-    mean, count = _group_mean(rewards, stats)
-    sq = ((rewards - mean) ** 2) * stats.to(rewards.dtype)
-    std = (sq.sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    """(r − mean) / (std + eps), mean and std over the `stats` candidates. Where their std is 0
+    (rewards all equal, or one candidate) the std of the whole group scales: the statistics
+    candidates' advantages are 0 then anyway, and a candidate outside them (a peer's, with
+    `group.stats: policy`) is measured against their mean on the group's scale, not divided
+    by `eps` (which made it about 10⁴ where on-failure injection had given the policy's
+    candidates equal rewards). A group whose rewards are all equal gets 0."""
+    mean, _ = _group_mean(rewards, stats)
+    std = _std(rewards, stats)
+    std = torch.where(std > 0, std, _std(rewards, valid))
     return torch.where(valid, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
 
 
