@@ -218,10 +218,12 @@ class EnsembleGenerator:
         self.seconds, self.faults = {}, {}
         groups = [Group(prompt=p, candidates=[]) for p in prompts]
         wanted = list(range(len(prompts)))
+        decided = needs_peers is None
         for k, m in enumerate(self.members):
-            if m.name != POLICY and needs_peers is not None and wanted == list(range(len(prompts))):
+            if m.name != POLICY and not decided:  # once, on the policy's candidates alone
                 flags = needs_peers(groups)
                 wanted = [i for i, f in enumerate(flags) if f]
+                decided = True
             targets = wanted if m.name != POLICY else list(range(len(prompts)))
             # a generator with sharded weights must be called on every rank, even with nothing
             if m.n == 0 or (not targets and not getattr(m.generator, "collective", False)):

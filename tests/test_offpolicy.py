@@ -272,6 +272,41 @@ def test_on_failure_samples_no_peers_for_a_group_that_leaves_the_step(small_reci
     assert any(len(g.candidates) == 4 for g in ro.groups)  # the others did get peers
 
 
+def test_on_failure_decides_once_for_every_peer(small_recipe, tmp_path):
+    # two peers, and a policy that fails everywhere: both peers sample for every prompt (the
+    # decision is taken once, on the policy's candidates; it used to be taken again before the
+    # second peer whenever the first decision had marked every prompt, which also scored the
+    # policy's candidates twice and, on several ranks, ran a collective on some ranks only)
+    from grpo_ensemble.train import PolicyFailed
+
+    class PolicyFails(RewardScorer):
+        name = "policy_fails"
+
+        def __init__(self):
+            self.calls = []
+
+        def score(self, samples):
+            self.calls.append(sorted({s.candidate.source for s in samples}))
+            return [float(s.candidate.source != "policy") for s in samples]
+
+    peers = [{"name": "a", "n": 2}, {"name": "b", "n": 2}]
+    recipe = small_recipe(peers=peers, group__inject="on_failure")
+    scorer = PolicyFails()
+    run = build_run(
+        recipe,
+        tmp_path,
+        generators={"a": Oracle(), "b": Oracle()},
+        reward_scorers=[(scorer, 1.0)],
+    )
+    check = PolicyFailed(run)
+    groups = run.ensemble.generate(run.sampler.next(4), check)
+    assert [[c.source for c in g.candidates] for g in groups] == [
+        ["policy"] * 2 + ["a"] * 2 + ["b"] * 2
+    ] * 4
+    evaluate_groups(run, groups, check.known)
+    assert scorer.calls == [["policy"], ["a", "b"]]
+
+
 def test_best_share_by_hand():
     from grpo_ensemble.train import Rollout, best_candidates
     from grpo_ensemble.types import Group, GroupLayout, Prompt
