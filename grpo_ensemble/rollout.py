@@ -48,13 +48,16 @@ def evaluate_groups(run: Run, groups: list[Group], known: Known | None = None) -
     n_groups = len(groups)
     groups, rewards, per_scorer = _drop(groups, scores.skip, scores.combined, scores.per_scorer)
     layout, adv, bad = group_advantages(run, groups, rewards)
-    if any(bad):  # group.on_error = skip_group: evaluate the others again without them
+    while any(bad):  # group.on_error = skip_group: evaluate the others again without them
         groups, rewards, per_scorer = _drop(groups, bad, rewards, per_scorer)
-        layout, adv, _ = group_advantages(run, groups, rewards)
+        layout, adv, bad = group_advantages(run, groups, rewards)
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
-    lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
-    hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
-    equal = lo == hi  # (n_prompts,) groups with no learning signal
+    if groups:
+        lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
+        hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
+        equal = lo == hi  # (n_prompts,) groups with no learning signal
+    else:  # every group left the step
+        equal = torch.zeros(0, dtype=torch.bool)
     mode = {m.name: m.mode for m in run.ensemble.members}
     candidates = [c for g in groups for c in g.candidates]
     trained = [mode[c.source] != "baseline_only" for c in candidates]
@@ -105,9 +108,12 @@ def group_advantages(
         for i in range(len(groups)):  # one group at a time, to find where it fails
             rows = slice(i, i + 1)
             try:
-                adv[rows] = _advantages(run.evaluator, grid[rows], layout.valid[rows], stats[rows])
+                one = _advantages(run.evaluator, grid[rows], layout.valid[rows], stats[rows])
             except _EvalFault:
                 bad[i] = True
+                continue
+            bad[i] = not bool(torch.isfinite(one[layout.valid[rows]]).all())
+            adv[rows] = torch.where(layout.valid[rows], one, 0.0) if not bad[i] else 0.0
         return layout, adv, bad
     finite = torch.isfinite(adv).logical_or(~layout.valid).all(dim=1)  # (n_prompts,)
     if not bool(finite.all()) and not skip:

@@ -152,6 +152,67 @@ def test_evaluator_skip_group_drops_the_group_and_evaluates_the_rest(small_recip
         evaluate_groups(run_fail, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
 
 
+class RaisesOrNan(GroupEvaluator):
+    """GRPO advantages; raises for any call holding a group whose rewards are all 1, and gives
+    NaN to a group whose rewards are all 0."""
+
+    name = "raises_or_nan"
+
+    def advantages(self, rewards, valid, stats):
+        if (rewards == 1.0).all(dim=1).any():
+            raise ValueError("cannot handle a group of 1s")
+        adv = grpo_advantages(rewards, valid, stats)
+        return torch.where((rewards == 0.0).all(dim=1, keepdim=True), float("nan"), adv)
+
+
+def test_evaluator_skip_group_drops_a_nan_group_beside_a_group_it_raises_on(small_recipe, tmp_path):
+    # the whole call raises, so each group is evaluated alone: the one it raises on (rewards
+    # 1, 1) leaves, and so does the one it gives NaN (0, 0; before, only a raising group was
+    # looked for there, and the NaN group stayed with advantages 0)
+    run = build_run(small_recipe(group__on_error="skip_group"), tmp_path)
+    run.evaluator = RaisesOrNan()
+    groups = [
+        Group(GROUPS[0].prompt, [Candidate("2", [1], "policy"), Candidate("2", [1], "policy")]),
+        Group(GROUPS[1].prompt, [Candidate("1", [1], "policy"), Candidate("3", [1], "policy")]),
+        Group(GROUPS[2].prompt, [Candidate("4", [1], "policy"), Candidate("5", [1], "policy")]),
+    ]
+    ro = evaluate_groups(run, groups, None)
+    assert ro.skipped_groups == 2
+    assert [g.prompt.text for g in ro.groups] == ["2+2="]
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    assert ro.advantages.tolist() == pytest.approx([a, -a], rel=1e-6)
+
+
+class SlowScorer(RewardScorer):
+    name = "slow"
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def score(self, samples):
+        self.release.wait()
+        return [1.0] * len(samples)
+
+
+def test_a_step_whose_groups_all_leave_takes_no_update(small_recipe, tmp_path):
+    # a skip_group scorer whose call times out fails every group of the step: the step is
+    # reported, counted, and the weights stay (it used to crash on the empty group grid)
+    from grpo_ensemble.train import grpo_step
+
+    slow = SlowScorer()
+    given = [(slow, 1.0, {"on_error": "skip_group", "timeout_s": 0.1})]
+    run = build_run(small_recipe(), tmp_path, reward_scorers=given)
+    before = {k: v.clone() for k, v in run.engine.module.state_dict().items()}
+    try:
+        m = grpo_step(run, 1)
+    finally:
+        slow.release.set()
+    assert m["skipped_groups"] == 4 and m["scorer_faults/slow"] == 4
+    assert m["skipped_update"] == 1 and m["candidates"] == 0
+    after = run.engine.module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 class BrokenPeer(Generator):
     name = "broken"
 
