@@ -234,7 +234,8 @@ class EnsembleGenerator:
                 sampling = replace(m.sampling, seeds=member_seeds)
             per_prompt = self._sample(m, [prompts[i] for i in targets], sampling)
             for i, cands in zip(targets, per_prompt, strict=True):
-                groups[i].candidates.extend(self._adopt(c, m.name) for c in cands)
+                limit = m.sampling.max_new_tokens
+                groups[i].candidates.extend(self._adopt(c, m.name, limit) for c in cands)
         return groups
 
     def _sample(
@@ -259,8 +260,11 @@ class EnsembleGenerator:
         self.seconds[m.name] = time.perf_counter() - start
         return per_prompt
 
-    def _adopt(self, cand: Candidate, source: str) -> Candidate:
-        """Tag the candidate; re-tokenize text from a member with another tokenizer."""
+    def _adopt(self, cand: Candidate, source: str, limit: int) -> Candidate:
+        """Tag the candidate; re-tokenize text from a member with another tokenizer. A
+        completion longer than `limit` (the member's max_new_tokens) policy tokens is cut there,
+        as the policy's own would be: re-tokenized text can be longer than its writer's count,
+        and the context check and the `constant` normaliser count on that bound."""
         cand.source = source
         if not self.shares_tokens[source]:
             ids = self.tokenizer(cand.text, add_special_tokens=False)["input_ids"]
@@ -268,4 +272,10 @@ class EnsembleGenerator:
                 ids = ids + [self.tokenizer.eos_token_id]
             cand.token_ids = ids
             cand.behaviour_logprobs = None  # the peer's own probabilities are over other tokens
+        if len(cand.token_ids) > limit:
+            cand.token_ids = list(cand.token_ids[:limit])
+            if cand.behaviour_logprobs is not None:
+                cand.behaviour_logprobs = list(cand.behaviour_logprobs[:limit])
+            cand.text = self.tokenizer.decode(cand.token_ids, skip_special_tokens=True)
+            cand.finished = False
         return cand

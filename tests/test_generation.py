@@ -93,6 +93,24 @@ def test_ensemble_pools_tags_and_retokenizes(small):
     assert peer.behaviour_logprobs is None
 
 
+def test_a_peers_completion_is_cut_at_its_max_new_tokens_of_the_policys_tokens(small):
+    model, tok = small
+    members = [
+        Member("policy", HFGenerator(model, tok), 1, SamplingParams(max_new_tokens=5)),
+        Member("oracle", TextOnly(), 1, SamplingParams(max_new_tokens=3)),
+    ]
+    groups = EnsembleGenerator(members, tok).generate(PROMPTS)
+    short, long = groups[0].candidates[1], groups[1].candidates[1]
+    # "19" + EOS fits 3 tokens: kept whole
+    assert short.token_ids == tok("19", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert short.finished and short.text == "19"
+    # "198" + EOS does not: cut at 3 tokens, as the policy's own completion would be
+    ids = tok("198", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(ids) > 3
+    assert long.token_ids == ids[:3] and not long.finished
+    assert long.text == tok.decode(ids[:3], skip_special_tokens=True)
+
+
 def test_greedy_generation_is_deterministic(small):
     model, tok = small
     gen = HFGenerator(model, tok)
