@@ -26,7 +26,7 @@ from .errors import Interrupted, RunError, UserError
 from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .generation import HFGenerator
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from .rundir import MetricsWriter, StepProgress, prepare_run_dir
+from .rundir import MetricsWriter, StepProgress, prepare_run_dir, write_recipe
 from .train import Run, build_run, grpo_step, seed_everything
 
 
@@ -130,6 +130,8 @@ def train(
             start = load_checkpoint(run, path)
             result.resumed_from = path
             _say_text(console, f"resumed from {path} (step {start})")
+        # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
+        dist.agree(lambda: write_recipe(run_dir, recipe) if main else None)
     if recipe.eval.before and start == 0:
         result.before = evaluate_policy(run)
         _say(console, "before", result.before)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import InputFileError, RecipeError
 from .types import POLICY
@@ -248,6 +248,8 @@ class Recipe(_Config):
     loss: LossConfig = Field(LossConfig(), description="GRPO loss settings.")
     train: TrainConfig = Field(TrainConfig(), description="Optimisation settings.")
     eval: EvalConfig = Field(EvalConfig(), description="Held-out evaluation.")
+    # the file it was read from (None: built in Python): the run directory must not replace it
+    _source: str | None = PrivateAttr(None)
     log: LogConfig = Field(LogConfig(), description="Logging.")
 
     @model_validator(mode="after")
@@ -387,7 +389,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise InputFileError(str(path), "a recipe must be a YAML mapping", line=1)
     keys = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source=str(path), root=root, overridden=keys)
+    recipe = recipe_from_dict(data, source=str(path), root=root, overridden=keys)
+    recipe._source = str(path)
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

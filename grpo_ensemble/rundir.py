@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,25 +17,57 @@ from .recipe import Recipe, dump_recipe
 
 def prepare_run_dir(recipe: Recipe, write: bool = True, resuming: bool = False) -> Path:
     """Create the run directory and write the resolved recipe; fail early if not writable.
-    A directory holding another run's checkpoints is only reused to resume it. Ranks other
-    than 0 (`write=False`) only learn the path."""
+    Nothing of an earlier run is replaced: a directory holding one (checkpoints, metrics or a
+    final model) is only reused to resume it, and a resumed run's recipe is written by
+    `write_recipe` once the checkpoint has accepted it. Ranks other than 0 (`write=False`)
+    only learn the path."""
     out = Path(recipe.output_dir).expanduser()
     if not write:
         return out
-    ckpts = out / "checkpoints"
-    if not resuming and ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+    earlier = earlier_run(out)
+    if not resuming and earlier:
         raise UserError(
-            f"output_dir: {str(out)!r} holds the checkpoints of an earlier run; continue it with "
+            f"output_dir: {str(out)!r} holds an earlier run ({earlier}); continue it with "
             "--resume auto, or choose another output_dir (e.g. --set output_dir=runs/new)"
+        )
+    source = getattr(recipe, "_source", None)
+    if source and (out / "recipe.yaml").resolve() == Path(source).resolve():
+        raise UserError(
+            f"output_dir: {str(out)!r} would get the resolved recipe as recipe.yaml, replacing "
+            f"the recipe file being run ({source}); choose another output_dir"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        if resuming:  # writable? the recipe itself waits for the checkpoint's consent
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        else:
+            write_recipe(out, recipe)
     except OSError as exc:
         raise UserError(
             f"output_dir: cannot write to {str(out)!r}: {exc.strerror or exc}"
         ) from None
     return out
+
+
+def write_recipe(out: Path, recipe: Recipe) -> None:
+    """The resolved recipe, as `recipe.yaml` of the run directory."""
+    (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+
+def earlier_run(out: Path) -> str:
+    """What of an earlier run `out` holds ('' for nothing): its checkpoints, its metrics, its
+    final model."""
+    found = []
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+        found.append("checkpoints")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    if (out / "final").is_dir():
+        found.append("final/")
+    return ", ".join(found)
 
 
 def _clean(value):

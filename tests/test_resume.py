@@ -162,16 +162,46 @@ def test_resume_refuses_a_recipe_that_changed_what_matters(tmp_path, capsys):
     assert [m["step"] for m in result.metrics] == [3]
 
 
-def test_a_fresh_run_never_overwrites_a_run_with_checkpoints(tmp_path, capsys):
-    recipe = _recipe(tmp_path, steps=1)
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_a_fresh_run_never_overwrites_an_earlier_run(tmp_path, capsys, checkpoints):
+    recipe = _recipe(tmp_path, steps=1, checkpoint_every=1 if checkpoints else 0)
     out = tmp_path / "run"
     train(recipe, overrides=[f"output_dir={out}"])
-    before = (out / "metrics.jsonl").read_text()
-    assert main(["train", str(recipe), "--set", f"output_dir={out}"]) == 2
-    assert "holds the checkpoints of an earlier run; continue it with --resume auto" in (
-        capsys.readouterr().err
+    files = ["recipe.yaml", "metrics.jsonl", "final/model.safetensors"]
+    before = {f: (out / f).read_bytes() for f in files}
+    assert main(["train", str(recipe), "--set", f"output_dir={out}", "--set", "seed=7"]) == 2
+    held = "checkpoints, metrics.jsonl, final/" if checkpoints else "metrics.jsonl, final/"
+    assert capsys.readouterr().err == (
+        f"error: output_dir: {str(out)!r} holds an earlier run ({held}); continue it with "
+        "--resume auto, or choose another output_dir (e.g. --set output_dir=runs/new)\n"
     )
-    assert (out / "metrics.jsonl").read_text() == before
+    assert {f: (out / f).read_bytes() for f in files} == before
+
+
+def test_a_refused_resume_leaves_the_runs_recipe(tmp_path, capsys):
+    recipe = _recipe(tmp_path, steps=1, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    before = (out / "recipe.yaml").read_text()
+    args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", "auto"]
+    assert main([*args, "--set", "seed=7"]) == 2
+    assert "--resume: seed was 5 in the checkpoint" in capsys.readouterr().err
+    assert (out / "recipe.yaml").read_text() == before
+    # an accepted resume writes the recipe it runs with (here: more steps)
+    assert main([*args, "--set", "train.steps=2"]) == 0
+    assert "steps: 2" in (out / "recipe.yaml").read_text()
+
+
+def test_the_run_directory_never_replaces_the_recipe_file_being_run(tmp_path, capsys):
+    recipe = _recipe(tmp_path, steps=1)
+    text = recipe.read_text()
+    assert recipe.name == "recipe.yaml"
+    assert main(["train", str(recipe), "--set", f"output_dir={recipe.parent}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: output_dir: {str(recipe.parent)!r} would get the resolved recipe as "
+        f"recipe.yaml, replacing the recipe file being run ({recipe}); choose another output_dir\n"
+    )
+    assert recipe.read_text() == text
 
 
 def test_only_the_last_k_complete_checkpoints_are_kept_and_half_written_ones_ignored(tmp_path):
