@@ -53,7 +53,7 @@ def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> N
 
     r = load_recipe(recipe, set_ or [])
     console.print(f"run directory: {r.output_dir}")
-    result = run_train(r, console=console, resume=resume)
+    result = run_train(r, console=console, resume=resume, source=recipe)
     last = result.metrics[-1] if result.metrics else {}
     reward = f", last reward {last['reward']:.3f}" if last else ""
     console.print(

@@ -93,18 +93,21 @@ def train(
     overrides: Sequence[str] = (),
     resume: str | None = None,
     console=None,
+    source: str | Path | None = None,
 ) -> TrainResult:
     """Run a recipe end to end. Components given as objects replace the recipe's named ones:
     `generators` maps member names ("policy" or a peer's name) to Generator instances,
     `reward_scorers` is a list of (scorer, weight) or (scorer, weight, {"on_error": …,
     "timeout_s": …}), `group_evaluator` an evaluator instance.
     `resume` is "auto" (the newest checkpoint in the run directory, if any) or a checkpoint
-    directory.
+    directory. `source`: the file a `Recipe` object was read from, if any.
 
     Under `torchrun` or `deepspeed` every rank calls this with the same recipe; rank 0 alone
     writes the run directory, the progress bar and the final model. Every rank returns the
     same (global) metrics.
     """
+    if not isinstance(recipe, Recipe):  # the recipe file (the run directory never replaces it)
+        source = recipe
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
@@ -116,7 +119,9 @@ def train(
     hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
     init_distributed(recipe.train.dist_timeout_s)
     main = dist.is_main()
-    run_dir = dist.agree(lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None))
+    run_dir = dist.agree(
+        lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None, source=source)
+    )
     run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator)
     console = console if main else None
     if main:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputFileError, RecipeError
 from .types import POLICY
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # no NaN or infinity in any number: `lr: .inf` trained a model of NaNs
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW beta
 
 
 class SamplingConfig(_Config):
@@ -159,7 +163,7 @@ class TrainConfig(_Config):
     )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup.")
     schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warmup.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")
@@ -236,7 +240,9 @@ class LogConfig(_Config):
 
 
 class Recipe(_Config):
-    seed: int = Field(0, description="Seed of every random number generator.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of every random number generator (0 … 2³² − 1)."
+    )
     output_dir: str = Field("runs/run", description="Run directory (created).")
     policy: PolicyConfig = Field(..., description="The model being trained.")
     peers: list[PeerConfig] = Field([], description="Other models that add candidates.")
@@ -248,8 +254,6 @@ class Recipe(_Config):
     loss: LossConfig = Field(LossConfig(), description="GRPO loss settings.")
     train: TrainConfig = Field(TrainConfig(), description="Optimisation settings.")
     eval: EvalConfig = Field(EvalConfig(), description="Held-out evaluation.")
-    # the file it was read from (None: built in Python): the run directory must not replace it
-    _source: str | None = PrivateAttr(None)
     log: LogConfig = Field(LogConfig(), description="Logging.")
 
     @model_validator(mode="after")
@@ -389,9 +393,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise InputFileError(str(path), "a recipe must be a YAML mapping", line=1)
     keys = apply_overrides(data, overrides or [])
-    recipe = recipe_from_dict(data, source=str(path), root=root, overridden=keys)
-    recipe._source = str(path)
-    return recipe
+    return recipe_from_dict(data, source=str(path), root=root, overridden=keys)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -15,12 +15,14 @@ from .errors import UserError
 from .recipe import Recipe, dump_recipe
 
 
-def prepare_run_dir(recipe: Recipe, write: bool = True, resuming: bool = False) -> Path:
+def prepare_run_dir(
+    recipe: Recipe, write: bool = True, resuming: bool = False, source: str | Path | None = None
+) -> Path:
     """Create the run directory and write the resolved recipe; fail early if not writable.
     Nothing of an earlier run is replaced: a directory holding one (checkpoints, metrics or a
     final model) is only reused to resume it, and a resumed run's recipe is written by
     `write_recipe` once the checkpoint has accepted it. Ranks other than 0 (`write=False`)
-    only learn the path."""
+    only learn the path. `source`: the recipe file being run, never replaced."""
     out = Path(recipe.output_dir).expanduser()
     if not write:
         return out
@@ -30,8 +32,7 @@ def prepare_run_dir(recipe: Recipe, write: bool = True, resuming: bool = False) 
             f"output_dir: {str(out)!r} holds an earlier run ({earlier}); continue it with "
             "--resume auto, or choose another output_dir (e.g. --set output_dir=runs/new)"
         )
-    source = getattr(recipe, "_source", None)
-    if source and (out / "recipe.yaml").resolve() == Path(source).resolve():
+    if source is not None and (out / "recipe.yaml").resolve() == Path(source).resolve():
         raise UserError(
             f"output_dir: {str(out)!r} would get the resolved recipe as recipe.yaml, replacing "
             f"the recipe file being run ({source}); choose another output_dir"

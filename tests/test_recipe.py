@@ -83,6 +83,17 @@ BAD = [
     (GOOD, "train.deepspeed=/no/ds.json", "train.deepspeed: cannot read '/no/ds.json'"),
     (GOOD, "train.deepspeed={fp16: {enabled: true}}", "fp16 is not supported"),
     (GOOD, "policy.sampling.min_new_tokens=99", "--set: policy.sampling.min_new_tokens: must not"),
+    # numbers the run could not use (they failed mid-run with exit 1, or trained NaNs)
+    (GOOD, "seed=-1", "--set: seed: Input should be greater than or equal to 0"),
+    (GOOD, "seed=4294967296", "--set: seed: Input should be less than or equal to 4294967295"),
+    (GOOD, "train.adam_betas=[2, 0.9]", "--set: train.adam_betas.0: Input should be less than 1"),
+    (GOOD, "train.adam_betas=[0.9, -1]", "train.adam_betas.1: Input should be greater than or"),
+    (GOOD, "train.lr=.inf", "--set: train.lr: Input should be a finite number"),
+    (GOOD, "loss.beta=.nan", "--set: loss.beta: Input should be a finite number"),
+    (GOOD, "loss.tis_high=.inf", "--set: loss.tis_high: Input should be a finite number"),
+    (GOOD, "rewards=[{name: exact_match, weight: .nan}]", "rewards.0.weight: Input should be a"),
+    (GOOD, "rewards=[{name: exact_match, timeout_s: .inf}]", "rewards.0.timeout_s: Input should"),
+    (GOOD, "policy.sampling.temperature=.inf", "policy.sampling.temperature: Input should be a"),
 ]
 
 
