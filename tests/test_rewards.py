@@ -1,8 +1,12 @@
 """Built-in reward scorers and their combination, by hand."""
 
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 from grpo_ensemble.build import WeightedScorer
 from grpo_ensemble.default_plugins.rewards import (
@@ -55,6 +59,41 @@ def test_python_function(tmp_path, monkeypatch):
         PythonFunction("my_reward:missing")
     with pytest.raises(UserError, match="module:name"):
         PythonFunction("my_reward")
+
+
+def test_python_function_module_errors_are_user_errors(tmp_path, monkeypatch):
+    (tmp_path / "raises_on_import.py").write_text('raise RuntimeError("boom at import")\n')
+    (tmp_path / "bad_syntax.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {
+        "raises_on_import:f": "importing 'raises_on_import' failed: RuntimeError: boom at import",
+        "bad_syntax:f": "importing 'bad_syntax' failed: SyntaxError: invalid syntax",
+        3: "function must be 'module:name', got 3",
+    }
+    for function, message in cases.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            PythonFunction(function)
+    with pytest.raises(TypeError, match=re.escape("field must be the name of a prompt field")):
+        ExactMatch(field=[1])  # construct() turns it into an error on rewards[i].params
+
+
+def test_python_function_from_the_current_directory_with_the_console_script(tmp_path):
+    # the installed `grpo-ensemble` script does not put the current directory on sys.path
+    # (python -m does): the scorer's module must still be found there, as the docs say
+    script = Path(sys.executable).parent / "grpo-ensemble"
+    (tmp_path / "my_cwd_reward.py").write_text("def f(samples):\n    return [1.0] * len(samples)\n")
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    rewards = "rewards=[{name: python, params: {function: my_cwd_reward:f}}]"
+    done = subprocess.run(
+        [str(script), "validate", str(recipe), "--set", rewards],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(": ok (group size 8, 1000 steps)")
 
 
 def test_weighted_combination_and_per_scorer():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 from collections.abc import Sequence
 
 from ..components import RewardScorer
@@ -13,6 +15,12 @@ from ..hookspecs import hookimpl
 from ..types import Sample
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _field_name(field) -> str:
+    if not isinstance(field, str):
+        raise TypeError(f"field must be the name of a prompt field, got {field!r}")
+    return field
 
 
 def _answer(sample: Sample, field: str) -> str:
@@ -27,7 +35,7 @@ class ExactMatch(RewardScorer):
     name = "exact_match"
 
     def __init__(self, field: str = "answer", ignore_case: bool = False):
-        self.field = field
+        self.field = _field_name(field)
         self.ignore_case = bool(ignore_case)
 
     def _norm(self, text: str) -> str:
@@ -46,7 +54,7 @@ class NumericMatch(RewardScorer):
     name = "numeric_match"
 
     def __init__(self, field: str = "answer", tolerance: float = 1e-6):
-        self.field = field
+        self.field = _field_name(field)
         self.tolerance = float(tolerance)
 
     def score(self, samples: Sequence[Sample]) -> list[float]:
@@ -104,13 +112,23 @@ class PythonFunction(RewardScorer):
     name = "python"
 
     def __init__(self, function: str):
-        module_name, sep, attr = function.partition(":")
-        if not sep or not module_name or not attr:
+        module_name, sep, attr = str(function).partition(":")
+        if not isinstance(function, str) or not sep or not module_name or not attr:
             raise UserError(f"python reward: function must be 'module:name', got {function!r}")
+        here = os.getcwd()  # the current directory, also where a console script runs
+        added = here not in sys.path and "" not in sys.path
+        if added:
+            sys.path.insert(0, here)
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise UserError(f"python reward: cannot import module {module_name!r}: {exc}") from None
+        except Exception as exc:  # the module itself failed: a syntax error, an error it raised
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise UserError(f"python reward: importing {module_name!r} failed: {msg}") from None
+        finally:
+            if added:
+                sys.path.remove(here)
         self.fn = getattr(module, attr, None)
         if not callable(self.fn):
             raise UserError(f"python reward: {module_name!r} has no function {attr!r}")
