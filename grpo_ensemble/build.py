@@ -14,7 +14,7 @@ from . import plugins
 from .components import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from .data import Cleaning, DataReport, load_prompts
 from .errors import RecipeError, UserError
-from .models import load_tokenizer, resolve_model, same_tokenizer
+from .models import load_field_tokenizer, resolve_model, same_tokenizer
 from .recipe import MemberConfig, Recipe
 from .types import POLICY, Prompt
 
@@ -189,9 +189,9 @@ def check_tis_tokenizers(recipe: Recipe) -> None:
     tis = [(i, p) for i, p in enumerate(recipe.peers) if p.mode == "tis" and p.model]
     if not tis:
         return
-    policy_tok = load_tokenizer(resolve_model(recipe.policy.model, "policy.model"))
+    policy_tok = load_field_tokenizer(recipe.policy.model, "policy.model")
     for i, p in tis:
-        peer_tok = load_tokenizer(resolve_model(p.model, f"peers.{i}.model"))
+        peer_tok = load_field_tokenizer(p.model, f"peers.{i}.model")
         if not same_tokenizer(policy_tok, peer_tok):
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -56,10 +57,31 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:  # missing files, or a config transformers rejects
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(field, f"cannot load model {spec!r}: {first}") from None
+    except LOAD_ERRORS as exc:
+        raise load_error(spec, field, exc) from None
     return model, tok
+
+
+# what loading a model folder raises for missing or damaged files, or a config transformers
+# rejects (a weights file that is not safetensors: SafetensorError)
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+def load_error(spec: str, field: str, exc: BaseException) -> RecipeError:
+    """The recipe error for a model that did not load: its message on one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:300] + " …"
+    return RecipeError(field, f"cannot load model {spec!r}: {text}")
+
+
+def load_field_tokenizer(spec: str, field: str, trust_remote_code: bool = False):
+    """The tokenizer of the model a recipe field names; one that does not load is its error."""
+    path = resolve_model(spec, field)
+    try:
+        return load_tokenizer(path, trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise load_error(spec, field, exc) from None
 
 
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:

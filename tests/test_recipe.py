@@ -108,6 +108,37 @@ def test_bad_recipe_exit_2_one_line(tmp_path, capsys, text, override, fragment):
     assert "Traceback" not in err
 
 
+def _broken_copy(tmp_path, name: str, drop: tuple = (), garbage: tuple = ()) -> Path:
+    """A copy of a built-in model's folder without the files `drop`, with `garbage` files."""
+    import shutil
+
+    from grpo_ensemble.models import resolve_model
+
+    out = tmp_path / name
+    shutil.copytree(resolve_model("builtin:tiny-arith-base", "x"), out)
+    for f in drop:
+        (out / f).unlink()
+    for f in garbage:
+        (out / f).write_bytes(b"not what it should be" * 10)
+    return out
+
+
+def test_a_model_folder_that_does_not_load_is_a_recipe_error(tmp_path, capsys):
+    bad = _broken_copy(tmp_path, "bad-weights", garbage=("model.safetensors",))
+    args = ["train", str(_write(tmp_path, GOOD)), "--set", f"output_dir={tmp_path / 'run'}"]
+    assert main([*args, "--set", f"policy.model={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: policy.model: cannot load model '{bad}': Error while")
+    assert len(err.splitlines()) == 1
+    # a tis peer's tokenizer is loaded by validate: one that is missing is the peer's error
+    no_tok = _broken_copy(tmp_path, "no-tokenizer", drop=("tokenizer.json",))
+    peer = f"peers=[{{name: p, model: {no_tok}, mode: tis}}]"
+    assert main(["validate", str(_write(tmp_path, GOOD)), "--set", peer]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: peers.0.model: cannot load model '{no_tok}': ")
+    assert len(err.splitlines()) == 1
+
+
 def test_error_names_the_line(tmp_path, capsys):
     path = _write(tmp_path, GOOD + "loss:\n  clip_low: 2.0\n")
     assert main(["validate", str(path)]) == 2
