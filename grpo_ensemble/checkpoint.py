@@ -177,6 +177,11 @@ def _show(value: Any) -> str:
     return text.removesuffix("\n...").strip()
 
 
+# what a damaged or incomplete checkpoint makes the loading raise (a missing key or file, a
+# value of the wrong shape, a truncated file); a bad input, not a failed run
+DAMAGED = (KeyError, TypeError, ValueError, IndexError, AssertionError, EOFError, RuntimeError)
+
+
 def load_checkpoint(run: Run, path: Path) -> int:
     """Restore the engine, sampler and RNG states; returns the step the checkpoint ends."""
     try:
@@ -184,6 +189,12 @@ def load_checkpoint(run: Run, path: Path) -> int:
         rng = json.loads((path / f"rng-rank{dist.rank()}.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"--resume: cannot read the checkpoint {path}: {exc}") from None
+    wanted = {"recipe": dict, "world_size": int, "step": int, "sampler": object}
+    for name, kind in wanted.items():
+        if not isinstance(state, dict) or not isinstance(state.get(name), kind):
+            raise _damaged(path, f"trainer_state.json has no {name}")
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        raise _damaged(path, f"rng-rank{dist.rank()}.json lacks a generator's state")
     check_compatible(state, run.recipe.model_dump(mode="json"), path)
     try:
         loaded, _ = run.engine.load_checkpoint(str(path / "engine"), tag="state")
@@ -192,11 +203,21 @@ def load_checkpoint(run: Run, path: Path) -> int:
             f"--resume: refused to load {path}: it holds objects other than tensors and plain "
             f"data ({str(exc).splitlines()[-1][:200]})"
         ) from None
+    except DAMAGED as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
     if loaded is None:
         raise UserError(f"--resume: DeepSpeed found no checkpoint in {path / 'engine'}")
-    run.sampler.restore(state["sampler"])
-    _set_rng_state(rng)
+    try:
+        run.sampler.restore(state["sampler"])
+        _set_rng_state(rng)
+    except DAMAGED as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
     return int(state["step"])
+
+
+def _damaged(path: Path, what: str) -> UserError:
+    what = " ".join(what.split())[:300]
+    return UserError(f"--resume: the checkpoint {path} is damaged or incomplete ({what})")
 
 
 def use_safe_loading(engine) -> None:

@@ -204,6 +204,34 @@ def test_the_run_directory_never_replaces_the_recipe_file_being_run(tmp_path, ca
     assert recipe.read_text() == text
 
 
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    import shutil
+
+    recipe = _recipe(tmp_path, steps=1, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    good = out / "checkpoints" / "step-00000001"
+    damages = {
+        "trainer_state.json has no recipe": lambda c: (c / "trainer_state.json").write_text("{}"),
+        "trainer_state.json has no recipe ": lambda c: (c / "trainer_state.json").write_text("[1]"),
+        "rng-rank0.json lacks a generator's state": lambda c: (c / "rng-rank0.json").write_text(
+            "{}"
+        ),
+        "AssertionError": lambda c: shutil.rmtree(c / "engine" / "state"),
+    }
+    for i, (what, damage) in enumerate(damages.items()):
+        ckpt = tmp_path / f"damaged-{i}"
+        shutil.copytree(good, ckpt)
+        damage(ckpt)
+        args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", str(ckpt)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(
+            f"error: --resume: the checkpoint {ckpt} is damaged or incomplete ({what.strip()}"
+        ), err
+        assert len(err.splitlines()) == 1
+
+
 def test_only_the_last_k_complete_checkpoints_are_kept_and_half_written_ones_ignored(tmp_path):
     recipe = _recipe(tmp_path, steps=4, keep_checkpoints=2)
     out = tmp_path / "run"
