@@ -161,7 +161,28 @@ def deepspeed_config(recipe: Recipe, micro_batch: int, dtype: torch.dtype) -> di
     }
     if t.deepspeed is None:
         return implied
-    return merge_config(implied, raw_deepspeed_config(t.deepspeed))
+    merged = merge_config(implied, raw_deepspeed_config(t.deepspeed))
+    check_with_deepspeed(merged)
+    return merged
+
+
+def check_with_deepspeed(config: dict) -> None:
+    """DeepSpeed's own check of a config (its pydantic models: unknown keys, wrong types), as
+    a recipe error on `train.deepspeed`, before anything is loaded."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(config)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise RecipeError(
+            "train.deepspeed", f"DeepSpeed's {exc.title} rejects {where}: {err['msg']}"
+        ) from None
+    except (AssertionError, ValueError, TypeError, KeyError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise RecipeError("train.deepspeed", f"DeepSpeed rejects it: {text[:300]}") from None
 
 
 # Keys a raw DeepSpeed config may not set: the recipe owns them, with the field to use instead.

@@ -94,6 +94,17 @@ BAD = [
     (GOOD, "rewards=[{name: exact_match, weight: .nan}]", "rewards.0.weight: Input should be a"),
     (GOOD, "rewards=[{name: exact_match, timeout_s: .inf}]", "rewards.0.timeout_s: Input should"),
     (GOOD, "policy.sampling.temperature=.inf", "policy.sampling.temperature: Input should be a"),
+    # what DeepSpeed itself refuses (it failed in deepspeed.initialize with exit 1)
+    (
+        GOOD,
+        "train.deepspeed={zero_optimization: {bogus: 7}}",
+        "train.deepspeed: DeepSpeed's DeepSpeedZeroConfig rejects bogus: Extra inputs are not",
+    ),
+    (
+        GOOD,
+        "train.deepspeed={zero_optimization: {reduce_bucket_size: abc}}",
+        "rejects reduce_bucket_size: Input should be a valid integer",
+    ),
 ]
 
 
