@@ -215,7 +215,10 @@ def too_long(prompts: list[Prompt], tokenizer, limit: int, how: Cleaning, report
         if n <= limit:
             out.append(p)
             continue
-        message = f"prompt has {n} tokens; the model's context leaves room for {limit}"
+        message = (
+            f"prompt has {n} tokens; the model's context leaves room for {limit} beside the "
+            "longest completion (sampling.max_new_tokens)"
+        )
         if how.on_bad_row == "fail":
             raise InputFileError(report.source, message, line=p.index)
         report.skipped["too long"] += 1

@@ -205,13 +205,13 @@ def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(context, int):
         return None
-    longest = max(
-        [recipe.policy.sampling.max_new_tokens] + [p.sampling.max_new_tokens for p in recipe.peers]
-    )
+    fields = {"policy.sampling.max_new_tokens": recipe.policy.sampling.max_new_tokens}
+    for i, p in enumerate(recipe.peers):
+        fields[f"peers.{i}.sampling.max_new_tokens"] = p.sampling.max_new_tokens
+    field, longest = max(fields.items(), key=lambda kv: kv[1])  # the first of the longest
     if longest >= context:
         raise RecipeError(
-            "policy.sampling.max_new_tokens",
-            f"{longest} new tokens do not fit the policy's context of {context} tokens",
+            field, f"{longest} new tokens do not fit the policy's context of {context} tokens"
         )
     return context - longest
 

@@ -155,7 +155,8 @@ def test_prompts_too_long_for_the_context(tmp_path):
     with pytest.raises(InputFileError) as info:
         too_long(prompts, tok, 10, Cleaning(), DataReport("p.jsonl"))
     assert str(info.value) == (
-        f"p.jsonl:2: prompt has {n} tokens; the model's context leaves room for 10"
+        f"p.jsonl:2: prompt has {n} tokens; the model's context leaves room for 10 beside the "
+        "longest completion (sampling.max_new_tokens)"
     )
 
 

@@ -150,6 +150,17 @@ def test_a_model_folder_that_does_not_load_is_a_recipe_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_completions_longer_than_the_context_name_the_members_field(tmp_path, capsys):
+    args = ["train", str(_write(tmp_path, GOOD)), "--set", f"output_dir={tmp_path / 'run'}"]
+    peer = "peers=[{name: s, model: builtin:tiny-arith-base, sampling: {max_new_tokens: 100000}}]"
+    assert main([*args, "--set", peer]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: peers.0.sampling.max_new_tokens: 100000 new tokens do not fit")
+    assert main([*args, "--set", "policy.sampling.max_new_tokens=100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: policy.sampling.max_new_tokens: 100000 new tokens do not fit")
+
+
 def test_error_names_the_line(tmp_path, capsys):
     path = _write(tmp_path, GOOD + "loss:\n  clip_low: 2.0\n")
     assert main(["validate", str(path)]) == 2
