@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from .errors import InputFileError, RecipeError
-from .recipe import Recipe
+from .recipe import Recipe, read_yaml
 
 
 def _free_port() -> int:
@@ -210,12 +209,10 @@ def raw_deepspeed_config(raw: str | dict) -> dict:
     if isinstance(raw, dict):
         return raw
     path = Path(raw).expanduser()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
-    except OSError as exc:
-        raise RecipeError("train.deepspeed", f"cannot read {raw!r}: {exc.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputFileError(raw, f"not a JSON or YAML DeepSpeed config: {exc}") from None
+    if not path.is_file():
+        why = "it is a directory" if path.is_dir() else "no such file"
+        raise RecipeError("train.deepspeed", f"cannot read {raw!r}: {why}")
+    data, _ = read_yaml(path, "the DeepSpeed config")  # JSON is YAML too
     if not isinstance(data, dict):
         raise InputFileError(raw, "a DeepSpeed config must be a mapping")
     return data

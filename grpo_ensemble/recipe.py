@@ -373,21 +373,52 @@ def recipe_from_dict(
         raise RecipeError(field, msg, source=where) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file."""
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (the
+    safe loader keeps the last silently: a second `train:` section dropped the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue  # not hashable as such: the schema rejects it anyway
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, what: str) -> tuple[Any, yaml.Node | None]:
+    """(data, root node) of a YAML (or JSON) file, read with a safe loader that refuses a key
+    given twice; any problem is an `InputFileError` on one line, with the line where known."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(str(path), f"cannot read recipe: {exc.__class__.__name__}") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputFileError(str(path), f"cannot read {what}: not UTF-8 text", line=line) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 — a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise InputFileError(str(path), f"invalid YAML: {problem}", line=line) from None
+    return data, root
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    data, root = read_yaml(path, "recipe")
     if data is None:
         data = {}
     if not isinstance(data, dict):

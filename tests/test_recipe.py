@@ -168,6 +168,33 @@ def test_error_names_the_line(tmp_path, capsys):
     assert f"{path}:9: loss.clip_low" in err  # line 9 holds clip_low
 
 
+def test_a_key_given_twice_is_an_error_naming_its_line(tmp_path, capsys):
+    # YAML's safe loader keeps the last silently: a second `train:` dropped the first's keys
+    path = _write(tmp_path, GOOD + "train:\n  lr: 0.1\n")
+    line = len(GOOD.splitlines()) + 1
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}:{line}: invalid YAML: duplicate key 'train'"
+    )
+
+
+def test_unreadable_yaml_files_are_one_line_errors_naming_the_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"seed: 0\npolicy: {model: caf\xe9}\n")
+    assert main(["validate", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}:2: cannot read recipe: not UTF-8 text"
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 1')  # cut short
+    path = _write(tmp_path, GOOD)
+    assert main(["validate", str(path), "--set", f"train.deepspeed={ds}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {ds}:1: invalid YAML: expected ',' or '}}', but got '<stream end>'"
+    assert main(["validate", str(path), "--set", f"train.deepspeed={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: train.deepspeed: cannot read '{tmp_path}': it is a directory"
+    )
+
+
 def test_missing_recipe_file(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml: cannot read recipe" in capsys.readouterr().err
