@@ -76,6 +76,35 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield i, row if isinstance(row, dict) else BadRow("not an object", "not a JSON object")
 
 
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """CSV rows with a header, decoded line by line, so that a line that is not UTF-8 is a bad
+    row at its own line (decoding the file in blocks found it thousands of lines early) and
+    the others are read on; no limit on a field's length (a long prompt is then checked
+    against the model's context, like any other)."""
+    undecodable: list[int] = []
+
+    def lines() -> Iterator[str]:
+        with path.open("rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    undecodable.append(line_no)
+                    yield "\n"  # a blank line: the reader skips it
+
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.DictReader(lines())
+    try:
+        for row in reader:
+            while undecodable:
+                yield undecodable.pop(0), BadRow("not UTF-8", "not valid UTF-8")
+            yield reader.line_num, row
+    except csv.Error as exc:
+        raise InputFileError(str(path), f"bad CSV: {exc}", line=reader.line_num) from None
+    while undecodable:
+        yield undecodable.pop(0), BadRow("not UTF-8", "not valid UTF-8")
+
+
 def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
@@ -83,15 +112,7 @@ def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl_rows(path)
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            try:
-                for row in reader:
-                    yield reader.line_num, row
-            except UnicodeDecodeError:
-                raise InputFileError(str(path), "not valid UTF-8", reader.line_num + 1) from None
-            except csv.Error as exc:
-                raise InputFileError(str(path), f"bad CSV: {exc}", line=reader.line_num) from None
+        yield from _csv_rows(path)
     elif suffix == ".parquet":
         from datasets import Dataset
 
@@ -163,7 +184,8 @@ def load_prompts(
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise RecipeError(field, f"prompt file {source!r} does not exist")
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise RecipeError(field, f"prompt file {source!r} {what}")
         try:
             rows = list(_file_rows(path))
         except OSError as exc:

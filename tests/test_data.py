@@ -104,6 +104,32 @@ MIXED = (
 )
 
 
+def test_csv_line_that_is_not_utf8_is_a_bad_row_at_its_own_line(tmp_path):
+    # 3000 rows; line 2002 holds a Latin-1 byte (decoding the file in blocks reported an
+    # earlier line, and such a row could not be skipped); a long field is no CSV error
+    path = tmp_path / "p.csv"
+    lines = [b"prompt,answer\n"] + [f"{i}+1=,{i + 1}\n".encode() for i in range(3000)]
+    lines[2001] = b"caf\xe9=,1\n"
+    lines[5] = b"5+1=," + b"6" * 200_000 + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(InputFileError) as info:
+        load_prompts(str(path), "prompt")
+    assert str(info.value) == f"{path}:2002: not valid UTF-8"
+    report = DataReport(str(path))
+    kept = load_prompts(str(path), "prompt", how=Cleaning(on_bad_row="skip"), report=report)
+    assert len(kept) == 2999 and dict(report.skipped) == {"not UTF-8": 1}
+    assert kept[4].fields["answer"] == "6" * 200_000
+    assert [p.index for p in kept[2000:2001]] == [2003]  # line numbers of the rows after it
+
+
+def test_a_directory_given_as_prompt_file(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_prompts(str(tmp_path), "prompt")
+    assert (
+        str(info.value) == f"data.train: prompt file {str(tmp_path)!r} is a directory, not a file"
+    )
+
+
 def test_skip_bad_rows_counts_each_reason_and_keeps_the_rest(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(MIXED)
