@@ -207,7 +207,8 @@ def _main(argv: list[str] | None) -> int:
     except UserError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, exc=exc)
+        where = _where_in_recipe(exc, argv)
+        err.print(f"error: {where}{exc}", markup=False, highlight=False, soft_wrap=True, exc=exc)
         return 2
     except Interrupted as exc:
         message = f"{exc}; continue with: {_resume_hint(argv)}"
@@ -240,6 +241,44 @@ def _main(argv: list[str] | None) -> int:
         )
         return 1
     return 0
+
+
+def _where_in_recipe(exc: UserError, argv: list[str]) -> str:
+    """'FILE:LINE: ' (or '--set: ') for a recipe error found after the schema check (an unknown
+    plugin, rejected parameters, a model that does not load), which names only its field: the
+    line of that field (or of the nearest part of it written) in the recipe file given on the
+    command line. '' where it is not such an error or no recipe file was given."""
+    from .errors import RecipeError
+
+    if not isinstance(exc, RecipeError) or exc.source is not None or not exc.field:
+        return ""
+    sets, files = [], []
+    it = iter(argv[1:])
+    for arg in it:
+        if arg == "--set":
+            sets.append(next(it, ""))
+        elif arg.startswith("--set="):
+            sets.append(arg.removeprefix("--set="))
+        elif arg in ("--resume",):
+            next(it, None)
+        elif not arg.startswith("-") and Path(arg).suffix in (".yaml", ".yml", ".json"):
+            files.append(arg)
+    field = exc.field
+    if any(field == k or field.startswith(k + ".") for k in (s.split("=", 1)[0] for s in sets)):
+        return "--set: "
+    if not files or not Path(files[0]).is_file():
+        return ""
+    import yaml
+
+    from .recipe import _line_of
+
+    try:
+        root = yaml.compose(Path(files[0]).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    loc = tuple(int(k) if k.isdigit() else k for k in field.split("."))
+    line = _line_of(root, loc)
+    return f"{files[0]}:{line}: " if line is not None else ""
 
 
 class _Stderr:

@@ -139,14 +139,14 @@ def test_a_model_folder_that_does_not_load_is_a_recipe_error(tmp_path, capsys):
     args = ["train", str(_write(tmp_path, GOOD)), "--set", f"output_dir={tmp_path / 'run'}"]
     assert main([*args, "--set", f"policy.model={bad}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: policy.model: cannot load model '{bad}': Error while")
+    assert err.startswith(f"error: --set: policy.model: cannot load model '{bad}': Error while")
     assert len(err.splitlines()) == 1
     # a tis peer's tokenizer is loaded by validate: one that is missing is the peer's error
     no_tok = _broken_copy(tmp_path, "no-tokenizer", drop=("tokenizer.json",))
     peer = f"peers=[{{name: p, model: {no_tok}, mode: tis}}]"
     assert main(["validate", str(_write(tmp_path, GOOD)), "--set", peer]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: peers.0.model: cannot load model '{no_tok}': ")
+    assert err.startswith(f"error: --set: peers.0.model: cannot load model '{no_tok}': ")
     assert len(err.splitlines()) == 1
 
 
@@ -155,10 +155,14 @@ def test_completions_longer_than_the_context_name_the_members_field(tmp_path, ca
     peer = "peers=[{name: s, model: builtin:tiny-arith-base, sampling: {max_new_tokens: 100000}}]"
     assert main([*args, "--set", peer]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: peers.0.sampling.max_new_tokens: 100000 new tokens do not fit")
+    assert err.startswith(
+        "error: --set: peers.0.sampling.max_new_tokens: 100000 new tokens do not fit"
+    )
     assert main([*args, "--set", "policy.sampling.max_new_tokens=100000"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: policy.sampling.max_new_tokens: 100000 new tokens do not fit")
+    assert err.startswith(
+        "error: --set: policy.sampling.max_new_tokens: 100000 new tokens do not fit"
+    )
 
 
 def test_error_names_the_line(tmp_path, capsys):
@@ -191,8 +195,21 @@ def test_unreadable_yaml_files_are_one_line_errors_naming_the_line(tmp_path, cap
     assert err == f"error: {ds}:1: invalid YAML: expected ',' or '}}', but got '<stream end>'"
     assert main(["validate", str(path), "--set", f"train.deepspeed={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: train.deepspeed: cannot read '{tmp_path}': it is a directory"
+        f"error: --set: train.deepspeed: cannot read '{tmp_path}': it is a directory"
     )
+
+
+def test_errors_found_after_the_schema_name_the_line_too(tmp_path, capsys):
+    # an unknown plugin is found when the registry is asked, after the schema check
+    path = _write(tmp_path, GOOD + "rewards:\n  - name: nope\n    weight: 2\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    line = len(GOOD.splitlines()) + 2
+    assert err.startswith(f"error: {path}:{line}: rewards.0.name: unknown reward scorer 'nope'")
+    # set on the command line: blamed on --set
+    assert main(["validate", str(_write(tmp_path, GOOD)), "--set", "group.evaluator=nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set: group.evaluator: unknown group evaluator 'nope'")
 
 
 def test_missing_recipe_file(tmp_path, capsys):
