@@ -233,7 +233,7 @@ def too_long(prompts: list[Prompt], tokenizer, limit: int, how: Cleaning, report
     `max_new_tokens` more they would not fit the model's context."""
     out = []
     for p in prompts:
-        n = len(tokenizer(p.text)["input_ids"])
+        n = len(tokenizer(p.text, verbose=False)["input_ids"])  # no warning: we say it
         if n <= limit:
             out.append(p)
             continue

@@ -7,12 +7,20 @@ that names the field and, where it came from the file, the line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import InputFileError, RecipeError
 from .types import POLICY
@@ -21,6 +29,14 @@ from .types import POLICY
 class _Config(BaseModel):
     # no NaN or infinity in any number: `lr: .inf` trained a model of NaNs
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+def _file_or_mapping(value: Any) -> Any:
+    """A DeepSpeed config given as a file path or a mapping; anything else is one clear error
+    (the union's own error named its branch, e.g. `train.deepspeed.str`)."""
+    if value is None or isinstance(value, dict) or (isinstance(value, str) and value.strip()):
+        return value
+    raise ValueError(f"give a .json/.yaml file path or a mapping, not {value!r}")
 
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW beta
@@ -44,7 +60,9 @@ class SamplingConfig(_Config):
 
 class MemberConfig(_Config):
     model: str | None = Field(
-        None, description="Local path, hub id, or `builtin:NAME` of a built-in tiny model."
+        None,
+        min_length=1,
+        description="Local path, hub id, or `builtin:NAME` of a built-in tiny model.",
     )
     generator: str = Field("hf", description="Generator plugin that samples for this member.")
     params: dict[str, Any] = Field({}, description="Keyword arguments for the generator.")
@@ -207,7 +225,7 @@ class TrainConfig(_Config):
         description="Reference model and peers: a whole copy on each rank, or sharded across "
         "ranks as ZeRO-3 inference engines (needs zero_stage 3).",
     )
-    deepspeed: str | dict[str, Any] | None = Field(
+    deepspeed: Annotated[str | dict[str, Any] | None, BeforeValidator(_file_or_mapping)] = Field(
         None,
         description="Raw DeepSpeed config (a .json/.yaml file or a mapping) merged into the one "
         "the recipe implies; a conflicting value is an error.",
@@ -361,12 +379,18 @@ def recipe_from_dict(
         loc = tuple(err["loc"])
         msg = err["msg"]
         if msg.startswith("Value error, "):  # a cross-field check names its own field,
-            field, _, msg = msg.removeprefix("Value error, ").partition(": ")  # relative to
-            loc += tuple(int(k) if k.isdigit() else k for k in field.split("."))  # its model
+            msg = msg.removeprefix("Value error, ")  # relative to its model ("a.b: why")
+            head, sep, tail = msg.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.]*", head):
+                loc += tuple(int(k) if k.isdigit() else k for k in head.split("."))
+                msg = tail
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         field = _format_loc(loc)
-        if any(field == k or field.startswith(k + ".") for k in overridden):
+        # blamed on --set where an override set the field, a part of it, or a key below it
+        if any(
+            field == k or field.startswith(k + ".") or k.startswith(field + ".") for k in overridden
+        ):
             raise RecipeError(field, msg, source="--set") from None
         line = _line_of(root, loc) if root is not None else None
         where = f"{source}:{line}" if line is not None else source

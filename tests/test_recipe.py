@@ -94,6 +94,9 @@ BAD = [
     (GOOD, "rewards=[{name: exact_match, weight: .nan}]", "rewards.0.weight: Input should be a"),
     (GOOD, "rewards=[{name: exact_match, timeout_s: .inf}]", "rewards.0.timeout_s: Input should"),
     (GOOD, "policy.sampling.temperature=.inf", "policy.sampling.temperature: Input should be a"),
+    (GOOD, 'policy.model=""', "--set: policy.model: String should have at least 1 character"),
+    (GOOD, "train.deepspeed=[1]", "--set: train.deepspeed: give a .json/.yaml file path or a"),
+    (GOOD, "train.steps.x=1", "--set: train.steps: Input should be a valid integer"),
     # what DeepSpeed itself refuses (it failed in deepspeed.initialize with exit 1)
     (
         GOOD,
