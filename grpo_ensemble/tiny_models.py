@@ -25,6 +25,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .errors import UserError
 from .tasks import arithmetic_rows
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order
@@ -205,8 +206,14 @@ def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
     target = root / "models" / f"{name}-{spec.version()}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:  # e.g. $GRPO_ENSEMBLE_CACHE names a file, or is read-only
+        raise UserError(
+            f"cannot build the built-in model {name!r} under {str(root)!r} "
+            f"($GRPO_ENSEMBLE_CACHE or ~/.cache/grpo_ensemble): {exc.strerror or exc}"
+        ) from None
     try:
         model, tokenizer = build_model(spec)
         model.save_pretrained(tmp, safe_serialization=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo_ensemble.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,3 +114,16 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys, monkeyp
     assert _launcher_args(["--local_rank=1", "train", "r.yaml"]) == ["train", "r.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _launcher_args(["--local_rank", "0", "plugins"]) == ["plugins"]
+
+
+def test_a_model_cache_that_cannot_be_a_directory_is_exit_2(tmp_path, capsys, monkeypatch):
+    # built-in models are built into $GRPO_ENSEMBLE_CACHE: a file there is the user's setting
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GRPO_ENSEMBLE_CACHE", str(blocker))
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    assert main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot build the built-in model 'tiny-arith-small' under '{blocker}' "
+        "($GRPO_ENSEMBLE_CACHE or ~/.cache/grpo_ensemble): Not a directory"
+    )
