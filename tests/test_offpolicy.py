@@ -151,16 +151,22 @@ def test_each_mode_trains_and_logs(small_recipe, mode):
             assert 0 <= m["tis/clamped_fraction"] <= 1
 
 
-def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
-    from grpo_ensemble.train import PolicyFailed, grpo_step
-
+def _on_failure_run(small_recipe, tmp_path, scorer=None):
+    """8 prompts, the policy's 2 candidates each, an oracle's 2 where the policy failed."""
     recipe = small_recipe(
         peers=[{"name": "oracle", "n": 2}],
         group__inject="on_failure",
         group__evaluator="dr_grpo",
         train__prompts_per_step=8,
     )
-    run = build_run(recipe, tmp_path, generators={"oracle": Oracle()})
+    given = [(scorer, 1.0)] if scorer is not None else None
+    return build_run(recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=given)
+
+
+def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
+    from grpo_ensemble.train import PolicyFailed, grpo_step
+
+    run = _on_failure_run(small_recipe, tmp_path)
     torch.manual_seed(0)
     check = PolicyFailed(run)
     groups = run.ensemble.generate(run.sampler.next(8), check)
@@ -207,16 +213,8 @@ class CountingScorer(RewardScorer):
 def test_on_failure_scores_each_candidate_once(small_recipe, tmp_path):
     from grpo_ensemble.train import PolicyFailed, grpo_step
 
-    recipe = small_recipe(
-        peers=[{"name": "oracle", "n": 2}],
-        group__inject="on_failure",
-        group__evaluator="dr_grpo",
-        train__prompts_per_step=8,
-    )
     scorer = CountingScorer()
-    run = build_run(
-        recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=[(scorer, 1.0)]
-    )
+    run = _on_failure_run(small_recipe, tmp_path, scorer)
     torch.manual_seed(0)
     check = PolicyFailed(run)
     groups = run.ensemble.generate(run.sampler.next(8), check)
