@@ -6,6 +6,7 @@ parameters) happens here, so `grpo-ensemble validate` can run it without trainin
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -142,16 +143,26 @@ def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Clean
 
 
 def load_data(
-    recipe: Recipe, scorers: Sequence[WeightedScorer] = (), reports: list | None = None
+    recipe: Recipe,
+    scorers: Sequence[WeightedScorer] = (),
+    reports: list | None = None,
+    eval_scorer: RewardScorer | None = None,
 ) -> tuple[list[Prompt], list[Prompt] | None]:
-    """Training and held-out prompts; each source's DataReport is appended to `reports`."""
+    """Training and held-out prompts; each source's DataReport is appended to `reports`. The
+    fields the training scorers read are required of the training rows, the one the
+    evaluation's scorer reads of the held-out rows (a row without it was found only by the
+    evaluation after training)."""
     d = recipe.data
     how = cleaning_of(recipe, scorers)
     reports = reports if reports is not None else []
     reports.append(DataReport(d.train))
     train = load_prompts(d.train, d.prompt_field, "data.train", how, reports[-1])
     held_out = None
-    if d.eval:
+    if d.eval:  # scored by the evaluation's scorer alone
+        how = cleaning_of(recipe)
+        field = getattr(eval_scorer, "field", None)
+        if isinstance(field, str) and field not in how.required_fields:
+            how = dataclasses.replace(how, required_fields=(*how.required_fields, field))
         reports.append(DataReport(d.eval))
         held_out = load_prompts(d.eval, d.prompt_field, "data.eval", how, reports[-1])
     return train, held_out
@@ -161,7 +172,7 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything `validate` checks beyond the schema: plugins, parameters, models, data."""
     build_scorers(recipe)
     build_evaluator(recipe)
-    build_eval_scorer(recipe)
+    eval_scorer = build_eval_scorer(recipe)
     for name, prefix, m in member_fields(recipe):
         cls = plugins.get_component("generator", m.generator, f"{prefix}.generator")
         extra = {"model": resolve_model(m.model, f"{prefix}.model")} if m.model else {}
@@ -171,7 +182,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{prefix}.model", f"{m.generator!r} needs a model")
         check_params(cls, m.params, f"{prefix}.params", **extra)
     check_tis_tokenizers(recipe)
-    load_data(recipe, build_scorers(recipe))
+    load_data(recipe, build_scorers(recipe), eval_scorer=eval_scorer)
     if recipe.train.deepspeed is not None:  # the merged config: conflicts are recipe errors
         from .engine import deepspeed_config, resolve_dtype
 

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 PREFIX = "step-"
 
 # Fields whose change makes a checkpoint meaningless for the recipe (the data order, the groups,
-# the optimizer's shards). Others (steps, eval, logging, lr) may change on resume.
+# the optimizer's shards), or that the checkpoint would silently override (the optimizer's and
+# the LR schedule's settings come back from it). Others (steps, eval, logging) may change.
 MUST_MATCH = [
     "seed",
     "policy.model",
@@ -45,6 +46,11 @@ MUST_MATCH = [
     "data.shuffle",
     "train.prompts_per_step",
     "train.zero_stage",
+    "train.lr",
+    "train.adam_betas",
+    "train.weight_decay",
+    "train.warmup_steps",
+    "train.schedule",
 ]
 
 
@@ -57,8 +63,29 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name.removeprefix(PREFIX).isdigit()
+    ]  # not another name of the user's, e.g. step-00000004-backup
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def set_aside_later(run_dir: Path, step: int) -> list[Path]:
+    """Rename the complete checkpoints after `step` to `abandoned-step-…` (rank 0): a run
+    resumed from an earlier checkpoint goes another way from there, and `--resume auto` or
+    pruning must not take a checkpoint of the way it left. Returns their new paths."""
+    moved = []
+    for ckpt in complete_checkpoints(run_dir):
+        if int(ckpt.name.removeprefix(PREFIX)) > step:
+            target = ckpt.with_name(f"abandoned-{ckpt.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = ckpt.with_name(f"abandoned-{ckpt.name}-{n}")
+            ckpt.rename(target)
+            moved.append(target)
+    return moved
 
 
 def _rng_state() -> dict[str, Any]:
@@ -101,7 +128,11 @@ def save_checkpoint(run: Run, step: int) -> Path:
 
     dist.agree(lambda: _disk_errors(prepare, root))
     dist.barrier()
-    run.engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+
+    def write_engine():  # DeepSpeed's part: every rank writes its shards
+        run.engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+
+    dist.agree(lambda: _disk_errors(write_engine, root))
 
     def write_own():
         (tmp / f"rng-rank{dist.rank()}.json").write_text(json.dumps(_rng_state()))

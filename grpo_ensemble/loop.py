@@ -19,7 +19,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import dist, plugins
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_aside_later
 from .components import Generator, GroupEvaluator
 from .engine import gathered_params, init_distributed
 from .errors import Interrupted, RunError, UserError
@@ -135,20 +135,25 @@ def train(
             start = load_checkpoint(run, path)
             result.resumed_from = path
             _say_text(console, f"resumed from {path} (step {start})")
+            # later checkpoints belong to the way the run went before; kept, under another name
+            later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
+            for moved in later or []:
+                _say_text(console, f"a later checkpoint of the earlier run is now {moved}")
         # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
         dist.agree(lambda: write_recipe(run_dir, recipe) if main else None)
     if recipe.eval.before and start == 0:
         result.before = evaluate_policy(run)
         _say(console, "before", result.before)
     _steps(run, start, result, console)
-    if recipe.eval.after:
-        result.after = evaluate_policy(run)
-        _say(console, "after", result.after)
+    # the trained model first: an evaluation that fails or is stopped does not lose it
     with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
         if main:
             run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
             run.tokenizer.save_pretrained(result.model_dir)
-    dist.barrier()  # no rank returns before the final model is on disk
+    dist.barrier()  # no rank goes on before the final model is on disk
+    if recipe.eval.after:
+        result.after = evaluate_policy(run)
+        _say(console, "after", result.after)
     return result
 
 

@@ -78,8 +78,10 @@ def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[s
         "completion_len": s["completion_len"] / n,
         "skipped_groups": int(s["skipped_groups"]),
         **{k: int(v) for k, v in s.items() if k.startswith("scorer_faults/")},
-        **upd,
+        # the learning rate the step's optimizer steps used (their mean when μ > 1); a step
+        # without one reports the rate the next would use
         "lr": run.engine.get_lr()[0],
+        **upd,
     }
     for member in run.ensemble.members:
         p = f"member/{member.name}"

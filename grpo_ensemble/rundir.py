@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -85,12 +86,15 @@ class MetricsWriter:
         """A new file, or with `keep_until` (a resumed run) the rows of steps up to it kept:
         the rows of steps after the checkpoint are written again by the resumed run."""
         self.path = path
-        kept = []
+        kept: list[str] = []
         if keep_until and path.is_file():
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until]
-        self._fh = path.open("w", encoding="utf-8")
-        for row in kept:
-            self.write(row)
+            kept = _rows_up_to(path, keep_until)
+        # the kept rows go to a new file that replaces the old one whole: a crash meanwhile
+        # leaves the old file, never a cut one
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._fh = path.open("a", encoding="utf-8")
 
     def write(self, metrics: dict) -> None:
         self._fh.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
@@ -98,6 +102,21 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _rows_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl whose step is at most `step`, as they are. A line that does
+    not parse (the last row, cut by a crash or a full disk while it was written) is left out:
+    rows after the checkpoint are written again anyway."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    return kept
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -154,7 +154,7 @@ def _load(recipe: Recipe, dtype, generators: dict, reward_scorers, group_evaluat
     eval_scorer = build_eval_scorer(recipe)
     if POLICY not in generators:
         check_policy_generator(recipe)
-    train_prompts, held_out = load_data(recipe, scorers, reports)
+    train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer)
     p = recipe.policy
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
     how = cleaning_of(recipe, scorers)
@@ -401,6 +401,7 @@ def update(
     total: dict[str, float] = {}
     first: dict[str, float] = {}
     grad_norms: list[float] = []
+    lrs: list[float] = []
     bad = False
     # the first pass may reuse sampling's products (replay.py): sampling ran in eval mode
     reuse_sampling = r.train.reuse_sampling_forward and same
@@ -417,6 +418,7 @@ def update(
             first["left_out/first"] = float(left.tokens)
         for k in ("loss", "kl_sum", "clipped", "tokens"):
             total[k] = total.get(k, 0.0) + sums[k]
+        lrs.append(float(engine.get_lr()[0]))  # the rate this optimizer step uses
         norm = optimizer_step(engine)
         if norm is None:
             bad = True
@@ -426,7 +428,8 @@ def update(
     sums = dist.sum_dict({**total, **first, **by_member})
     if bad:  # the weights did not move: report the step, count it
         return {**NO_UPDATE, "loss": sums["loss"], "nonfinite_update": 1}
-    return {**update_metrics(run, sums, grad_norms), "time/logprobs": logprob_seconds}
+    lr = sum(lrs) / len(lrs)
+    return {**update_metrics(run, sums, grad_norms), "lr": lr, "time/logprobs": logprob_seconds}
 
 
 def release_recording_buffers(run: Run) -> None:

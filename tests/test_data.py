@@ -208,3 +208,19 @@ def test_a_run_reports_skipped_rows_in_the_run_directory(tmp_path, small_recipe)
         "no answer": 1,
     }
     assert train_report["kept"] == 5 and train_report["duplicates"] == 0
+
+
+def test_held_out_rows_need_the_field_the_eval_scorer_reads(tmp_path, capsys):
+    # found at load time (validate), not by the evaluation after training
+    from grpo_ensemble.cli import main
+
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "1+1=", "solution": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"output_dir: {tmp_path / 'run'}\npolicy: {{model: builtin:tiny-arith-small}}\n"
+        f"data: {{eval: {held}}}\neval: {{params: {{field: solution}}}}\n"
+    )
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {held}:2: missing 'solution' field", err

@@ -90,3 +90,14 @@ def test_engine_step_equals_plain_torch_adamw(small_recipe):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)  # steps: ~1e-2
         moved = max(moved, float((q.detach() - initial[name]).abs().max()))
     assert moved > 1e-3  # the steps did move the weights
+
+
+def test_the_lr_metric_is_the_rate_the_steps_optimizer_steps_used(small_recipe):
+    # warmup 3, μ 2: GRPO step 1 takes optimizer steps 0 and 1 (rates 1/4 and 2/4 of lr),
+    # step 2 takes 2 and 3 (3/4 and 1); the metric was read after the schedule had moved on
+    from grpo_ensemble.loop import train
+
+    recipe = small_recipe(train__warmup_steps=3, train__steps=2, loss__mu=2, peers=[])
+    rows = train(recipe, overrides=["eval.before=false", "eval.after=false"]).metrics
+    lr = recipe.train.lr
+    assert [r["lr"] for r in rows] == pytest.approx([lr * 0.375, lr * 0.875])

@@ -232,6 +232,53 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys):
         assert len(err.splitlines()) == 1
 
 
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    # the run goes another way from step 2: its old step 3-4 checkpoints must not be taken by
+    # a later --resume auto (a step went missing from the metrics) nor pruned as its own
+    recipe = _recipe(tmp_path, steps=4, keep_checkpoints=10)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    (out / "checkpoints" / "step-00000009-backup").mkdir()  # a name of the user's: ignored
+    ckpts = out / "checkpoints"
+    two = ckpts / "step-00000002"
+    train(recipe, overrides=[f"output_dir={out}", "train.steps=3"], resume=str(two))
+    assert [p.name for p in complete_checkpoints(out)] == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("abandoned")) == [
+        "abandoned-step-00000003",
+        "abandoned-step-00000004",
+    ]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    assert find_checkpoint(out, "auto").name == "step-00000003"
+
+
+def test_resume_refuses_a_changed_optimizer_setting_the_checkpoint_would_override(tmp_path, capsys):
+    recipe = _recipe(tmp_path, steps=1)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", "auto"]
+    for change, message in [
+        ("train.lr=0.5", "train.lr was 0.001 in the checkpoint"),
+        ("train.warmup_steps=0", "train.warmup_steps was 2 in the checkpoint"),
+    ]:
+        assert main([*args, "--set", change, "--set", "train.steps=2"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_row_cut_short_at_the_end_of_the_metrics_does_not_stop_a_resume(tmp_path):
+    recipe = _recipe(tmp_path, steps=2)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "rew')  # a crash while the row was written
+    resumed = train(recipe, overrides=[f"output_dir={out}", "train.steps=3"], resume="auto")
+    assert [m["step"] for m in resumed.metrics] == [3]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_only_the_last_k_complete_checkpoints_are_kept_and_half_written_ones_ignored(tmp_path):
     recipe = _recipe(tmp_path, steps=4, keep_checkpoints=2)
     out = tmp_path / "run"
@@ -339,3 +386,18 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last(tm
     )
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000001"]
     assert find_checkpoint(out, "auto") == root / "step-00000001"
+
+
+def test_the_trained_model_is_saved_before_the_evaluation_after_training(tmp_path, monkeypatch):
+    import grpo_ensemble.loop as loop
+
+    def broken(run):
+        if run.recipe.eval.after:
+            raise RuntimeError("the evaluation broke")
+
+    recipe = _recipe(tmp_path, steps=1, checkpoint_every=0)
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "evaluate_policy", broken)
+    with pytest.raises(RuntimeError, match="the evaluation broke"):
+        train(recipe, overrides=[f"output_dir={out}", "eval.after=true", "eval.before=false"])
+    assert (out / "final" / "model.safetensors").is_file()
