@@ -91,9 +91,9 @@ def plugins_cmd(
 
 
 def _register_plugin_commands() -> None:
-    from .plugins import get_plugin_manager
+    from .plugins import call_each
 
-    get_plugin_manager().hook.register_commands(app=app)
+    call_each("register_commands", app=app)
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

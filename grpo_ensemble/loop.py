@@ -163,7 +163,6 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
     main = dist.is_main()
     writer = MetricsWriter(run.run_dir / "metrics.jsonl", keep_until=start) if main else None
     progress = StepProgress(t.steps, run.recipe.log.progress and main, console, start)
-    hook = plugins.get_plugin_manager().hook
     bad_in_a_row = 0
     saved = start
     with StopRequests() as stop, contextlib.ExitStack() as cleanup:
@@ -175,7 +174,7 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
             result.metrics.append(metrics)
             if writer is not None:
                 writer.write(metrics)
-                hook.on_step_end(step=step, metrics=metrics)  # observers run on rank 0 only
+                plugins.call_each("on_step_end", step=step, metrics=metrics)  # rank 0 only
             progress.update(metrics["reward"])
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("nonfinite_update") else 0
             if bad_in_a_row >= t.max_bad_updates:

@@ -175,3 +175,101 @@ def test_policy_must_use_hf(small_recipe, tmp_path, capsys):
     assert "policy.generator: the policy samples with the model being trained" in (
         capsys.readouterr().err
     )
+
+
+def _fake_distribution(root, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """An installed distribution `fakeplug` (a .dist-info folder on sys.path) declaring these
+    grpo_ensemble entry points, with these modules beside it."""
+    info = root / "fakeplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[grpo_ensemble]\n{lines}")
+    for name, text in modules.items():
+        (root / f"{name}.py").write_text(text)
+
+
+RAISER = """
+from grpo_ensemble import hookimpl
+
+@hookimpl
+def register_reward_scorers(register):
+    raise RuntimeError("no API key")
+"""
+
+OBSERVER = """
+from grpo_ensemble import hookimpl
+
+@hookimpl
+def on_step_end(step, metrics):
+    raise ConnectionError("logger unreachable")
+"""
+
+SHADOW = """
+from grpo_ensemble import RewardScorer, hookimpl
+
+class Shadow(RewardScorer):
+    name = "shadow"
+    def score(self, samples):
+        return [0.0] * len(samples)
+
+@hookimpl
+def register_reward_scorers(register):
+    register(Shadow)
+"""
+
+
+def test_a_misbehaving_plugin_is_left_out_and_named_not_fatal(
+    tmp_path, monkeypatch, capsys, small_recipe
+):
+    # one that does not import, one whose name another distribution (here: ours) has, one
+    # whose hooks raise: every command still works, each is named once on stderr, and a
+    # recipe naming a component they would have given is told why it is unknown
+    _fake_distribution(
+        tmp_path,
+        {
+            "broken": "fake_broken",
+            "builtin-rewards": "fake_shadow",
+            "raiser": "fake_raiser",
+            "observer": "fake_observer",
+        },
+        {
+            "fake_broken": "raise RuntimeError('needs an API key')\n",
+            "fake_shadow": SHADOW,
+            "fake_raiser": RAISER,
+            "fake_observer": OBSERVER,
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRPO_ENSEMBLE_LOAD_PLUGINS", "broken,builtin-rewards,raiser,observer")
+    plugins.reset_plugin_manager()
+    try:
+        from grpo_ensemble.loop import train
+
+        recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+        assert main(["validate", str(recipe)]) == 0
+        err = capsys.readouterr().err
+        assert (
+            "warning: plugin 'broken' left out: entry point 'fake_broken' failed to load: "
+            "RuntimeError: needs an API key" in err
+        )
+        assert (
+            "warning: plugin 'builtin-rewards of fakeplug' left out: the name "
+            "is taken by grpo-ensemble (built in)" in err
+        )
+        assert (
+            "warning: plugin 'raiser' left out: its register_reward_scorers hook raised "
+            "RuntimeError: no API key" in err
+        )
+        assert main(["validate", str(recipe), "--set", "rewards=[{name: shadow}]"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown reward scorer 'shadow' (known: " in err
+        assert "plugin 'broken' was left out: entry point 'fake_broken' failed" in err
+        # an observer that raises: named once, the run goes on to its end
+        result = train(small_recipe(train__steps=2, eval__before=False, eval__after=False))
+        assert [m["step"] for m in result.metrics] == [1, 2]
+        err = capsys.readouterr().err
+        assert err.count("warning: plugin 'observer' left out: its on_step_end hook raised") == 1
+    finally:
+        monkeypatch.undo()
+        plugins.reset_plugin_manager()
