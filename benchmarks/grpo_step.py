@@ -1,8 +1,8 @@
 """Seconds per GRPO step, by phase, for grpo-ensemble and (when installed) TRL's GRPOTrainer.
 
-    python benchmarks/grpo_step.py                       # every configuration, both frameworks
+    python benchmarks/grpo_step.py                       # tiny and medium, both frameworks
     python benchmarks/grpo_step.py --configs tiny --frameworks ours --json out.json
-    python benchmarks/grpo_step.py --configs big         # a ~0.5B model, for a GPU
+    python benchmarks/grpo_step.py --configs big         # a ~0.6B model, for a GPU
 
 Each configuration runs in a fresh subprocess per framework (so that peak memory is that run's
 own), on the very same model files and prompts, with fixed-length completions (EOS is

@@ -250,5 +250,6 @@ def _say(console, when: str, res: EvalResult | None) -> None:
 
 
 def _say_text(console, text: str) -> None:
+    """One line on the console, never wrapped (a log read by a machine keeps it whole)."""
     if console is not None:
-        console.print(text)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
