@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import plugins
 from .components import Generator, GroupEvaluator, RewardScorer, SamplingParams
@@ -18,6 +19,9 @@ from .errors import RecipeError, UserError
 from .models import load_field_tokenizer, resolve_model, same_tokenizer
 from .recipe import MemberConfig, Recipe
 from .types import POLICY, Prompt
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -228,3 +232,20 @@ def check_policy_generator(recipe: Recipe) -> None:
 def build_eval_scorer(recipe: Recipe) -> RewardScorer:
     e = recipe.eval
     return construct("reward_scorer", e.scorer, e.params, "eval.scorer")
+
+
+def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
+    """The longest prompt, in tokens, that leaves room in the policy's context for the longest
+    completion any member may write (None when the model states no context length)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return None
+    fields = {"policy.sampling.max_new_tokens": recipe.policy.sampling.max_new_tokens}
+    for i, p in enumerate(recipe.peers):
+        fields[f"peers.{i}.sampling.max_new_tokens"] = p.sampling.max_new_tokens
+    field, longest = max(fields.items(), key=lambda kv: kv[1])  # the first of the longest
+    if longest >= context:
+        raise RecipeError(
+            field, f"{longest} new tokens do not fit the policy's context of {context} tokens"
+        )
+    return context - longest

@@ -128,33 +128,43 @@ def train(
         write_data_report(run, console)
     dist.agree(lambda: check_disk_space(run) if main else None)
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
-    start = 0
-    if resume is not None:
-        path = dist.agree(lambda: find_checkpoint(run_dir, resume))
-        if path is not None:
-            start = load_checkpoint(run, path)
-            result.resumed_from = path
-            _say_text(console, f"resumed from {path} (step {start})")
-            # later checkpoints belong to the way the run went before; kept, under another name
-            later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
-            for moved in later or []:
-                _say_text(console, f"a later checkpoint of the earlier run is now {moved}")
-        # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
-        dist.agree(lambda: write_recipe(run_dir, recipe) if main else None)
+    start = _resume(run, resume, result, console) if resume is not None else 0
     if recipe.eval.before and start == 0:
         result.before = evaluate_policy(run)
         _say(console, "before", result.before)
     _steps(run, start, result, console)
     # the trained model first: an evaluation that fails or is stopped does not lose it
-    with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
-        if main:
-            run.engine.module.save_pretrained(result.model_dir, safe_serialization=True)
-            run.tokenizer.save_pretrained(result.model_dir)
-    dist.barrier()  # no rank goes on before the final model is on disk
+    _save_final(run, result.model_dir)
     if recipe.eval.after:
         result.after = evaluate_policy(run)
         _say(console, "after", result.after)
     return result
+
+
+def _resume(run: Run, resume: str, result: TrainResult, console) -> int:
+    """Restore the checkpoint `resume` names (if any); returns the step it ends."""
+    main, run_dir, start = dist.is_main(), run.run_dir, 0
+    path = dist.agree(lambda: find_checkpoint(run_dir, resume))
+    if path is not None:
+        start = load_checkpoint(run, path)
+        result.resumed_from = path
+        _say_text(console, f"resumed from {path} (step {start})")
+        # later checkpoints belong to the way the run went before; kept, under another name
+        later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
+        for moved in later or []:
+            _say_text(console, f"a later checkpoint of the earlier run is now {moved}")
+    # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
+    dist.agree(lambda: write_recipe(run_dir, run.recipe) if main else None)
+    return start
+
+
+def _save_final(run: Run, model_dir: Path) -> None:
+    """The trained policy and its tokenizer in Hugging Face format (rank 0 writes)."""
+    with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
+        if dist.is_main():
+            run.engine.module.save_pretrained(model_dir, safe_serialization=True)
+            run.tokenizer.save_pretrained(model_dir)
+    dist.barrier()  # no rank goes on before the final model is on disk
 
 
 def _steps(run: Run, start: int, result: TrainResult, console) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import dist
 from .errors import PluginError
 from .scoring import Known, score_groups
 from .types import POLICY, Candidate, Group, GroupLayout, Prompt
@@ -142,3 +143,29 @@ def stats_mask(run: Run, groups: list[Group], layout: GroupLayout) -> torch.Tens
         return layout.valid
     own = torch.tensor([c.source == POLICY for g in groups for c in g.candidates])
     return layout.to_grid(own, fill=False)
+
+
+class PolicyFailed:
+    """On-failure injection's test, called by the ensemble once the policy has sampled: True
+    for the prompts where no policy candidate reached success. It keeps the scores it took
+    (`known`) for the step's scoring, which then scores only the peers' candidates."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.known: Known | None = None
+
+    def __call__(self, groups: list[Group]) -> list[bool]:
+        # only the policy's candidates so far; a scorer failing on any rank stops every rank
+        scores = dist.agree(lambda: score_groups(groups, self.run.scorers))
+        self.known = Known([len(g.candidates) for g in groups], scores)
+        out, k = [], 0
+        for g in groups:
+            n = len(g.candidates)
+            best = float(scores.combined[k : k + n].max()) if n else None
+            # a group a skip_group scorer failed on leaves the step anyway: no peers for it
+            out.append(
+                not scores.skip[len(out)]
+                and (best is None or best < self.run.recipe.group.success_reward)
+            )
+            k += n
+        return out

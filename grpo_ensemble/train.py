@@ -28,6 +28,7 @@ from .build import (
     cleaning_of,
     load_data,
     member_fields,
+    prompt_token_limit,
     sampling_of,
 )
 from .components import Generator, GroupEvaluator, RewardScorer, mix64
@@ -53,9 +54,8 @@ from .models import load_model
 from .recipe import Recipe
 from .recording import BufferPool, count_update
 from .replay import replay_logprobs, replayable
-from .rollout import Rollout, evaluate_groups  # noqa: F401 — re-exported
-from .scoring import Known, score_groups
-from .types import POLICY, Group, Prompt
+from .rollout import PolicyFailed, Rollout, evaluate_groups  # noqa: F401 — re-exported
+from .types import POLICY, Prompt
 
 
 @dataclass
@@ -197,23 +197,6 @@ def reuse_applies(recipe: Recipe, engine, members: list[Member]) -> bool:
     peers = sum(m.n for m in members[1:])
     per_rank = -(-t.prompts_per_step // dist.world_size())
     return per_rank * (members[0].n + peers) <= t.micro_batch_size
-
-
-def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
-    """The longest prompt, in tokens, that leaves room in the policy's context for the longest
-    completion any member may write (None when the model states no context length)."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(context, int):
-        return None
-    fields = {"policy.sampling.max_new_tokens": recipe.policy.sampling.max_new_tokens}
-    for i, p in enumerate(recipe.peers):
-        fields[f"peers.{i}.sampling.max_new_tokens"] = p.sampling.max_new_tokens
-    field, longest = max(fields.items(), key=lambda kv: kv[1])  # the first of the longest
-    if longest >= context:
-        raise RecipeError(
-            field, f"{longest} new tokens do not fit the policy's context of {context} tokens"
-        )
-    return context - longest
 
 
 def check_world(prompts_per_step: int, world: int) -> None:
@@ -465,32 +448,6 @@ def optimizer_step(engine) -> float | None:
     if engine.skipped_steps != skipped:
         return None
     return norm if norm is not None else float(engine.get_global_grad_norm() or 0.0)
-
-
-class PolicyFailed:
-    """On-failure injection's test, called by the ensemble once the policy has sampled: True
-    for the prompts where no policy candidate reached success. It keeps the scores it took
-    (`known`) for the step's scoring, which then scores only the peers' candidates."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.known: Known | None = None
-
-    def __call__(self, groups: list[Group]) -> list[bool]:
-        # only the policy's candidates so far; a scorer failing on any rank stops every rank
-        scores = dist.agree(lambda: score_groups(groups, self.run.scorers))
-        self.known = Known([len(g.candidates) for g in groups], scores)
-        out, k = [], 0
-        for g in groups:
-            n = len(g.candidates)
-            best = float(scores.combined[k : k + n].max()) if n else None
-            # a group a skip_group scorer failed on leaves the step anyway: no peers for it
-            out.append(
-                not scores.skip[len(out)]
-                and (best is None or best < self.run.recipe.group.success_reward)
-            )
-            k += n
-        return out
 
 
 # metrics of a step whose groups were all dropped (no learning signal): no optimizer step
