@@ -276,7 +276,8 @@ def policy_logprobs(engine, mbatch: MicroBatch, temperature: float, reuse: bool)
     elif len(traced) == rows:
         logp = replay_logprobs(engine, batch, traces, temperature)
     else:
-        others = [i for i in range(rows) if not reused[i]]
+        mine_rows = set(traced)
+        others = [i for i in range(rows) if i not in mine_rows]  # no per-row read of a tensor
         both = torch.cat(
             [
                 replay_logprobs(engine, mine, [traces[i] for i in traced], temperature),
