@@ -159,13 +159,10 @@ class PolicyFailed:
         scores = dist.agree(lambda: score_groups(groups, self.run.scorers))
         self.known = Known([len(g.candidates) for g in groups], scores)
         out, k = [], 0
-        for g in groups:
+        for g, leaves in zip(groups, scores.skip, strict=True):
             n = len(g.candidates)
             best = float(scores.combined[k : k + n].max()) if n else None
             # a group a skip_group scorer failed on leaves the step anyway: no peers for it
-            out.append(
-                not scores.skip[len(out)]
-                and (best is None or best < self.run.recipe.group.success_reward)
-            )
+            out.append(not leaves and (best is None or best < self.run.recipe.group.success_reward))
             k += n
         return out

@@ -28,8 +28,12 @@ class Scores:
     combined: torch.Tensor  # (n_candidates,) Σ wᵢ·rᵢ
     per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,)
     skip: list[bool]  # per group: leave the step (a skip_group scorer failed on it)
-    faults: dict[str, int] = field(default_factory=dict)  # name → groups it failed on
-    failed: dict[str, set[int]] = field(default_factory=dict)  # name → those groups' indices
+    failed: dict[str, set[int]] = field(default_factory=dict)  # name → groups it failed on
+
+    @property
+    def faults(self) -> dict[str, int]:
+        """Scorer name → how many groups it failed on."""
+        return {name: len(groups) for name, groups in self.failed.items()}
 
     def __iter__(self):  # `combined, per_scorer = score_groups(...)` keeps working
         return iter((self.combined, self.per_scorer))
@@ -170,7 +174,6 @@ def _merge(known: Known, fresh: Scores | None, todo: list[int], extra: list[int]
         cat(pieces[""]),
         {name: cat(pieces[name]) for name in names},
         skip,
-        {name: len(failed[name]) for name in names},
         failed,
     )
 
@@ -180,11 +183,9 @@ def _score_all(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Sc
     combined = torch.zeros(len(samples), dtype=torch.float32)
     per_scorer: dict[str, torch.Tensor] = {}
     skip = [False] * len(groups)
-    counts: dict[str, int] = {}
     failed: dict[str, set[int]] = {}
     for ws in scorers:
         values, faults = _score_one(ws, groups, samples)
-        counts[ws.name] = len(faults)
         failed[ws.name] = set(faults)
         if faults and ws.on_error == "fail":
             i = min(faults)
@@ -194,4 +195,4 @@ def _score_all(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Sc
                 skip[i] = True
         per_scorer[ws.name] = values
         combined += ws.weight * values
-    return Scores(combined, per_scorer, skip, counts, failed)
+    return Scores(combined, per_scorer, skip, failed)
