@@ -7,6 +7,7 @@ step is arranged so that they are (see `train.py`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -20,6 +21,14 @@ T = TypeVar("T")
 def _dist():
     d = torch.distributed
     return d if d.is_available() and d.is_initialized() else None
+
+
+def now() -> float:
+    """`time.perf_counter()` once this process's queued GPU work has finished, so that a phase
+    timed between two calls holds its kernels (on a CPU: the plain clock)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def world_size() -> int:

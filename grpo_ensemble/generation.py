@@ -8,7 +8,6 @@ tokenizer differs from the policy's contributes text, re-tokenized with the poli
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -241,7 +240,7 @@ class EnsembleGenerator:
     def _sample(
         self, m: Member, prompts: list[Prompt], sampling: SamplingParams
     ) -> list[list[Candidate]]:
-        start = time.perf_counter()
+        start = dist.now()
         try:
             per_prompt = m.generator.generate(prompts, m.n, sampling)
             if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
@@ -257,7 +256,7 @@ class EnsembleGenerator:
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(m.generator.name, f"generator of {m.name!r} failed: {exc}") from exc
-        self.seconds[m.name] = time.perf_counter() - start
+        self.seconds[m.name] = dist.now() - start
         return per_prompt
 
     def _adopt(self, cand: Candidate, source: str, limit: int) -> Candidate:

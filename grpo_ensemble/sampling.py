@@ -214,7 +214,8 @@ def sample(
         nxt = nxt.masked_fill(done, pad_id)
         tokens.append(nxt)
         done = done | (nxt == eos_id)
-        if t == max_new_tokens - 1 or _all_done(done, synced):
+        # before min_new_tokens no row can have finished: no need to ask (a host sync on a GPU)
+        if t == max_new_tokens - 1 or (t >= min_new_tokens and _all_done(done, synced)):
             break
         forward.advance(nxt)
     seq = torch.stack(tokens, dim=1)  # (B, T)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,7 +372,7 @@ def update(
     batches = batches + [filler_batch(run)] * (n_batches - len(batches))
     temp = r.policy.sampling.temperature
     size = batch_size_of(run, batches, left)
-    start = time.perf_counter()
+    start = dist.now()
     # μ > 1: the old log-probs are the policy's before this step's first optimizer step. The
     # first pass computes exactly those (the weights move only after its last micro-batch), so
     # it keeps them, unless training mode (dropout) would make them differ from a no-grad pass
@@ -381,7 +380,7 @@ def update(
     reuse = r.loss.mu > 1 and same
     old = frozen_logprobs(engine.module, batches, temp) if r.loss.mu > 1 and not reuse else None
     ref = frozen_logprobs(run.ref_model, batches, temp) if run.ref_model is not None else None
-    logprob_seconds = dist.all_max([time.perf_counter() - start])[0]  # the slowest rank's
+    logprob_seconds = dist.all_max([dist.now() - start])[0]  # the slowest rank's
     total: dict[str, float] = {}
     first: dict[str, float] = {}
     grad_norms: list[float] = []
@@ -463,7 +462,7 @@ def prompt_seed(seed: int, step: int, slot: int) -> int:
 
 def grpo_step(run: Run, step: int) -> dict[str, Any]:
     """One GRPO step; returns the metrics row written to metrics.jsonl."""
-    t = {"start": time.perf_counter()}
+    t = {"start": dist.now()}
     prompts = run.sampler.next(run.recipe.train.prompts_per_step)  # global: same on every rank
     mine = dist.shard(len(prompts))  # this rank's whole groups
     seeds = [prompt_seed(run.recipe.seed, step, i) for i in mine]
@@ -473,17 +472,17 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
         groups = dist.agree(  # members sample, groups pooled per prompt
             lambda: run.ensemble.generate([prompts[i] for i in mine], inject, seeds)
         )
-    t["generate"] = time.perf_counter()
+    t["generate"] = dist.now()
     known = inject.known if inject is not None else None  # the policy's, scored already
     rollout = dist.agree(lambda: evaluate_groups(run, groups, known))  # rewards, advantages
-    t["score"] = time.perf_counter()
+    t["score"] = dist.now()
     batches = dist.agree(lambda: micro_batches(run, rollout))
     left = left_out(run, rollout)
     # ranks may hold different counts; candidates left out still take an optimizer step (of a
     # zero gradient: Adam's moments and weight decay move on as if they had been computed)
     n_batches = int(dist.all_max([len(batches) or int(left.sequences > 0)])[0])
     upd = update(run, batches, n_batches, left) if n_batches else dict(NO_UPDATE)
-    t["update"] = time.perf_counter()
+    t["update"] = dist.now()
     run.ensemble.members[0].generator.sync_weights(run.engine.module)  # policy samples anew
-    t["sync"] = time.perf_counter()
+    t["sync"] = dist.now()
     return step_metrics(run, step, rollout, upd, t)
