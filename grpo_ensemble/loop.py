@@ -218,16 +218,23 @@ def free_bytes(path: Path) -> int:
 
 def check_disk_space(run: Run) -> None:
     """Refuse to start when the run directory cannot hold the checkpoints the recipe keeps
-    (the newest K plus the one being written)."""
+    (the newest K plus the one being written; with `checkpoint_every: 0`, the one a stop
+    signal writes)."""
+    t = run.recipe.train
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
-    need = n_params * CHECKPOINT_BYTES_PER_PARAM * (run.recipe.train.keep_checkpoints + 1)
+    count = t.keep_checkpoints + 1 if t.checkpoint_every else 1
+    need = n_params * CHECKPOINT_BYTES_PER_PARAM * count
     free = free_bytes(run.run_dir)
     if free < need:
+        what = (
+            f"{count} checkpoints of {n_params:,} parameters need"
+            if count > 1
+            else f"a checkpoint of {n_params:,} parameters (written on a stop signal) needs"
+        )
         raise UserError(
-            f"output_dir: {free / 1e9:.2f} GB free in {str(run.run_dir)!r}, but "
-            f"{run.recipe.train.keep_checkpoints + 1} checkpoints of {n_params:,} parameters "
-            f"need about {need / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or "
-            "choose another output_dir"
+            f"output_dir: {free / 1e9:.2f} GB free in {str(run.run_dir)!r}, but {what} about "
+            f"{need / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or choose another "
+            "output_dir"
         )
 
 

@@ -359,6 +359,19 @@ def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
         "another output_dir"
     )
     assert not (out / "metrics.jsonl").exists()
+    # without periodic checkpoints, room for the one a stop signal writes is enough
+    monkeypatch.setattr(loop, "free_bytes", lambda path: n * 16 * 2)
+    train(small_recipe(output_dir=str(tmp_path / "run2"), train__checkpoint_every=0))
+    assert (tmp_path / "run2" / "final").is_dir()
+    monkeypatch.setattr(loop, "free_bytes", lambda path: n * 16 - 1)
+    with pytest.raises(UserError) as info:
+        train(small_recipe(output_dir=str(tmp_path / "run3"), train__checkpoint_every=0))
+    assert str(info.value) == (
+        f"output_dir: {(n * 16 - 1) / 1e9:.2f} GB free in {str(tmp_path / 'run3')!r}, but a "
+        f"checkpoint of {n:,} parameters (written on a stop signal) needs about "
+        f"{n * 16 / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or choose another "
+        "output_dir"
+    )
 
 
 class BlocksCheckpoint:
