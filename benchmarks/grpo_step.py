@@ -57,6 +57,8 @@ class Result:
     train_fraction_of_matmul: float
     peak_rss_mb: float
     device: str
+    precision: str = "fp32"
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated, on a GPU
     completion_len: float | None = None  # measured mean, where the framework reports it
     reused_sampling_fraction: float | None = None  # ours: first-pass tokens replayed
     zero_advantage_skipped_fraction: float | None = None  # ours: tokens left out (advantage 0)
@@ -101,12 +103,15 @@ def model_dir(config: str) -> Path:
     return out
 
 
-def matmul_gflops(device: str) -> float:
-    """Best-of-10 fp32 (2048 × 2048) @ (2048 × 2048) rate on this device and thread count."""
+def matmul_gflops(device: str, precision: str = "fp32") -> float:
+    """Best-of-10 rate of an (n × n) @ (n × n) product (n: 2048 on a CPU, 8192 on a GPU) on
+    this device and thread count, in the run's precision (fp32 or bf16)."""
     import torch
 
-    n = 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    n = 8192 if device == "cuda" else 2048  # a GPU's small products are launch-bound
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(10):
         if device == "cuda":
@@ -201,6 +206,7 @@ def run_ours(
     threads: int,
     gc: bool,
     reuse: bool = True,
+    precision: str = "fp32",
 ) -> Result:
     import torch
 
@@ -233,6 +239,7 @@ def run_ours(
                 "checkpoint_every": 0,
                 "gradient_checkpointing": gc,
                 "reuse_sampling_forward": reuse,
+                "precision": precision,
             },
             "eval": {"before": False, "after": False},
             "log": {"progress": False},
@@ -254,7 +261,9 @@ def run_ours(
     }
     # completion positions whose forward products the first pass took from sampling
     reused = med("reused_sampling_fraction") * c["completions"] * (c["new_tokens"] - 1)
-    res = _result("ours", config, beta, mu, med("time/step"), phases, path, device, gc, reused)
+    res = _result(
+        "ours", config, beta, mu, med("time/step"), phases, path, device, gc, reused, precision
+    )
     res.completion_len = med("completion_len")
     res.reused_sampling_fraction = med("reused_sampling_fraction")
     res.zero_advantage_skipped_fraction = med("zero_advantage_skipped_fraction")
@@ -262,7 +271,17 @@ def run_ours(
 
 
 def _result(
-    framework, config, beta, mu, step_s, phases, path, device, gc=False, reused=0.0
+    framework,
+    config,
+    beta,
+    mu,
+    step_s,
+    phases,
+    path,
+    device,
+    gc=False,
+    reused=0.0,
+    precision="fp32",
 ) -> Result:
     c = CONFIGS[config]
     prompt_tokens = 8  # "<bos>37+45=": about 7 characters on average, plus BOS
@@ -270,7 +289,12 @@ def _result(
     train_s = phases["logprobs"] + phases["update"]
     work = {**work_of(framework, config, path, gc), "reused": reused}
     achieved = flops(n_matmul_params(path), work, beta, mu) / train_s / 1e9
-    peak = matmul_gflops(device)
+    peak_gpu = None
+    if device == "cuda":
+        import torch
+
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**20
+    peak = matmul_gflops(device, precision)
     return Result(
         framework=framework,
         config=config,
@@ -285,6 +309,8 @@ def _result(
         train_fraction_of_matmul=achieved / peak,
         peak_rss_mb=peak_rss_mb(),
         device=device,
+        precision=precision,
+        peak_gpu_mb=peak_gpu,
     )
 
 
@@ -292,7 +318,14 @@ def _result(
 
 
 def run_trl(
-    config: str, beta: float, mu: int, steps: int, warmup: int, threads: int, gc: bool
+    config: str,
+    beta: float,
+    mu: int,
+    steps: int,
+    warmup: int,
+    threads: int,
+    gc: bool,
+    precision: str = "fp32",
 ) -> Result:
     import torch
     from datasets import Dataset
@@ -335,7 +368,7 @@ def run_trl(
             save_strategy="no",
             report_to="none",
             use_cpu=device == "cpu",
-            bf16=False,
+            bf16=precision == "bf16",  # mixed precision: fp32 weights, bf16 autocast
             dataloader_num_workers=0,
             disable_dropout=True,
             gradient_checkpointing=gc,  # TRL's default is on: set as ours, explicitly
@@ -394,7 +427,7 @@ def run_trl(
         "update": med("total") - both,
         "sync": 0.0,
     }
-    return _result("trl", config, beta, mu, med("total"), phases, path, device)
+    return _result("trl", config, beta, mu, med("total"), phases, path, device, precision=precision)
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -407,10 +440,12 @@ def worker(a) -> None:
         CONFIGS[a.config]["new_tokens"] = a.new_tokens
     args = (a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing)
     if a.worker == "ours":
-        res = run_ours(*args, reuse=not a.no_reuse)
+        res = run_ours(*args, reuse=not a.no_reuse, precision=a.precision)
     else:
-        res = run_trl(*args)
-    print("RESULT " + json.dumps(asdict(res)))
+        res = run_trl(*args, precision=a.precision)
+    print("RESULT " + json.dumps(asdict(res)), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # no teardown: a process group's shutdown must not hold the parent up
 
 
 def main() -> None:
@@ -439,6 +474,14 @@ def main() -> None:
         action="store_true",
         help="ours: the first optimizer pass computes its forward in full instead of taking "
         "the policy's products from sampling (train.reuse_sampling_forward: false)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 (identical settings in both) or bf16 for a GPU: ours trains with "
+        "DeepSpeed's bf16 (bf16 weights, fp32 master copy), TRL with its bf16 mixed precision "
+        "(fp32 weights, bf16 autocast), each framework's usual bf16 set-up",
     )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument(
@@ -490,8 +533,9 @@ def main() -> None:
                 _print(r)
             if "ours" in row and "trl" in row:
                 ratio = row["ours"]["step_s"] / row["trl"]["step_s"]
-                mem = row["ours"]["peak_rss_mb"] / row["trl"]["peak_rss_mb"]
-                print(f"    ours/trl step time {ratio:.2f}x, peak memory {mem:.2f}x")
+                key = "peak_gpu_mb" if row["ours"].get("peak_gpu_mb") else "peak_rss_mb"
+                mem = row["ours"][key] / row["trl"][key]
+                print(f"    ours/trl step time {ratio:.2f}x, peak memory {mem:.2f}x", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 
@@ -499,7 +543,7 @@ def main() -> None:
 def _run(fw: str, config: str, beta: float, mu: int, a, extra: tuple = ()) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", fw, "--config", config, "--beta", str(beta)]
     cmd += ["--mu", str(mu), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    cmd += ["--threads", str(a.threads), *extra]
+    cmd += ["--threads", str(a.threads), "--precision", a.precision, *extra]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     if a.no_reuse:
@@ -535,7 +579,8 @@ def _print(r: dict) -> None:
         f"step {r['step_s'] * 1000:7.0f} ms [{ph} ms] gen {r['gen_tokens_per_s']:7.0f} tok/s "
         f"train {r['train_tokens_per_s']:7.0f} tok/s {r['train_gflops']:6.1f} GFLOP/s "
         f"({100 * r['train_fraction_of_matmul']:.0f}% of {r['matmul_gflops']:.0f}) "
-        f"rss {r['peak_rss_mb']:.0f} MB",
+        f"rss {r['peak_rss_mb']:.0f} MB"
+        + (f" gpu {r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") is not None else ""),
         flush=True,
     )
 

@@ -16,6 +16,7 @@ def test_benchmark_reports_phases_rates_and_memory(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "grpo_step.py"), "--configs", "tiny"]
     cmd += ["--frameworks", "ours", "--variants", "0.04:2", "--steps", "1", "--warmup", "1"]
     cmd += ["--threads", "1", "--json", str(out), "--repeats", "2", "--gradient-checkpointing"]
+    cmd += ["--precision", "bf16"]  # reaches the recipe (train.precision), also on a CPU
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (r,) = json.loads(out.read_text())
@@ -29,6 +30,7 @@ def test_benchmark_reports_phases_rates_and_memory(tmp_path):
     assert "ours tiny" in proc.stdout
     assert r["gradient_checkpointing"] is True
     assert len(r["repeats_step_s"]) == 2 and r["step_s"] in r["repeats_step_s"]
+    assert (r["precision"], r["device"], r["peak_gpu_mb"]) == ("bf16", "cpu", None)
 
 
 def test_flops_count_the_passes_and_positions_each_framework_computes():
