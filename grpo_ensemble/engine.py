@@ -317,6 +317,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
+    fresh_optimizer_state(engine)
     if engine.zero_optimization_stage() == 0 and engine.world_size == 1:
         # alone, DeepSpeed's all-reduce of stage 0 only flattens the gradients and copies
         # them back; stages 1-3 move gradients into their optimizer's buffers there: kept
@@ -325,6 +326,23 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
 
     use_safe_loading(engine)  # checkpoints are read without unpickling code
     return engine
+
+
+def fresh_optimizer_state(engine) -> None:
+    """Undo the optimizer step DeepSpeed's bf16 optimizer without ZeRO (`FP16_UnfusedOptimizer`)
+    takes with zero gradients when it is built, to create AdamW's state: that step leaves
+    AdamW's step count at 1, so bias correction made the first real updates about 0.74× as
+    large as fp32's, and weight decay had shrunk the fp32 master weights once. AdamW starts
+    again from no state (it creates it at its first step) and the master weights from the
+    model's."""
+    masters, weights = (getattr(engine.optimizer, k, None) for k in ("fp32_groups", "fp16_groups"))
+    if masters is None or weights is None:
+        return
+    engine.optimizer.optimizer.state.clear()
+    with torch.no_grad():
+        for m_group, w_group in zip(masters, weights, strict=True):
+            for master, weight in zip(m_group, w_group, strict=True):
+                master.copy_(weight)
 
 
 def shard_frozen(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -423,6 +423,11 @@ def release_recording_buffers(run: Run) -> None:
         pool.free.clear()
 
 
+def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all of `grads` together, computed in fp32 also for bf16 gradients."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+
+
 def optimizer_step(engine) -> float | None:
     """Step the optimizer unless the accumulated gradient holds NaN or inf. Returns the
     gradient's global norm before clipping, or None if the step was skipped.
@@ -437,7 +442,7 @@ def optimizer_step(engine) -> float | None:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         # a norm is NaN or inf when its gradient holds a NaN or an inf, or is so large that
         # the norm overflows: no usable update either way (clipping would divide by it)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0.0
+        norm = _global_norm(grads) if grads else 0.0
         norm = float(norm)
         if not math.isfinite(norm):
             engine.zero_grad()

@@ -13,6 +13,7 @@ from grpo_ensemble.engine import (
     resolve_dtype,
 )
 from grpo_ensemble.models import load_model
+from grpo_ensemble.train import optimizer_step
 
 
 def test_warmup_then_constant(small_recipe):
@@ -90,6 +91,35 @@ def test_engine_step_equals_plain_torch_adamw(small_recipe):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)  # steps: ~1e-2
         moved = max(moved, float((q.detach() - initial[name]).abs().max()))
     assert moved > 1e-3  # the steps did move the weights
+
+
+def test_bf16_engine_step_equals_adamw_on_fp32_master_weights(small_recipe):
+    """bf16 without ZeRO: DeepSpeed keeps fp32 master weights and steps AdamW on them. The first
+    step equals torch's AdamW from fresh state on fp32 copies of the bf16 weights, given the
+    same (bf16) gradient. (DeepSpeed's own set-up step had left AdamW's step count at 1 and the
+    masters decayed once: the first update was about 0.74× as large.)"""
+    recipe = small_recipe(
+        train__lr=1e-2, train__max_grad_norm=0.5, train__weight_decay=0.1, train__precision="bf16"
+    )
+    model, _ = load_model("builtin:tiny-arith-small", "policy.model", torch.bfloat16)
+    masters = [p.detach().float().clone() for p in model.parameters()]
+    engine = build_engine(recipe, model, torch.bfloat16)
+    assert not engine.optimizer.optimizer.state  # no step taken yet
+    for master, kept in zip(masters, engine.optimizer.fp32_groups[0], strict=True):
+        assert torch.equal(master, kept)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]])
+    engine.backward(engine(input_ids=ids, use_cache=False).logits.float().square().mean())
+    for master, p in zip(masters, model.parameters(), strict=True):
+        master.grad = p.grad.float()
+    norm = torch.linalg.vector_norm(torch.cat([m.grad.double().flatten() for m in masters]))
+    assert optimizer_step(engine) == pytest.approx(float(norm), rel=1e-6)  # in fp32, not bf16
+    torch.nn.utils.clip_grad_norm_(masters, 0.5)
+    torch.optim.AdamW(masters, lr=1e-2, weight_decay=0.1, eps=1e-8, foreach=False).step()
+    (kept,) = engine.optimizer.fp32_groups
+    assert {float(s["step"]) for s in engine.optimizer.optimizer.state.values()} == {1.0}
+    for i, (want, got) in enumerate(zip(masters, kept, strict=True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"parameter {i}")
+        assert torch.equal(list(model.parameters())[i], got.to(torch.bfloat16))
 
 
 def test_the_lr_metric_is_the_rate_the_steps_optimizer_steps_used(small_recipe):
