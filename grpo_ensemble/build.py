@@ -234,18 +234,26 @@ def build_eval_scorer(recipe: Recipe) -> RewardScorer:
     return construct("reward_scorer", e.scorer, e.params, "eval.scorer")
 
 
-def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> int | None:
+def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> tuple[int | None, int | None]:
     """The longest prompt, in tokens, that leaves room in the policy's context for the longest
-    completion any member may write (None when the model states no context length)."""
+    completion: for training prompts, any member may write; for held-out prompts, the
+    evaluation (None, None when the model states no context length)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(context, int):
-        return None
+        return None, None
     fields = {"policy.sampling.max_new_tokens": recipe.policy.sampling.max_new_tokens}
     for i, p in enumerate(recipe.peers):
         fields[f"peers.{i}.sampling.max_new_tokens"] = p.sampling.max_new_tokens
     field, longest = max(fields.items(), key=lambda kv: kv[1])  # the first of the longest
-    if longest >= context:
-        raise RecipeError(
-            field, f"{longest} new tokens do not fit the policy's context of {context} tokens"
-        )
-    return context - longest
+    e = recipe.eval
+    held_out = longest  # held-out prompts that are never evaluated: as the training prompts
+    if recipe.data.eval and (e.before or e.after):
+        held_out = e.max_new_tokens or recipe.policy.sampling.max_new_tokens
+        if e.max_new_tokens:
+            fields["eval.max_new_tokens"] = e.max_new_tokens
+    for name, tokens in fields.items():
+        if tokens >= context:
+            raise RecipeError(
+                name, f"{tokens} new tokens do not fit the policy's context of {context} tokens"
+            )
+    return context - longest, context - held_out

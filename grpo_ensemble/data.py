@@ -228,9 +228,17 @@ def _checked(row: dict | BadRow, prompt_field: str, how: Cleaning) -> str:
     return text
 
 
-def too_long(prompts: list[Prompt], tokenizer, limit: int, how: Cleaning, report: DataReport):
+def too_long(
+    prompts: list[Prompt],
+    tokenizer,
+    limit: int,
+    how: Cleaning,
+    report: DataReport,
+    budget: str | None = None,
+):
     """Drop (or, with on_bad_row: fail, reject) prompts with more than `limit` tokens: with
-    `max_new_tokens` more they would not fit the model's context."""
+    `max_new_tokens` more they would not fit the model's context. `budget` names the field
+    that sets the completion's length, for the message."""
     out = []
     for p in prompts:
         n = len(tokenizer(p.text, verbose=False)["input_ids"])  # no warning: we say it
@@ -239,7 +247,7 @@ def too_long(prompts: list[Prompt], tokenizer, limit: int, how: Cleaning, report
             continue
         message = (
             f"prompt has {n} tokens; the model's context leaves room for {limit} beside the "
-            "longest completion (sampling.max_new_tokens)"
+            f"longest completion ({budget or 'sampling.max_new_tokens'})"
         )
         if how.on_bad_row == "fail":
             raise InputFileError(report.source, message, line=p.index)

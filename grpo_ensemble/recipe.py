@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -29,6 +31,17 @@ from .types import POLICY
 class _Config(BaseModel):
     # no NaN or infinity in any number: `lr: .inf` trained a model of NaNs
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's `true` is not a number (pydantic took `steps: true` as 1 step)."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation) or (annotation,)) - {type(None)}
+            if kinds and kinds <= {int, float}:
+                raise ValueError(f"give a number, not {str(value).lower()}")
+        return value
 
 
 def _file_or_mapping(value: Any) -> Any:
@@ -250,7 +263,11 @@ class EvalConfig(_Config):
     max_prompts: int = Field(300, ge=1, description="Held-out prompts to evaluate.")
     scorer: str = Field("exact_match", description="Reward scorer that decides correctness.")
     params: dict[str, Any] = Field({}, description="Keyword arguments for the eval scorer.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Default: the policy's.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Longest completion in evaluation (default: the policy's max_new_tokens).",
+    )
 
 
 class LogConfig(_Config):

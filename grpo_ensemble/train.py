@@ -157,11 +157,12 @@ def _load(recipe: Recipe, dtype, generators: dict, reward_scorers, group_evaluat
     p = recipe.policy
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
     how = cleaning_of(recipe, scorers)
-    limit = prompt_token_limit(recipe, policy)
+    limit, held_out_limit = prompt_token_limit(recipe, policy)
     if limit is not None:  # prompts that cannot fit the context with their completion
         train_prompts = too_long(train_prompts, tok, limit, how, reports[0])
         if held_out:
-            held_out = too_long(held_out, tok, limit, how, reports[1])
+            budget = "eval.max_new_tokens" if recipe.eval.max_new_tokens else None
+            held_out = too_long(held_out, tok, held_out_limit, how, reports[1], budget)
     data = train_prompts, held_out
     ref = None
     if recipe.loss.beta > 0:  # no reference model at all when the KL term is off

@@ -184,6 +184,9 @@ def test_prompts_too_long_for_the_context(tmp_path):
         f"p.jsonl:2: prompt has {n} tokens; the model's context leaves room for 10 beside the "
         "longest completion (sampling.max_new_tokens)"
     )
+    with pytest.raises(InputFileError) as info:  # held-out prompts: the evaluation's length
+        too_long(prompts, tok, 10, Cleaning(), DataReport("e.jsonl"), "eval.max_new_tokens")
+    assert str(info.value).endswith("beside the longest completion (eval.max_new_tokens)")
 
 
 def test_a_run_reports_skipped_rows_in_the_run_directory(tmp_path, small_recipe):

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from grpo_ensemble.cli import main
+from grpo_ensemble.errors import RecipeError
 from grpo_ensemble.recipe import load_recipe
 
 GOOD = """\
@@ -97,6 +98,11 @@ BAD = [
     (GOOD, 'policy.model=""', "--set: policy.model: String should have at least 1 character"),
     (GOOD, "train.deepspeed=[1]", "--set: train.deepspeed: give a .json/.yaml file path or a"),
     (GOOD, "train.steps.x=1", "--set: train.steps: Input should be a valid integer"),
+    # YAML's true and false are not numbers (`steps: true` trained 1 step)
+    (GOOD, "train.steps=true", "--set: train.steps: give a number, not true"),
+    (GOOD, "loss.beta=false", "--set: loss.beta: give a number, not false"),
+    (GOOD, "eval.max_new_tokens=true", "--set: eval.max_new_tokens: give a number, not true"),
+    (GOOD, "policy.sampling.top_k=false", "policy.sampling.top_k: give a number, not false"),
     # what DeepSpeed itself refuses (it failed in deepspeed.initialize with exit 1)
     (
         GOOD,
@@ -165,6 +171,32 @@ def test_completions_longer_than_the_context_name_the_members_field(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith(
         "error: --set: policy.sampling.max_new_tokens: 100000 new tokens do not fit"
+    )
+    assert main([*args, "--set", "eval.max_new_tokens=100000"]) == 2  # before training
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set: eval.max_new_tokens: 100000 new tokens do not fit")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_prompt_token_limits_for_training_and_held_out_prompts(small_recipe):
+    from grpo_ensemble.build import prompt_token_limit
+    from grpo_ensemble.models import load_model
+
+    model, _ = load_model("builtin:tiny-arith-small", "policy.model")
+    context = model.config.max_position_embeddings
+    base = {"policy__sampling__max_new_tokens": 5, "peers__0__sampling__max_new_tokens": 7}
+    # (training: the longest member's completion; held out: the evaluation's)
+    assert prompt_token_limit(small_recipe(**base), model) == (context - 7, context - 5)
+    r = small_recipe(**base, eval__max_new_tokens=20)
+    assert prompt_token_limit(r, model) == (context - 7, context - 20)
+    for unused in ({"data__eval": None}, {"eval__before": False, "eval__after": False}):
+        r = small_recipe(**base, eval__max_new_tokens=context, **unused)  # never evaluated
+        assert prompt_token_limit(r, model) == (context - 7, context - 7)
+    with pytest.raises(RecipeError) as info:
+        prompt_token_limit(small_recipe(**base, eval__max_new_tokens=context), model)
+    assert str(info.value) == (
+        f"eval.max_new_tokens: {context} new tokens do not fit the policy's context of "
+        f"{context} tokens"
     )
 
 
