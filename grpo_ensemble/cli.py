@@ -211,7 +211,7 @@ def _main(argv: list[str] | None) -> int:
         err.print(f"error: {where}{exc}", markup=False, highlight=False, soft_wrap=True, exc=exc)
         return 2
     except Interrupted as exc:
-        message = f"{exc}; continue with: {_resume_hint(argv)}"
+        message = f"{exc}; continue with: {_resume_hint(argv)}" if exc.resumable else str(exc)
         err.print(message, markup=False, highlight=False, soft_wrap=True, exc=exc)
         return exc.exit_code
     except GrpoEnsembleError as exc:

@@ -49,8 +49,10 @@ class RunError(GrpoEnsembleError):
 
 
 class Interrupted(GrpoEnsembleError):
-    """The run stopped on SIGINT/SIGTERM after writing a checkpoint; exits 128 + signal."""
+    """The run stopped on SIGINT/SIGTERM; exits 128 + signal. `resumable`: it wrote a
+    checkpoint to continue from (a stop during an evaluation has none to write)."""
 
-    def __init__(self, message: str, exit_code: int = 130):
+    def __init__(self, message: str, exit_code: int = 130, resumable: bool = True):
         self.exit_code = exit_code
+        self.resumable = resumable
         super().__init__(message)

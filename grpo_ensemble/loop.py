@@ -130,15 +130,40 @@ def train(
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
     start = _resume(run, resume, result, console) if resume is not None else 0
     if recipe.eval.before and start == 0:
-        result.before = evaluate_policy(run)
+        with _stop_at_once("the evaluation before training", "nothing was trained"):
+            result.before = evaluate_policy(run)
         _say(console, "before", result.before)
     _steps(run, start, result, console)
     # the trained model first: an evaluation that fails or is stopped does not lose it
     _save_final(run, result.model_dir)
     if recipe.eval.after:
-        result.after = evaluate_policy(run)
+        saved = f"the trained model is in {result.model_dir}"
+        with _stop_at_once("the evaluation after training", saved):
+            result.after = evaluate_policy(run)
         _say(console, "after", result.after)
     return result
+
+
+@contextlib.contextmanager
+def _stop_at_once(during: str, state: str):
+    """SIGINT and SIGTERM stop an evaluation at once, with one line that says what it leaves
+    (`Interrupted`, exit code 128 + signal): an evaluation has nothing to save. (Before, SIGTERM
+    killed the process without a word and SIGINT printed only "interrupted".)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        message = f"stopped by {name} during {during}; {state}"
+        raise Interrupted(message, exit_code=128 + signum, resumable=False)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _resume(run: Run, resume: str, result: TrainResult, console) -> int:

@@ -146,6 +146,41 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tm
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 2))
 
 
+KILLS_ITSELF = """\
+import os, signal
+
+
+def score(samples):  # the evaluation's scorer: as if the job were cancelled during it
+    os.kill(os.getpid(), signal.SIGTERM)
+    return [0.0 for _ in samples]
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_sigterm_during_an_evaluation_stops_with_one_line(tmp_path, when):
+    (tmp_path / "kills_itself.py").write_text(KILLS_ITSELF)
+    evaluation = {"before": when == "before", "after": when == "after", "max_prompts": 4}
+    evaluation |= {"scorer": "python", "params": {"function": "kills_itself:score"}}
+    recipe = write_recipe(tmp_path / "r.yaml", seed=5, train={**TRAIN, "steps": 1}, eval=evaluation)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        _cli("train", str(recipe), "--set", f"output_dir={out}"),
+        env=_env(),
+        cwd=tmp_path,  # (the python scorer imports from the current directory)
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    state = f"the trained model is in {out / 'final'}" if when == "after" else "nothing was trained"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM during the evaluation {when} training; {state}"
+    )
+    assert (out / "final" / "model.safetensors").is_file() == (when == "after")
+    assert (out / "metrics.jsonl").is_file() == (when == "after")
+
+
 def test_resume_refuses_a_recipe_that_changed_what_matters(tmp_path, capsys):
     recipe = _recipe(tmp_path, steps=2)
     out = tmp_path / "run"
