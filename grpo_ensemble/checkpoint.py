@@ -15,6 +15,7 @@ cannot run code from the file.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import shutil
@@ -144,6 +145,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
                 "recipe": run.recipe.model_dump(mode="json"),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        sync_tree(tmp)  # on the disk before the rename makes the checkpoint count
 
     dist.agree(lambda: _disk_errors(write_own, root))
     dist.barrier()
@@ -151,11 +153,29 @@ def save_checkpoint(run: Run, step: int) -> Path:
     def commit():
         if dist.is_main():
             tmp.rename(final)  # atomic: the checkpoint exists whole or not at all
+            _sync(root)  # the rename itself, before older checkpoints go
             for old in complete_checkpoints(run.run_dir)[: -run.recipe.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
     dist.agree(lambda: _disk_errors(commit, root))
     return final
+
+
+def sync_tree(path: Path) -> None:
+    """Flush every file and folder under `path` to the disk: after a power cut, a checkpoint
+    renamed into place must not hold files that never reached it (empty or cut short)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            _sync(Path(folder) / name)
+        _sync(Path(folder))
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _disk_errors(fn, root: Path):
@@ -227,6 +247,13 @@ def load_checkpoint(run: Run, path: Path) -> int:
     if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
         raise _damaged(path, f"rng-rank{dist.rank()}.json lacks a generator's state")
     check_compatible(state, run.recipe.model_dump(mode="json"), path)
+    why = run.sampler.differs(state["sampler"]) if isinstance(state["sampler"], dict) else None
+    if why:  # the sampler's position would pick other prompts than the run went on with
+        raise UserError(
+            f"--resume: the training prompts are not those of the checkpoint {path} ({why}): "
+            "data.train's file or the data cleaning (data.*) changed; resume with the data of "
+            "that run, or start a new run in another output_dir"
+        )
     try:
         loaded, _ = run.engine.load_checkpoint(str(path / "engine"), tag="state")
     except pickle.UnpicklingError as exc:  # weights_only refused something in the file

@@ -7,6 +7,7 @@ epochs so that a run sees every prompt once before it sees any twice.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import unicodedata
@@ -269,6 +270,7 @@ class PromptSampler:
         self.epoch = 0
         self.pos = 0
         self._order = self._make_order()
+        self._digest: str | None = None
 
     def _make_order(self) -> list[int]:
         order = list(range(len(self.prompts)))
@@ -286,10 +288,33 @@ class PromptSampler:
             self.pos += 1
         return out
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
+    def digest(self) -> str:
+        """A fingerprint of the prompts and their fields, in order (computed once)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for p in self.prompts:
+                row = json.dumps([p.text, p.fields], sort_keys=True, default=str)
+                h.update(row.encode("utf-8", "surrogatepass") + b"\n")
+            self._digest = h.hexdigest()
+        return self._digest
 
-    def restore(self, state: dict[str, int]) -> None:
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "prompts": len(self.prompts),
+            "digest": self.digest(),
+        }
+
+    def differs(self, state: dict[str, Any]) -> str | None:
+        """Why a saved `state()` is not of these prompts (None when it is, or when it was saved
+        without a fingerprint)."""
+        if "digest" not in state or state["digest"] == self.digest():
+            return None
+        then, now = state.get("prompts"), len(self.prompts)
+        return f"{then} prompts then, {now} now" if then != now else f"{now} prompts, not the same"
+
+    def restore(self, state: dict[str, Any]) -> None:
         """Continue from a saved `state()`: the same prompts follow, in the same order."""
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._make_order()

@@ -1,6 +1,7 @@
 """Prompt files in every supported format, bad rows with file and line, and the sampler."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -85,7 +86,12 @@ def test_sampler_sees_every_prompt_once_per_epoch():
     sampler = PromptSampler(prompts, seed=3)
     first = sampler.next(4) + sampler.next(6)
     assert sorted(p.text for p in first) == sorted(p.text for p in prompts)
-    assert sampler.state() == {"epoch": 0, "pos": 10}
+    rows = "".join(json.dumps([p.text, p.fields], sort_keys=True) + "\n" for p in prompts)
+    digest = hashlib.sha256(rows.encode()).hexdigest()  # of the prompts and their fields, in order
+    assert sampler.state() == {"epoch": 0, "pos": 10, "prompts": 10, "digest": digest}
+    assert sampler.differs(sampler.state()) is None
+    assert sampler.differs({"epoch": 0, "pos": 10}) is None  # a checkpoint without one
+    assert sampler.differs({"digest": "0", "prompts": 11}) == "11 prompts then, 10 now"
     second = sampler.next(10)
     assert sorted(p.text for p in second) == sorted(p.text for p in prompts)
     assert [p.text for p in second] != [p.text for p in first]  # reshuffled

@@ -3,6 +3,8 @@ that was never interrupted; SIGTERM stops cleanly with a checkpoint; nothing is 
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import subprocess
@@ -195,6 +197,32 @@ def test_resume_refuses_a_recipe_that_changed_what_matters(tmp_path, capsys):
     # more steps, other eval settings: allowed
     result = train(recipe, overrides=[f"output_dir={out}", "train.steps=3"], resume="auto")
     assert [m["step"] for m in result.metrics] == [3]
+
+
+def test_resume_refuses_other_training_prompts(tmp_path, capsys):
+    """The checkpoint keeps the prompt sampler's position; with other prompts (the file edited,
+    or other data cleaning) that position would pick prompts the run never went on with."""
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(1, 9)]
+    rows.append(rows[0])  # a duplicate: `data.dedupe` changes the prompts
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe(tmp_path, steps=2)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}", f"data.train={data}"])
+    args = ["train", str(recipe), "--set", f"output_dir={out}", "--set", f"data.train={data}"]
+    args += ["--resume", "auto", "--set", "train.steps=3"]
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert main([*args, "--set", "data.dedupe=true"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: the training prompts are not those of the checkpoint {ckpt} (9 "
+        "prompts then, 8 now): data.train's file or the data cleaning (data.*) changed; resume "
+        "with the data of that run, or start a new run in another output_dir\n"
+    )
+    data.write_text(data.read_text().replace('"answer": "4"', '"answer": "5"'))  # an answer
+    assert main(args) == 2
+    assert "(9 prompts, not the same): data.train's file" in capsys.readouterr().err
+    data.write_text(data.read_text().replace('"answer": "5"', '"answer": "4"'))  # as it was
+    assert main(args) == 0
 
 
 @pytest.mark.parametrize("checkpoints", [True, False])
@@ -407,6 +435,32 @@ def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
         f"{n * 16 / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or choose another "
         "output_dir"
     )
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_counts(tmp_path, small_recipe, monkeypatch):
+    """Every file and folder of a checkpoint is flushed (fsync) before the rename that makes it
+    complete, and the rename is flushed before older checkpoints are removed."""
+    synced: list[Path] = []
+    renamed: list[tuple[Path, int]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self, target):
+        renamed.append((self, len(synced)))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    out = tmp_path / "run"
+    train(small_recipe(output_dir=str(out), train__steps=2, train__checkpoint_every=1))
+    final = out / "checkpoints" / "step-00000002"
+    ((tmp, n),) = [r for r in renamed if r[0].name == ".step-00000002.tmp"]
+    written = {tmp / p.relative_to(final) for p in final.rglob("*")} | {tmp}
+    assert len(written) > 5 and written <= set(synced[:n])
+    assert final.parent in synced[n:]
 
 
 class BlocksCheckpoint:
