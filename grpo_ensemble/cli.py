@@ -203,7 +203,7 @@ def _main(argv: list[str] | None) -> int:
     argv = _launcher_args(sys.argv[1:] if argv is None else list(argv))
     try:
         _register_plugin_commands()
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="grpo-ensemble", standalone_mode=False)
     except UserError as exc:
         if debug:
             raise
@@ -226,8 +226,11 @@ def _main(argv: list[str] | None) -> int:
         exit_, usage, abort = _click_exceptions()
         if isinstance(exc, exit_):
             return exc.exit_code
-        if isinstance(exc, usage):
-            exc.show()
+        if isinstance(exc, usage):  # one line, as every other error (click's took four)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            message = f"error: {exc.format_message()}{hint}"
+            err.print(message, markup=False, highlight=False, soft_wrap=True)
             return 2
         if isinstance(exc, abort):
             return 1

@@ -104,7 +104,17 @@ def test_unknown_option_is_a_usage_error_exit_2(capsys):
     from grpo_ensemble.cli import main
 
     assert main(["train", "--bogus", "x"]) == 2
-    assert "No such option: --bogus" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "error: No such option: --bogus (see grpo-ensemble train --help)\n"
+    )
+    assert main(["train"]) == 2  # one line, like every other error (click printed four)
+    assert capsys.readouterr().err == (
+        "error: Missing argument 'recipe'. (see grpo-ensemble train --help)\n"
+    )
+    assert main(["trian", "r.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "error: No such command 'trian'. Did you mean 'train'? (see grpo-ensemble --help)\n"
+    )
 
 
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys, monkeypatch):
