@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import io
 import logging
 import math
 import os
@@ -24,6 +25,17 @@ import torch
 
 from .errors import InputFileError, RecipeError
 from .recipe import Recipe, read_yaml
+
+
+class _ChoseTheCPU(logging.Filter):
+    """Drops DeepSpeed's note that it runs on the CPU (printed on every CPU run, also before a
+    one-line error); its other warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+logging.getLogger("DeepSpeed").addFilter(_ChoseTheCPU())  # DeepSpeed's logger, when it exists
 
 
 def _free_port() -> int:
@@ -57,14 +69,19 @@ def init_distributed(timeout_s: int = 1800) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        init_method=init_method,
-        **lone,
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # on a CPU, a line that it built an op, each run
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            init_method=init_method,
+            **lone,
+        )
+    for line in printed.getvalue().splitlines():
+        if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
+            print(line)
     _unlink_shm_workspace()
     if not lone and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         atexit.register(_let_collectives_finish)
