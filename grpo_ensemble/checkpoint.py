@@ -234,7 +234,35 @@ DAMAGED = (KeyError, TypeError, ValueError, IndexError, AssertionError, EOFError
 
 
 def load_checkpoint(run: Run, path: Path) -> int:
-    """Restore the engine, sampler and RNG states; returns the step the checkpoint ends."""
+    """Restore the engine, sampler and RNG states; returns the step the checkpoint ends. Every
+    rank checks its files first and agrees (a rank whose file is damaged stops every rank with
+    its message, before any of them waits in the engine's loading)."""
+    state, rng = dist.agree(lambda: _read_checked(run, path))
+
+    def load_engine():
+        try:
+            return run.engine.load_checkpoint(str(path / "engine"), tag="state")[0]
+        except pickle.UnpicklingError as exc:  # weights_only refused something in the file
+            raise UserError(
+                f"--resume: refused to load {path}: it holds objects other than tensors and "
+                f"plain data ({str(exc).splitlines()[-1][:200]})"
+            ) from None
+        except DAMAGED as exc:
+            raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+
+    if dist.agree(load_engine) is None:
+        raise UserError(f"--resume: DeepSpeed found no checkpoint in {path / 'engine'}")
+    try:
+        run.sampler.restore(state["sampler"])
+        _set_rng_state(rng)
+    except DAMAGED as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+    return int(state["step"])
+
+
+def _read_checked(run: Run, path: Path) -> tuple[dict, dict]:
+    """This rank's view of the checkpoint `path`: its trainer state and RNG states, checked
+    against the run."""
     try:
         state = json.loads((path / "trainer_state.json").read_text())
         rng = json.loads((path / f"rng-rank{dist.rank()}.json").read_text())
@@ -254,23 +282,7 @@ def load_checkpoint(run: Run, path: Path) -> int:
             "data.train's file or the data cleaning (data.*) changed; resume with the data of "
             "that run, or start a new run in another output_dir"
         )
-    try:
-        loaded, _ = run.engine.load_checkpoint(str(path / "engine"), tag="state")
-    except pickle.UnpicklingError as exc:  # weights_only refused something in the file
-        raise UserError(
-            f"--resume: refused to load {path}: it holds objects other than tensors and plain "
-            f"data ({str(exc).splitlines()[-1][:200]})"
-        ) from None
-    except DAMAGED as exc:
-        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
-    if loaded is None:
-        raise UserError(f"--resume: DeepSpeed found no checkpoint in {path / 'engine'}")
-    try:
-        run.sampler.restore(state["sampler"])
-        _set_rng_state(rng)
-    except DAMAGED as exc:
-        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
-    return int(state["step"])
+    return state, rng
 
 
 def _damaged(path: Path, what: str) -> UserError:
