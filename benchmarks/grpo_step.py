@@ -22,6 +22,7 @@ the machine's measured fp32 matrix-product rate.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
@@ -445,7 +446,8 @@ def worker(a) -> None:
         res = run_trl(*args, precision=a.precision)
     print("RESULT " + json.dumps(asdict(res)), flush=True)
     sys.stderr.flush()
-    os._exit(0)  # no teardown: a process group's shutdown must not hold the parent up
+    atexit._run_exitfuncs()  # our own clean-up (the process group's rendezvous folder)
+    os._exit(0)  # no further teardown: a process group's shutdown must not hold the parent up
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ cannot run code from the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -174,6 +175,13 @@ def _sync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        # some network and FUSE file systems cannot flush a folder (as PostgreSQL and SQLite,
+        # let those go); a file that cannot be flushed is an error
+        if not (
+            path.is_dir() and exc.errno in (errno.EINVAL, errno.EBADF, errno.EACCES, errno.ENOTSUP)
+        ):
+            raise
     finally:
         os.close(fd)
 
@@ -252,11 +260,15 @@ def load_checkpoint(run: Run, path: Path) -> int:
 
     if dist.agree(load_engine) is None:
         raise UserError(f"--resume: DeepSpeed found no checkpoint in {path / 'engine'}")
-    try:
-        run.sampler.restore(state["sampler"])
-        _set_rng_state(rng)
-    except DAMAGED as exc:
-        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+
+    def restore():
+        try:
+            run.sampler.restore(state["sampler"])
+            _set_rng_state(rng)
+        except DAMAGED as exc:
+            raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+
+    dist.agree(restore)
     return int(state["step"])
 
 

@@ -227,6 +227,8 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(exc, exit_):
             return exc.exit_code
         if isinstance(exc, usage):  # one line, as every other error (click's took four)
+            if not exc.format_message().strip():  # the help, printed already (no arguments)
+                return 2
             ctx = getattr(exc, "ctx", None)
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             message = f"error: {exc.format_message()}{hint}"

@@ -270,7 +270,10 @@ class PromptSampler:
         self.epoch = 0
         self.pos = 0
         self._order = self._make_order()
+        # now, before any step: a scorer that writes into a prompt's fields (`Sample.row`)
+        # must not change the fingerprint a checkpoint keeps
         self._digest: str | None = None
+        self.digest()
 
     def _make_order(self) -> list[int]:
         order = list(range(len(self.prompts)))

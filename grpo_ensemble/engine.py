@@ -70,18 +70,20 @@ def init_distributed(timeout_s: int = 1800) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # on a CPU, a line that it built an op, each run
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            verbose=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            init_method=init_method,
-            **lone,
-        )
-    for line in printed.getvalue().splitlines():
-        if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
-            print(line)
+    try:
+        with contextlib.redirect_stdout(printed):  # on a CPU: a line that it built an op
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                verbose=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                init_method=init_method,
+                **lone,
+            )
+    finally:
+        for line in printed.getvalue().splitlines():
+            if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
+                print(line)
     _unlink_shm_workspace()
     if not lone and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         atexit.register(_let_collectives_finish)

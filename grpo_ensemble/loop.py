@@ -155,8 +155,11 @@ def _stop_at_once(during: str, state: str):
 
     def stop(signum, frame):
         name = signal.Signals(signum).name
-        message = f"stopped by {name} during {during}; {state}"
-        raise Interrupted(message, exit_code=128 + signum, resumable=False)
+        exc = Interrupted(
+            f"stopped by {name} during {during}; {state}", exit_code=128 + signum, resumable=False
+        )
+        exc.agreed = True  # every rank gets the signal from its launcher; rank 0 prints it
+        raise exc
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -198,7 +201,8 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
     main = dist.is_main()
     writer = MetricsWriter(run.run_dir / "metrics.jsonl", keep_until=start) if main else None
     progress = StepProgress(t.steps, run.recipe.log.progress and main, console, start)
-    bad_in_a_row = 0
+    # a resumed run goes on counting where its metrics left off (rank 0 reads them)
+    bad_in_a_row = int(dist.all_max([writer.bad_in_a_row if writer is not None else 0])[0])
     saved = start
     with StopRequests() as stop, contextlib.ExitStack() as cleanup:
         cleanup.callback(progress.close)
@@ -256,10 +260,10 @@ def check_disk_space(run: Run) -> None:
             if count > 1
             else f"a checkpoint of {n_params:,} parameters (written on a stop signal) needs"
         )
+        fewer = "lower train.keep_checkpoints, " if count > 1 else ""
         raise UserError(
             f"output_dir: {free / 1e9:.2f} GB free in {str(run.run_dir)!r}, but {what} about "
-            f"{need / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or choose another "
-            "output_dir"
+            f"{need / 1e9:.2f} GB; free space, {fewer}or choose another output_dir"
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -36,12 +36,22 @@ class _Config(BaseModel):
     @classmethod
     def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML's `true` is not a number (pydantic took `steps: true` as 1 step)."""
-        if isinstance(value, bool):
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation) or (annotation,)) - {type(None)}
-            if kinds and kinds <= {int, float}:
-                raise ValueError(f"give a number, not {str(value).lower()}")
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _numeric(annotation):
+            raise ValueError(f"give a number, not {str(value).lower()}")
+        if isinstance(value, list | tuple) and get_origin(annotation) in (tuple, list):
+            for item, kind in zip(value, get_args(annotation), strict=False):
+                if isinstance(item, bool) and _numeric(kind):
+                    raise ValueError(f"give numbers, not {str(item).lower()}")
         return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number (int or float, maybe constrained, maybe optional)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    kinds = set(get_args(annotation) or (annotation,)) - {type(None)}
+    return bool(kinds) and kinds <= {int, float}
 
 
 def _file_or_mapping(value: Any) -> Any:

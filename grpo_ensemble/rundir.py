@@ -95,6 +95,10 @@ class MetricsWriter:
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
         self._fh = path.open("a", encoding="utf-8")
+        self.bad_in_a_row = 0  # the kept rows' last updates that were NaN or inf, in a row
+        for line in kept:
+            bad = json.loads(line).get("nonfinite_update")
+            self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
 
     def write(self, metrics: dict) -> None:
         self._fh.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")

@@ -111,6 +111,8 @@ def test_unknown_option_is_a_usage_error_exit_2(capsys):
     assert capsys.readouterr().err == (
         "error: Missing argument 'recipe'. (see grpo-ensemble train --help)\n"
     )
+    assert main([]) == 2  # the help, and no empty error line after it
+    assert "error" not in capsys.readouterr().err
     assert main(["trian", "r.yaml"]) == 2
     assert capsys.readouterr().err == (
         "error: No such command 'trian'. Did you mean 'train'? (see grpo-ensemble --help)\n"

@@ -92,6 +92,10 @@ def test_sampler_sees_every_prompt_once_per_epoch():
     assert sampler.differs(sampler.state()) is None
     assert sampler.differs({"epoch": 0, "pos": 10}) is None  # a checkpoint without one
     assert sampler.differs({"digest": "0", "prompts": 11}) == "11 prompts then, 10 now"
+    # taken when the sampler is made: a scorer that writes into a row's fields later does not
+    # change what a checkpoint keeps (a resumed run reads the rows afresh)
+    prompts[0].fields["cached_by_a_scorer"] = 1
+    assert sampler.state()["digest"] == digest
     second = sampler.next(10)
     assert sorted(p.text for p in second) == sorted(p.text for p in prompts)
     assert [p.text for p in second] != [p.text for p in first]  # reshuffled

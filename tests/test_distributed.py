@@ -155,19 +155,20 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
     assert [_shm_workspaces(port) for port in ports] == [[], []]
     if launcher == "torchrun":  # rank 1's part of the checkpoint damaged: both ranks stop
         ckpt = two / "checkpoints" / "step-00000004"
-        (ckpt / "rng-rank1.json").write_text("{}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", "train", str(recipe)]
-        cmd += ["--set", f"output_dir={two}", "--set", "train.steps=5", "--resume", "auto"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-        assert proc.returncode != 0
-        assert (
-            proc.stderr.count(
-                f"error: rank 1: --resume: the checkpoint {ckpt} is damaged or incomplete "
-                "(rng-rank1.json lacks a generator's state)"
-            )
-            == 1
-        ), proc.stderr[-3000:]
+        # a file without the states, then one whose states do not restore (found later)
+        damaged = {"{}": "rng-rank1.json lacks a generator's state"}
+        damaged['{"python": 0, "numpy": 0, "torch": 0}'] = (
+            "TypeError: cannot unpack non-iterable int object"
+        )
+        for text, why in damaged.items():
+            (ckpt / "rng-rank1.json").write_text(text)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", "train", str(recipe)]
+            cmd += ["--set", f"output_dir={two}", "--set", "train.steps=5", "--resume", "auto"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+            assert proc.returncode != 0
+            line = f"rank 1: --resume: the checkpoint {ckpt} is damaged or incomplete ({why})"
+            assert proc.stderr.count(f"error: {line}") == 1, proc.stderr[-3000:]
 
 
 def _shm_workspaces(port: int) -> list[str]:

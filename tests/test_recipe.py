@@ -103,6 +103,7 @@ BAD = [
     (GOOD, "loss.beta=false", "--set: loss.beta: give a number, not false"),
     (GOOD, "eval.max_new_tokens=true", "--set: eval.max_new_tokens: give a number, not true"),
     (GOOD, "policy.sampling.top_k=false", "policy.sampling.top_k: give a number, not false"),
+    (GOOD, "train.adam_betas=[false, 0.9]", "--set: train.adam_betas: give numbers, not false"),
     # what DeepSpeed itself refuses (it failed in deepspeed.initialize with exit 1)
     (
         GOOD,

@@ -403,6 +403,18 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, stage):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert all(torch.isfinite(v).all() for v in states[1].values())
     assert not (out / "final").exists()
+    # resumed from step 3 (one bad update in a row): the count goes on from there
+    with pytest.raises(RunError) as info:
+        train(
+            recipe,
+            overrides=[f"output_dir={out}", "loss.mu=1", "loss.beta=0"],
+            group_evaluator=Explodes(start=1),
+            resume="auto",
+        )
+    assert str(info.value) == (
+        "2 updates in a row had a NaN or inf loss or gradient (steps 3-4), so the run stopped; "
+        "the last checkpoint is step 3"
+    )
 
 
 def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
@@ -435,8 +447,7 @@ def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
     assert str(info.value) == (
         f"output_dir: {(n * 16 - 1) / 1e9:.2f} GB free in {str(tmp_path / 'run3')!r}, but a "
         f"checkpoint of {n:,} parameters (written on a stop signal) needs about "
-        f"{n * 16 / 1e9:.2f} GB; free space, lower train.keep_checkpoints, or choose another "
-        "output_dir"
+        f"{n * 16 / 1e9:.2f} GB; free space, or choose another output_dir"
     )
 
 
@@ -464,6 +475,31 @@ def test_a_checkpoint_is_on_the_disk_before_it_counts(tmp_path, small_recipe, mo
     written = {tmp / p.relative_to(final) for p in final.rglob("*")} | {tmp}
     assert len(written) > 5 and written <= set(synced[:n])
     assert final.parent in synced[n:]
+
+
+def test_a_folder_that_cannot_be_flushed_is_let_go_a_file_is_not(tmp_path, monkeypatch):
+    """Some network and FUSE file systems refuse to fsync a folder (EINVAL): the checkpoint
+    stands; a file that cannot be flushed is an error."""
+    import errno
+
+    from grpo_ensemble.checkpoint import sync_tree
+
+    (tmp_path / "ckpt" / "engine").mkdir(parents=True)
+    (tmp_path / "ckpt" / "engine" / "w.pt").write_bytes(b"x")
+    real_fsync = os.fsync
+    refuse = ["folder"]
+
+    def fsync(fd):
+        is_dir = Path(os.readlink(f"/proc/self/fd/{fd}")).is_dir()
+        if ("folder" if is_dir else "file") in refuse:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sync_tree(tmp_path / "ckpt")
+    refuse[0] = "file"
+    with pytest.raises(OSError):
+        sync_tree(tmp_path / "ckpt")
 
 
 class BlocksCheckpoint:
