@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .components import Generator, RewardScorer, SamplingParams
+from .scoring import checked_scores
 from .types import Prompt, Sample
 
 
@@ -59,8 +60,8 @@ def heldout_scores(
     completions = [c[0] for c in generator.generate(prompts, 1, greedy)]
     if not prompts:
         return []
-    scores = scorer.score([Sample(p, c) for p, c in zip(prompts, completions, strict=True)])
-    return list(map(float, scores))
+    samples = [Sample(p, c) for p, c in zip(prompts, completions, strict=True)]
+    return checked_scores(scorer, samples, "the evaluation's scorer (eval.scorer)")
 
 
 def accuracy_of(scores: Sequence[float]) -> EvalResult:

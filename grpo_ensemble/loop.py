@@ -22,7 +22,7 @@ from . import dist, plugins
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_aside_later
 from .components import Generator, GroupEvaluator
 from .engine import gathered_params, init_distributed
-from .errors import Interrupted, RunError, UserError
+from .errors import GrpoEnsembleError, Interrupted, RunError, UserError
 from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .generation import HFGenerator
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
@@ -139,7 +139,11 @@ def train(
     if recipe.eval.after:
         saved = f"the trained model is in {result.model_dir}"
         with _stop_at_once("the evaluation after training", saved):
-            result.after = evaluate_policy(run)
+            try:
+                result.after = evaluate_policy(run)
+            except GrpoEnsembleError:
+                _say_text(console, f"the evaluation after training failed; {saved}")
+                raise
         _say(console, "after", result.after)
     return result
 

@@ -12,6 +12,7 @@ step (it is not retried: it would hang again); its thread is abandoned, never wa
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .build import WeightedScorer
-from .errors import PluginError, UserError
+from .components import RewardScorer
+from .errors import Interrupted, PluginError, UserError
 from .types import Group, Sample
 
 
@@ -74,7 +76,7 @@ def _call(ws: WeightedScorer, samples: list[Sample]) -> torch.Tensor:
     """(len(samples),) scores from one call, or _Fault. Non-finite values are returned as is."""
     try:
         raw = list(call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name))
-    except (UserError, _Fault):
+    except (UserError, Interrupted, _Fault):  # (Interrupted: a signal during an evaluation)
         raise
     except Exception as exc:
         raise _Fault(f"reward scorer raised {type(exc).__name__}: {exc}") from exc
@@ -84,6 +86,21 @@ def _call(ws: WeightedScorer, samples: list[Sample]) -> torch.Tensor:
         return torch.tensor([float(x) for x in raw], dtype=torch.float32)
     except (TypeError, ValueError) as exc:
         raise _Fault(f"returned a score that is not a number: {exc}") from None
+
+
+def checked_scores(scorer: RewardScorer, samples: list[Sample], what: str) -> list[float]:
+    """One call of `scorer` for `samples`, checked as the training's scorers are: a raise, a
+    wrong count, or a value that is not a finite number is a `PluginError` naming `what`."""
+    name = getattr(scorer, "name", type(scorer).__name__)
+    try:
+        values = _call(WeightedScorer(what, scorer, 1.0), samples).tolist()
+    except _Fault as exc:
+        raise PluginError(name, f"{what}: {exc}") from None
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        where = samples[bad[0]].prompt.text
+        raise PluginError(name, f"{what}: returned {values[bad[0]]} for the prompt {where!r}")
+    return values
 
 
 def _score_one(

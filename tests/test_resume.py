@@ -186,6 +186,33 @@ def test_sigterm_during_an_evaluation_stops_with_one_line(tmp_path, when):
     assert (out / "metrics.jsonl").is_file() == (when == "after")
 
 
+SHORT_SCORES = """\
+def score(samples):  # one score for every two completions
+    return [1.0] * (len(samples) // 2)
+"""
+
+
+def test_a_failing_evaluation_after_training_says_where_the_model_is(tmp_path, capsys, monkeypatch):
+    """The evaluation's scorer is checked as the training's are (it returned too few scores,
+    and the accuracy was computed over fewer prompts without a word)."""
+    (tmp_path / "short_scores.py").write_text(SHORT_SCORES)
+    monkeypatch.chdir(tmp_path)  # (the python scorer imports from the current directory)
+    evaluation = {"before": False, "after": True, "max_prompts": 4, "scorer": "python"}
+    evaluation["params"] = {"function": "short_scores:score"}
+    recipe = write_recipe(tmp_path / "r.yaml", seed=5, train={**TRAIN, "steps": 1}, eval=evaluation)
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--set", f"output_dir={out}"]) == 1
+    printed = capsys.readouterr()
+    assert f"the evaluation after training failed; the trained model is in {out / 'final'}" in (
+        printed.out
+    )
+    assert printed.err.strip().splitlines()[-1] == (
+        "run failed: plugin 'python': the evaluation's scorer (eval.scorer): returned 2 scores "
+        "for 4 candidates"
+    )
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def test_resume_refuses_a_recipe_that_changed_what_matters(tmp_path, capsys):
     recipe = _recipe(tmp_path, steps=2)
     out = tmp_path / "run"
