@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 CONFIGS = {
@@ -198,21 +198,26 @@ def n_matmul_params(path: Path) -> int:
 # --------------------------------------------------------------------------------------- ours
 
 
-def run_ours(
-    config: str,
-    beta: float,
-    mu: int,
-    steps: int,
-    warmup: int,
-    threads: int,
-    gc: bool,
-    reuse: bool = True,
-    precision: str = "fp32",
-) -> Result:
+@dataclass
+class Setting:
+    """What both frameworks run with: configuration, loss, steps, threads, precision."""
+
+    config: str
+    beta: float
+    mu: int
+    steps: int
+    warmup: int
+    threads: int
+    gc: bool  # gradient checkpointing
+    precision: str = "fp32"
+
+
+def run_ours(s: Setting, reuse: bool = True) -> Result:
     import torch
 
     from grpo_ensemble.loop import train
 
+    config, beta, mu, steps, warmup, threads, gc, precision = astuple(s)
     c = CONFIGS[config]
     path = model_dir(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -318,21 +323,13 @@ def _result(
 # ---------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(
-    config: str,
-    beta: float,
-    mu: int,
-    steps: int,
-    warmup: int,
-    threads: int,
-    gc: bool,
-    precision: str = "fp32",
-) -> Result:
+def run_trl(s: Setting) -> Result:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    config, beta, mu, steps, warmup, threads, gc, precision = astuple(s)
     c = CONFIGS[config]
     path = model_dir(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -439,11 +436,10 @@ def worker(a) -> None:
         CONFIGS[a.config]["completions"] = a.completions
     if a.new_tokens:
         CONFIGS[a.config]["new_tokens"] = a.new_tokens
-    args = (a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing)
-    if a.worker == "ours":
-        res = run_ours(*args, reuse=not a.no_reuse, precision=a.precision)
-    else:
-        res = run_trl(*args, precision=a.precision)
+    setting = Setting(
+        a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing, a.precision
+    )
+    res = run_ours(setting, reuse=not a.no_reuse) if a.worker == "ours" else run_trl(setting)
     print("RESULT " + json.dumps(asdict(res)), flush=True)
     sys.stderr.flush()
     atexit._run_exitfuncs()  # our own clean-up (the process group's rendezvous folder)
