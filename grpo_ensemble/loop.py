@@ -137,15 +137,22 @@ def train(
     # the trained model first: an evaluation that fails or is stopped does not lose it
     _save_final(run, result.model_dir)
     if recipe.eval.after:
-        saved = f"the trained model is in {result.model_dir}"
-        with _stop_at_once("the evaluation after training", saved):
-            try:
-                result.after = evaluate_policy(run)
-            except GrpoEnsembleError:
-                _say_text(console, f"the evaluation after training failed; {saved}")
-                raise
-        _say(console, "after", result.after)
+        result.after = _evaluate_after(run, result.model_dir, console)
     return result
+
+
+def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:
+    """The evaluation after training; if it fails or is stopped, the line says where the
+    (already saved) model is."""
+    saved = f"the trained model is in {model_dir}"
+    with _stop_at_once("the evaluation after training", saved):
+        try:
+            after = evaluate_policy(run)
+        except GrpoEnsembleError:
+            _say_text(console, f"the evaluation after training failed; {saved}")
+            raise
+    _say(console, "after", after)
+    return after
 
 
 @contextlib.contextmanager
