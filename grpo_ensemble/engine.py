@@ -38,6 +38,27 @@ class _ChoseTheCPU(logging.Filter):
 logging.getLogger("DeepSpeed").addFilter(_ChoseTheCPU())  # DeepSpeed's logger, when it exists
 
 
+STORE_PREFIX = "grpo-ensemble-"  # + pid + "-": a lone process's rendezvous folder in /tmp
+
+
+def remove_stale_stores(root: Path | None = None) -> list[Path]:
+    """Remove the rendezvous folders of processes that no longer run (a run killed with
+    SIGKILL cannot remove its own); returns them."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STORE_PREFIX}*-*"):
+        pid = folder.name.removeprefix(STORE_PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # no signal: does it run?
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except OSError:  # it runs, under another user
+            pass
+    return removed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,7 +81,8 @@ def init_distributed(timeout_s: int = 1800) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         # rendezvous through a file, not a TCP store (which listens on every interface), and
         # keep gloo's own socket on the loopback interface
-        store = Path(tempfile.mkdtemp(prefix="grpo-ensemble-")) / "store"
+        remove_stale_stores()
+        store = Path(tempfile.mkdtemp(prefix=f"{STORE_PREFIX}{os.getpid()}-")) / "store"
         atexit.register(shutil.rmtree, store.parent, ignore_errors=True)
         init_method, lone = f"file://{store}", {"rank": 0, "world_size": 1}
         loopback = _loopback_interface()

@@ -131,3 +131,27 @@ def test_the_lr_metric_is_the_rate_the_steps_optimizer_steps_used(small_recipe):
     rows = train(recipe, overrides=["eval.before=false", "eval.after=false"]).metrics
     lr = recipe.train.lr
     assert [r["lr"] for r in rows] == pytest.approx([lr * 0.375, lr * 0.875])
+
+
+def test_rendezvous_folders_of_processes_gone_are_removed(tmp_path):
+    """A lone run's rendezvous folder is `grpo-ensemble-PID-…`; a run killed with SIGKILL
+    cannot remove its own, so the next run removes those whose process no longer runs."""
+    import os
+    import subprocess
+    import sys
+
+    from grpo_ensemble.engine import remove_stale_stores
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    dead = tmp_path / f"grpo-ensemble-{gone}-abc"
+    alive = tmp_path / f"grpo-ensemble-{os.getpid()}-def"
+    other = tmp_path / "grpo-ensemble-digits"  # not a rendezvous folder
+    for folder in (dead, alive, other):
+        (folder / "store").mkdir(parents=True)
+    assert remove_stale_stores(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
