@@ -260,6 +260,18 @@ def too_long(
     return out
 
 
+def _plain(value: Any) -> Any:
+    """A field value JSON cannot write, as something that is the same in every process that
+    reads the same data (numpy and pandas values as lists, bytes as their hash; an object whose
+    text holds a memory address, such as an image, by its type alone)."""
+    if isinstance(value, bytes | bytearray):
+        return hashlib.sha256(value).hexdigest()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    text = str(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
 class PromptSampler:
     """Draws `k` prompts per step from seeded, shuffled epochs; its position can be saved."""
 
@@ -296,7 +308,7 @@ class PromptSampler:
         if self._digest is None:
             h = hashlib.sha256()
             for p in self.prompts:
-                row = json.dumps([p.text, p.fields], sort_keys=True, default=str)
+                row = json.dumps([p.text, p.fields], sort_keys=True, default=_plain)
                 h.update(row.encode("utf-8", "surrogatepass") + b"\n")
             self._digest = h.hexdigest()
         return self._digest

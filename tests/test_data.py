@@ -103,6 +103,23 @@ def test_sampler_sees_every_prompt_once_per_epoch():
     assert [p.text for p in again.next(10)] == [p.text for p in first]
 
 
+def test_the_prompts_fingerprint_is_the_same_in_every_process_that_reads_the_data():
+    """Field values JSON cannot write: numpy values by value, bytes by hash, objects whose text
+    holds a memory address (an image from a parquet column) by type: two readings of the same
+    data give the same fingerprint; other values give another."""
+    import numpy as np
+
+    class Image:  # str() like PIL's: "<Image ... at 0x7f...>"
+        pass
+
+    def read(answer):
+        fields = {"answer": np.int64(answer), "raw": b"\x00\x01", "image": Image()}
+        return [Prompt("1+1=", fields, 1)]
+
+    assert PromptSampler(read(2), 0).digest() == PromptSampler(read(2), 0).digest()
+    assert PromptSampler(read(2), 0).digest() != PromptSampler(read(3), 0).digest()
+
+
 MIXED = (
     b'{"prompt": "1+1=", "answer": "2"}\n'  # 1 good
     b'{"prompt": "x"\n'  # 2 invalid JSON
