@@ -55,18 +55,31 @@ def evaluate_policy(run: Run) -> EvalResult | None:
     return accuracy_of([x for part in dist.all_gather_objects(scores) for x in part])
 
 
+@contextlib.contextmanager
+def _on_stop_signals(handler):
+    """`handler` for SIGINT and SIGTERM inside the block, the previous handlers after it.
+    Outside the main thread signals cannot be caught, and this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class StopRequests:
     """SIGINT and SIGTERM ask the run to stop after the current step (a second SIGINT stops at
-    once). Outside the main thread, signals cannot be caught and this does nothing."""
+    once)."""
 
     def __init__(self):
         self.signal: int | None = None
-        self._previous: dict[int, object] = {}
+        self._handling = _on_stop_signals(self._handle)
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._handling.__enter__()
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -75,8 +88,7 @@ class StopRequests:
         self.signal = signum
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._handling.__exit__(*exc)
 
     def agreed(self) -> int | None:
         """The signal any rank received (every rank calls this after each step)."""
@@ -160,9 +172,6 @@ def _stop_at_once(during: str, state: str):
     """SIGINT and SIGTERM stop an evaluation at once, with one line that says what it leaves
     (`Interrupted`, exit code 128 + signal): an evaluation has nothing to save. (Before, SIGTERM
     killed the process without a word and SIGINT printed only "interrupted".)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def stop(signum, frame):
         name = signal.Signals(signum).name
@@ -172,12 +181,8 @@ def _stop_at_once(during: str, state: str):
         exc.agreed = True  # every rank gets the signal from its launcher; rank 0 prints it
         raise exc
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _on_stop_signals(stop):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _resume(run: Run, resume: str, result: TrainResult, console) -> int:
