@@ -25,6 +25,7 @@ from .engine import gathered_params, init_distributed
 from .errors import GrpoEnsembleError, Interrupted, RunError, UserError
 from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .generation import HFGenerator
+from .heap import kept_between_steps
 from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from .rundir import MetricsWriter, StepProgress, prepare_run_dir, write_recipe
 from .train import Run, build_run, grpo_step, seed_everything
@@ -145,7 +146,9 @@ def train(
         with _stop_at_once("the evaluation before training", "nothing was trained"):
             result.before = evaluate_policy(run)
         _say(console, "before", result.before)
-    _steps(run, start, result, console)
+    # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is torch's own
+    with kept_between_steps(on=not torch.cuda.is_available()):
+        _steps(run, start, result, console)
     # the trained model first: an evaluation that fails or is stopped does not lose it
     _save_final(run, result.model_dir)
     if recipe.eval.after:
