@@ -63,6 +63,7 @@ class Result:
     completion_len: float | None = None  # measured mean, where the framework reports it
     reused_sampling_fraction: float | None = None  # ours: first-pass tokens replayed
     zero_advantage_skipped_fraction: float | None = None  # ours: tokens left out (advantage 0)
+    zero_stage: int | None = None  # ours: DeepSpeed's ZeRO stage
 
 
 def model_dir(config: str) -> Path:
@@ -200,7 +201,8 @@ def n_matmul_params(path: Path) -> int:
 
 @dataclass
 class Setting:
-    """What both frameworks run with: configuration, loss, steps, threads, precision."""
+    """What both frameworks run with: configuration, loss, steps, threads, precision (and
+    ours alone: the ZeRO stage; TRL runs without DeepSpeed)."""
 
     config: str
     beta: float
@@ -210,6 +212,7 @@ class Setting:
     threads: int
     gc: bool  # gradient checkpointing
     precision: str = "fp32"
+    zero_stage: int = 0
 
 
 def run_ours(s: Setting, reuse: bool = True) -> Result:
@@ -217,7 +220,7 @@ def run_ours(s: Setting, reuse: bool = True) -> Result:
 
     from grpo_ensemble.loop import train
 
-    config, beta, mu, steps, warmup, threads, gc, precision = astuple(s)
+    config, beta, mu, steps, warmup, threads, gc, precision, zero_stage = astuple(s)
     c = CONFIGS[config]
     path = model_dir(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -240,7 +243,7 @@ def run_ours(s: Setting, reuse: bool = True) -> Result:
                 "prompts_per_step": n_prompts,
                 "micro_batch_size": c["completions"],
                 "lr": 1e-6,
-                "zero_stage": 0,
+                "zero_stage": zero_stage,
                 "threads": threads if device == "cpu" else None,
                 "checkpoint_every": 0,
                 "gradient_checkpointing": gc,
@@ -273,6 +276,7 @@ def run_ours(s: Setting, reuse: bool = True) -> Result:
     res.completion_len = med("completion_len")
     res.reused_sampling_fraction = med("reused_sampling_fraction")
     res.zero_advantage_skipped_fraction = med("zero_advantage_skipped_fraction")
+    res.zero_stage = zero_stage
     return res
 
 
@@ -329,7 +333,7 @@ def run_trl(s: Setting) -> Result:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    config, beta, mu, steps, warmup, threads, gc, precision = astuple(s)
+    config, beta, mu, steps, warmup, threads, gc, precision, _ = astuple(s)
     c = CONFIGS[config]
     path = model_dir(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -437,7 +441,15 @@ def worker(a) -> None:
     if a.new_tokens:
         CONFIGS[a.config]["new_tokens"] = a.new_tokens
     setting = Setting(
-        a.config, a.beta, a.mu, a.steps, a.warmup, a.threads, a.gradient_checkpointing, a.precision
+        a.config,
+        a.beta,
+        a.mu,
+        a.steps,
+        a.warmup,
+        a.threads,
+        a.gradient_checkpointing,
+        a.precision,
+        a.zero_stage,
     )
     res = run_ours(setting, reuse=not a.no_reuse) if a.worker == "ours" else run_trl(setting)
     print("RESULT " + json.dumps(asdict(res)), flush=True)
@@ -480,6 +492,14 @@ def main() -> None:
         help="fp32 (identical settings in both) or bf16 for a GPU: ours trains with "
         "DeepSpeed's bf16 (bf16 weights, fp32 master copy), TRL with its bf16 mixed precision "
         "(fp32 weights, bf16 autocast), each framework's usual bf16 set-up",
+    )
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=0,
+        help="ours: the DeepSpeed ZeRO stage (one process: 0 and 1 differ in the bf16 "
+        "optimizer DeepSpeed wraps around AdamW); TRL runs without DeepSpeed",
     )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument(
@@ -542,6 +562,7 @@ def _run(fw: str, config: str, beta: float, mu: int, a, extra: tuple = ()) -> di
     cmd = [sys.executable, __file__, "--worker", fw, "--config", config, "--beta", str(beta)]
     cmd += ["--mu", str(mu), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--threads", str(a.threads), "--precision", a.precision, *extra]
+    cmd += ["--zero-stage", str(a.zero_stage)]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     if a.no_reuse:

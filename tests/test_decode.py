@@ -281,3 +281,13 @@ def test_greedy_sampling_equals_generate_for_every_architecture():
             eos_token_id=2,
         )[:, ids.shape[1] :]
         assert torch.equal(ours, ref[:, : ours.shape[1]]), kind
+
+
+def test_where_the_lean_step_stacks_its_projections():
+    mb, gb = 2**20, 2**30
+    # a CPU: models up to 256 MB (the copy costs memory; measured there)
+    assert decode_module.fuse_pays(256 * mb, "cpu") and not decode_module.fuse_pays(257 * mb, "cpu")
+    # a GPU: models up to a tenth of its memory (0.63B in fp32, 2.5 GB, on 141 GB: stacked)
+    assert decode_module.fuse_pays(2.5 * gb, "cuda", 141 * gb)
+    assert decode_module.fuse_pays(8 * gb, "cuda", 80 * gb)
+    assert not decode_module.fuse_pays(14 * gb, "cuda", 80 * gb)  # 7B in bf16 on an 80 GB GPU
