@@ -63,13 +63,20 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+# True while `kept_between_steps` holds the settings (what a run's steps see)
+kept = False
+
+
 @contextlib.contextmanager
 def kept_between_steps(on: bool = True):
     """`keep_freed_memory` for the block, `give_back_freed_memory` after it."""
+    global kept
     if not on or not keep_freed_memory():
         yield
         return
+    kept = True
     try:
         yield
     finally:
+        kept = False
         give_back_freed_memory()

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from grpo_ensemble import RewardScorer, heap, train
+
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
@@ -61,3 +63,25 @@ def test_without_it_the_second_round_faults_again():
     # heap's blocks of the second round are new pages too
     _, second, _ = rounds("default")
     assert second >= 0.4 * PAGES  # the heap grew to the largest block: about 16 of 31 MB
+
+
+class HeapWitness(RewardScorer):
+    """Scores 0 and notes, at each step's scoring, whether the heap settings were in force."""
+
+    name = "heap_witness"
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, samples):
+        self.seen.append(heap.kept)
+        return [0.0] * len(samples)
+
+
+def test_a_cpu_run_keeps_freed_memory_during_its_steps_only(small_recipe):
+    recipe = small_recipe(eval__before=False, eval__after=False)
+    witness = HeapWitness()
+    assert not heap.kept
+    train(recipe, reward_scorers=[(witness, 1.0)])
+    assert witness.seen == [True] * recipe.train.steps
+    assert not heap.kept  # given back when the steps end
