@@ -66,6 +66,12 @@ def build(kind: str):
                 pad_token_id=0,
             )
         )
+    # RMS norm weights other than 1: the lean step folds them into its stacked products
+    gains = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if type(m).__name__ in decode_module.RMS_NORMS:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gains) + 0.5)
     return model.eval()
 
 
