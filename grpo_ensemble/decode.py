@@ -263,10 +263,9 @@ class LeanDecoder:
         layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
         for i, (layer, kv, (qkv, gate_up)) in enumerate(layers):
             put = self._slots(i)
-            # a stacked product has its norm's weight folded in (`_fused`)
-            h = _norm(layer.input_layernorm, x, cols, weighted=qkv is None)
+            h = _norm(layer.input_layernorm, x, cols)
             x = x + self._attend(layer.self_attn, h, rope, kv, qkv, put)
-            h = _norm(layer.post_attention_layernorm, x, cols, weighted=gate_up is None)
+            h = _norm(layer.post_attention_layernorm, x, cols)
             mlp = layer.mlp
             if gate_up is None:
                 gate = _project(mlp.gate_proj, h, cols, put("gate", mlp.gate_proj))
@@ -380,16 +379,9 @@ def _embed(embedding: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return embedding(tokens)
 
 
-def _rms(norm: torch.nn.Module) -> bool:
-    """One of the RMS norms `_norm` computes itself."""
-    return type(norm).__name__ in RMS_NORMS
-
-
-def _norm(norm: torch.nn.Module, x: torch.Tensor, columns: bool, weighted=True) -> torch.Tensor:
-    """`norm` of every column of `x` (hidden, B), or of every row of `x` (B, hidden). With
-    `weighted` False (an RMS norm only), without its weight: the product after it has the
-    weight folded in (`_fused`)."""
-    if not _rms(norm):
+def _norm(norm: torch.nn.Module, x: torch.Tensor, columns: bool) -> torch.Tensor:
+    """`norm` of every column of `x` (hidden, B), or of every row of `x` (B, hidden)."""
+    if type(norm).__name__ not in RMS_NORMS:
         return norm(x.t()).t() if columns else norm(x)
     dim, eps = 0 if columns else -1, norm.variance_epsilon
     if x.dtype == torch.float32:  # no casts: each is a call, and this runs per layer and token
@@ -397,8 +389,6 @@ def _norm(norm: torch.nn.Module, x: torch.Tensor, columns: bool, weighted=True) 
     else:
         h = x.to(torch.float32)
         h = (h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True).add_(eps))).to(x.dtype)
-    if not weighted:
-        return h
     return (norm.weight[:, None] if columns else norm.weight) * h
 
 
@@ -442,29 +432,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, dim: i
 
 def _fused(layer) -> tuple:
     """((weight, bias) of q, k, v stacked, (weight, bias) of gate and up stacked) for one
-    decoder layer, each None where its projections do not stack (another MLP, mixed biases).
+    decoder layer, each None where its projections do not stack (another MLP, mixed biases)."""
 
-    The weight of the RMS norm before each stack is folded into it (its columns scaled, in
-    fp32): `W @ (g * h)` is `(W * g) @ h`, so the step skips a multiplication per norm (the
-    same values to float rounding)."""
-
-    def stack(norm, *linears):
+    def stack(*linears):
         if not all(_plain_linear(m) for m in linears):  # a subclass may compute otherwise
             return None
         biases = [m.bias for m in linears]
         if any(b is None for b in biases) and not all(b is None for b in biases):
             return None
         weight = torch.cat([m.weight.detach() for m in linears])
-        if _rms(norm):
-            gain = norm.weight.detach().to(torch.float32)
-            weight = (weight.to(torch.float32) * gain).to(weight.dtype)
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return weight, bias
 
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = stack(layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj)
+    qkv = stack(attn.q_proj, attn.k_proj, attn.v_proj)
     parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    gate_up = None
-    if all(hasattr(mlp, a) for a in parts):
-        gate_up = stack(layer.post_attention_layernorm, mlp.gate_proj, mlp.up_proj)
+    gate_up = stack(mlp.gate_proj, mlp.up_proj) if all(hasattr(mlp, a) for a in parts) else None
     return qkv, gate_up
