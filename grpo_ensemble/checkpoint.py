@@ -50,6 +50,7 @@ MUST_MATCH = [
     "train.zero_stage",
     "train.lr",
     "train.adam_betas",
+    "train.adam_eps",
     "train.weight_decay",
     "train.warmup_steps",
     "train.schedule",
@@ -214,11 +215,18 @@ def _get(data: dict, dotted: str) -> Any:
     return data
 
 
+# fields added after checkpoints were first written: absent from an older checkpoint's recipe,
+# where they had this value
+BEFORE_THE_FIELD = {"train.adam_eps": 1e-8}
+
+
 def check_compatible(state: dict, recipe_now: dict, path: Path) -> None:
     """Refuse a resume whose recipe changed in a way that matters, naming the difference."""
     then = state["recipe"]
     for field in MUST_MATCH:
         a, b = _get(then, field), _get(recipe_now, field)
+        if a is None and field in BEFORE_THE_FIELD:
+            a = BEFORE_THE_FIELD[field]
         if a != b:
             raise UserError(
                 f"--resume: {field} was {_show(a)} in the checkpoint {path} but is {_show(b)} "

@@ -227,7 +227,7 @@ def check_with_deepspeed(config: dict) -> None:
 
 # Keys a raw DeepSpeed config may not set: the recipe owns them, with the field to use instead.
 OWNED = {
-    "optimizer": "train.lr, train.adam_betas, train.weight_decay (we build AdamW)",
+    "optimizer": "train.lr, train.adam_betas, train.adam_eps, train.weight_decay (we build AdamW)",
     "scheduler": "train.warmup_steps and train.schedule",
     "train_batch_size": "train.micro_batch_size (the step's batch is the step's candidates)",
     "fp16": "train.precision (fp16 is not supported; use bf16)",
@@ -350,7 +350,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
         lr=t.lr,
         betas=t.adam_betas,
         weight_decay=t.weight_decay,
-        eps=1e-8,
+        eps=t.adam_eps,
         **fastest_adamw(params),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))

@@ -205,6 +205,9 @@ class TrainConfig(_Config):
     lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    adam_eps: float = Field(
+        1e-8, gt=0, description="AdamW epsilon, added to the root of the second moment."
+    )
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup.")
     schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warmup.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")

@@ -64,7 +64,10 @@ def test_every_model_of_a_run_takes_its_precision(small_recipe, tmp_path):
 def test_engine_step_equals_plain_torch_adamw(small_recipe):
     """One optimizer step of our engine (fused AdamW, DeepSpeed's clipping, no all-reduce copy
     on one rank) against torch's reference AdamW loop with the same clipping."""
-    recipe = small_recipe(train__lr=1e-2, train__max_grad_norm=0.5, train__weight_decay=0.1)
+    # an epsilon far from the default, so that the recipe's reaching AdamW shows
+    recipe = small_recipe(
+        train__lr=1e-2, train__max_grad_norm=0.5, train__weight_decay=0.1, train__adam_eps=1e-3
+    )
     model, _ = load_model("builtin:tiny-arith-small", "policy.model")
     reference, _ = load_model("builtin:tiny-arith-small", "policy.model")
     engine = build_engine(recipe, model, torch.float32)
@@ -79,7 +82,7 @@ def test_engine_step_equals_plain_torch_adamw(small_recipe):
         engine.step()
     initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
     opt = torch.optim.AdamW(
-        reference.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8, foreach=False
+        reference.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3, foreach=False
     )
     for _ in range(2):
         opt.zero_grad()

@@ -90,6 +90,7 @@ BAD = [
     (GOOD, "train.adam_betas=[2, 0.9]", "--set: train.adam_betas.0: Input should be less than 1"),
     (GOOD, "train.adam_betas=[0.9, -1]", "train.adam_betas.1: Input should be greater than or"),
     (GOOD, "train.lr=.inf", "--set: train.lr: Input should be a finite number"),
+    (GOOD, "train.adam_eps=0", "--set: train.adam_eps: Input should be greater than 0"),
     (GOOD, "loss.beta=.nan", "--set: loss.beta: Input should be a finite number"),
     (GOOD, "loss.tis_high=.inf", "--set: loss.tis_high: Input should be a finite number"),
     (GOOD, "rewards=[{name: exact_match, weight: .nan}]", "rewards.0.weight: Input should be a"),
@@ -104,6 +105,7 @@ BAD = [
     (GOOD, "eval.max_new_tokens=true", "--set: eval.max_new_tokens: give a number, not true"),
     (GOOD, "policy.sampling.top_k=false", "policy.sampling.top_k: give a number, not false"),
     (GOOD, "train.adam_betas=[false, 0.9]", "--set: train.adam_betas: give numbers, not false"),
+    (GOOD, "train.adam_eps=true", "--set: train.adam_eps: give a number, not true"),
     # what DeepSpeed itself refuses (it failed in deepspeed.initialize with exit 1)
     (
         GOOD,

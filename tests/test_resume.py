@@ -356,6 +356,7 @@ def test_resume_refuses_a_changed_optimizer_setting_the_checkpoint_would_overrid
     for change, message in [
         ("train.lr=0.5", "train.lr was 0.001 in the checkpoint"),
         ("train.warmup_steps=0", "train.warmup_steps was 2 in the checkpoint"),
+        ("train.adam_eps=1e-6", "train.adam_eps was 1.0e-08 in the checkpoint"),
     ]:
         assert main([*args, "--set", change, "--set", "train.steps=2"]) == 2
         assert message in capsys.readouterr().err
@@ -569,3 +570,19 @@ def test_the_trained_model_is_saved_before_the_evaluation_after_training(tmp_pat
     with pytest.raises(RuntimeError, match="the evaluation broke"):
         train(recipe, overrides=[f"output_dir={out}", "eval.after=true", "eval.before=false"])
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_from_before_adam_eps_resumes_with_the_epsilon_it_had(tmp_path, capsys):
+    # checkpoints written before the field existed have no train.adam_eps: they ran with 1e-8
+    recipe = _recipe(tmp_path, steps=1)
+    out = tmp_path / "run"
+    train(recipe, overrides=[f"output_dir={out}"])
+    state_file = out / "checkpoints" / "step-00000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["recipe"]["train"]["adam_eps"]
+    state_file.write_text(json.dumps(state))
+    args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", "auto"]
+    assert main([*args, "--set", "train.adam_eps=1e-6", "--set", "train.steps=2"]) == 2
+    assert "train.adam_eps was 1.0e-08 in the checkpoint" in capsys.readouterr().err
+    resumed = train(recipe, overrides=[f"output_dir={out}", "train.steps=2"], resume="auto")
+    assert [m["step"] for m in resumed.metrics] == [2]
