@@ -49,6 +49,19 @@ LLAMA_FAMILY = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 FUSE_MAX_BYTES = 256 * 2**20
 FUSE_GPU_SHARE = 0.1
 
+# On a GPU the lean step's kernels are short and the GPU waits on their launches (an H200, a
+# 0.63B model: busy 20-46% of `sample`, about 40 launches a layer and token). There the step
+# runs as a CUDA graph, captured once per `sample` (whose cache and recording buffers it
+# writes) and replayed for every token after the first. A graph replays fixed shapes and
+# addresses, so the captured step is the "static" one (`LeanDecoder`, `static=True`): it writes
+# the cache and the recording at positions held in device tensors, and attends over the
+# cache's whole room with the positions not written yet masked (zeros there, so they weigh
+# exactly nothing). Devices where the sampling loop asks for the static step, and from how many
+# new tokens (a capture costs about one step's launches and the graph's instantiation):
+STATIC_DEVICES = {"cuda"}
+STATIC_MIN_TOKENS = 16
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one per GPU, made at first use
+
 
 def fuse_pays(model_bytes: int, device_type: str, device_memory: int | None = None) -> bool:
     """Whether the lean step stacks q/k/v and gate/up for a model of `model_bytes` on a device
@@ -178,6 +191,7 @@ class LeanDecoder:
         cache: Cache,
         full_mask: torch.Tensor,
         recording: Recording | None = None,
+        static: bool = False,
     ):
         self.model = model
         self.base = model.model
@@ -206,6 +220,30 @@ class LeanDecoder:
         if recording is not None and ok and replay_pays(model, rows, recording.steps_max):
             recording.start(model, self.columns, rows)
             self.recording = recording
+        # the static step (see STATIC_DEVICES): row layout, positions from the rotary table
+        room = getattr(self.cache_layers[0], "key_buf", None)
+        self.static = (
+            static
+            and self.rope is not None
+            and not self.columns
+            and room is not None
+            and room.shape[2] == full_mask.shape[1]  # a cache that did not grow past its plan
+        )
+        self.graph = None  # the captured static step, on a GPU
+        if self.static:
+            self._static_setup(device)
+
+    def _static_setup(self, device) -> None:
+        """State of the static step: the next cache position and recording token as device
+        tensors (the step advances them itself), the cache's unwritten positions zeroed."""
+        first = self.cache_layers[0]
+        self.slot = torch.full((1,), first.filled, dtype=torch.long, device=device)
+        self.token = torch.zeros(1, dtype=torch.long, device=device)  # the recording's next
+        for kv in self.cache_layers:
+            kv.key_buf[:, :, kv.filled :].zero_()
+            kv.value_buf[:, :, kv.filled :].zero_()
+        self.key_at = torch.arange(first.key_buf.shape[2], device=device)
+        self.graphed = device.type == "cuda"
 
     def _rope_table(self, n: int, dtype, device):
         """(cos, signed sin), each (n, D), of positions 0 … n−1 ((D, n) in column layout), or
@@ -222,7 +260,7 @@ class LeanDecoder:
         return (cos.t().contiguous(), sin.t().contiguous()) if self.columns else (cos, sin)
 
     @classmethod
-    def build(cls, model, cache, full_mask, recording=None) -> LeanDecoder | None:
+    def build(cls, model, cache, full_mask, recording=None, static=False) -> LeanDecoder | None:
         """A decoder for `model` over the prefilled `cache`, or None where the model needs its
         own forward (another architecture, ZeRO-3 weights that are sharded or that only module
         calls would reach, a cache other than ours)."""
@@ -242,10 +280,17 @@ class LeanDecoder:
             return None
         if zero3_managed(model) and not hook_free(model):
             return None  # ZeRO-3: see the module
-        return cls(model, cache, full_mask, recording)
+        return cls(model, cache, full_mask, recording, static and not zero3_managed(model))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
+        if self.static:
+            logits = self._graph_step(tokens, positions) if self.graphed else None
+            if logits is None:
+                logits = self._static_step(tokens, positions)
+            if self.recording is not None:
+                self.recording.steps += 1
+            return logits
         cols = self.columns
         x = _embed(self.base.embed_tokens, tokens)  # (B, hidden)
         if cols:
@@ -279,6 +324,121 @@ class LeanDecoder:
             self.recording.steps += 1
         logits = _project(self.model.lm_head, _norm(self.base.norm, x, cols), cols)
         return logits.t().contiguous() if cols else logits
+
+    def _graph_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The static step through its CUDA graph: the first call computes its token (which
+        also warms up what a capture needs ready) and captures the graph, each later call
+        replays it on copies of its inputs. None where the capture failed (an operation a graph
+        cannot hold): the static step then runs without one.
+
+        The capture runs on a stream of its own, as CUDA asks, without `torch.cuda.graph`'s
+        emptying of the allocator's cache (every sampling call would then leave the update to
+        allocate its memory from the driver again). Every tensor the graph reads or writes
+        outside its own pool (cache, recording, inputs) was allocated before, on the current
+        stream."""
+        if self.graph is not None:
+            self._tokens_in.copy_(tokens)
+            self._positions_in.copy_(positions)
+            self.graph.replay()
+            return self._logits_out
+        self._tokens_in, self._positions_in = tokens.clone(), positions.clone()
+        logits = self._static_step(self._tokens_in, self._positions_in)
+        device = tokens.device
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._logits_out = self._static_step(self._tokens_in, self._positions_in)
+                finally:
+                    graph.capture_end()
+        except RuntimeError as e:  # nothing ran during the capture: the state is as it was
+            import warnings
+
+            warnings.warn(f"decoding without a CUDA graph: its capture failed ({e})", stacklevel=2)
+            self.graphed = False
+            return logits
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = graph
+        return logits
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The step in row layout with fixed shapes and addresses (see STATIC_DEVICES): the
+        same operations as `__call__`, but the new keys and values written at `self.slot`, the
+        attention over every position of the cache (those after `slot` blocked), and each
+        product copied into the recording at `self.token`; both counters advanced in place."""
+        x = _embed(self.base.embed_tokens, tokens)  # (B, hidden)
+        at = positions[:, 0]
+        rope = self.rope[0][at].unsqueeze(1), self.rope[1][at].unsqueeze(1)  # (B, 1, D)
+        if self.head_bias is None:
+            b, kv_heads, room = self.cache_layers[0].key_buf.shape[:3]
+            self.head_bias = self.bias.expand(b, kv_heads, 1, room).reshape(-1, 1, room)
+        blocked = torch.finfo(self.head_bias.dtype).min
+        bias = torch.where(self.key_at <= self.slot, self.head_bias, blocked)  # (B·KVH, 1, S)
+        layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
+        for i, (layer, kv, (qkv, gate_up)) in enumerate(layers):
+            keep = self._keeper(i)
+            h = _norm(layer.input_layernorm, x, False)
+            x = x + self._attend_static(layer.self_attn, h, rope, kv, qkv, keep, bias)
+            h = _norm(layer.post_attention_layernorm, x, False)
+            mlp = layer.mlp
+            if gate_up is None:
+                gate = keep("gate", _project(mlp.gate_proj, h, False))
+                up = keep("up", _project(mlp.up_proj, h, False))
+            else:
+                both = keep("gate_up", _product(*gate_up, h, False))
+                gate, up = both.chunk(2, dim=-1)
+            act = mlp.act_fn.forward(gate) * up
+            x = x + keep("down", _project(mlp.down_proj, act, False))
+        self.slot.add_(1)
+        if self.recording is not None:
+            self.token.add_(1)
+        return _project(self.model.lm_head, _norm(self.base.norm, x, False), False)
+
+    def _keeper(self, layer: int):
+        """keep(name, y) → `y`, copied into the recording at token `self.token` first when
+        recording."""
+        rec = self.recording
+        if rec is None:
+            return lambda name, y: y
+
+        def keep(name: str, y: torch.Tensor) -> torch.Tensor:
+            buf = rec.buffer(layer, name, y.shape[-1], y)  # (tokens, B, out)
+            buf.index_copy_(0, self.token, y.unsqueeze(0))
+            return y
+
+        return keep
+
+    def _attend_static(self, attn, h, rope, kv: GrowingLayer, qkv, keep, bias) -> torch.Tensor:
+        """`_attend` in row layout for the static step: the new key and value written at
+        `self.slot`, the attention over the cache's whole room under `bias`."""
+        d, b = attn.head_dim, h.shape[0]
+        if qkv is None:
+            q = keep("q", _project(attn.q_proj, h, False)).view(b, -1, d)
+            k = keep("k", _project(attn.k_proj, h, False)).view(b, -1, d)
+            q, k = _rotate(q, *rope, 2), _rotate(k, *rope, 2)
+            v = keep("v", _project(attn.v_proj, h, False)).view(b, -1, d)
+        else:
+            heads = attn.q_proj.out_features // d
+            kv_heads = attn.k_proj.out_features // d
+            both = keep("qkv", _product(*qkv, h, False)).view(b, -1, d)
+            qk = _rotate(both.narrow(1, 0, heads + kv_heads), *rope, 2)
+            q, k = qk.split([heads, kv_heads], dim=1)
+            v = both.narrow(1, heads + kv_heads, kv_heads)
+        kv.key_buf.index_copy_(2, self.slot, k.unsqueeze(2))
+        kv.value_buf.index_copy_(2, self.slot, v.unsqueeze(2))
+        room, kv_heads = kv.key_buf.shape[2], kv.key_buf.shape[1]
+        q = q.reshape(b * kv_heads, -1, d)
+        keys = kv.key_buf.view(-1, room, d)
+        values = kv.value_buf.view(-1, room, d)
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=attn.scaling)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(weights, values).reshape(b, -1)
+        return keep("o", _project(attn.o_proj, out, False))
 
     def _slots(self, layer: int):
         """put(name, linear or weight) → where this token's product goes: the recording's

@@ -100,6 +100,11 @@ class Recording:
 
     def slot(self, layer: int, name: str, out: int, like: torch.Tensor) -> torch.Tensor:
         """The buffer's place for this token's (out, B) or (B, out) product."""
+        buf = self.buffer(layer, name, out, like)
+        return buf[:, self.steps] if self.columns else buf[self.steps]
+
+    def buffer(self, layer: int, name: str, out: int, like: torch.Tensor) -> torch.Tensor:
+        """The buffer of a layer's product `name` with `out` outputs (made at the first ask)."""
         bufs = self.layers[layer]
         if name not in bufs:
             if self.columns:
@@ -111,8 +116,7 @@ class Recording:
                 self.buffers.append(bufs[name])
             else:
                 bufs[name] = like.new_empty(shape)
-        buf = bufs[name]
-        return buf[:, self.steps] if self.columns else buf[self.steps]
+        return bufs[name]
 
 
 def weights_version(model: torch.nn.Module) -> int:

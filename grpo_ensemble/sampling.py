@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import decode
 from .decode import (
     LeanDecoder,
     cache_name,
@@ -127,8 +128,16 @@ class _Forward:
                 **cache,
             )
             self.cache, self.logits = cache_of(out), out.logits[:, -1, :]
-        lean = LeanDecoder.build(model, self.cache, self.full_mask, recording) if cache else None
-        self.lean = lean
+        # the static step (a CUDA graph on a GPU) where it pays: decode.STATIC_DEVICES
+        static = (
+            input_ids.device.type in decode.STATIC_DEVICES
+            and max_new_tokens >= decode.STATIC_MIN_TOKENS
+        )
+        self.lean = (
+            LeanDecoder.build(model, self.cache, self.full_mask, recording, static)
+            if cache
+            else None
+        )
         self.next_pos = positions[:, -1:] + 1  # (B, 1)
 
     def advance(self, tokens: torch.Tensor) -> None:

@@ -119,8 +119,9 @@ class OtherNorm(torch.nn.Module):
         return self.norm(x)
 
 
-def lean_against_forward(model, steps: int = 5, atol: float = 2e-6):
-    """The lean step's logits against the model's forward, over `steps` tokens; the decoder."""
+def lean_against_forward(model, steps: int = 5, atol: float = 2e-6, static: bool = False):
+    """The lean step's logits against the model's forward, over `steps` tokens; the decoder
+    (the static one, as a GPU's graph replays it, where `static`)."""
     ids, mask = left_padded()
     full = torch.cat([mask, torch.ones(mask.shape[0], steps, dtype=mask.dtype)], 1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -128,7 +129,7 @@ def lean_against_forward(model, steps: int = 5, atol: float = 2e-6):
     with torch.no_grad():
         cache = preallocated_cache(model, ids.shape[1] + steps)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
-        lean = LeanDecoder.build(model, cache_of(out), full)
+        lean = LeanDecoder.build(model, cache_of(out), full, static=static)
         assert lean is not None
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         for t in range(steps):
@@ -165,6 +166,61 @@ def test_lean_step_equals_the_models_forward(kind, fuse, columns, monkeypatch):
     assert all((qkv is not None) == fuse for qkv, _ in lean.fused)
     assert all((gate_up is not None) == fuse for _, gate_up in lean.fused)
     assert (lean.rope is None) == (kind == "llama-dynamic")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_static_step_equals_the_models_forward(kind, fuse, monkeypatch):
+    # the step a GPU captures as a CUDA graph, run here without one: the cache and position
+    # as device tensors, the attention over the cache's whole room with its unwritten
+    # positions blocked
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
+    use_columns(monkeypatch, False)
+    model = build(kind)
+    lean = lean_against_forward(model, steps=7, static=True)
+    assert lean.static and not lean.graphed
+    ids, _ = left_padded()
+    assert lean.slot.tolist() == [ids.shape[1] + 7]  # it advanced once per token
+    # the cache holds what the model's own cache holds, and zeros after it
+    kv = lean.cache_layers[0]
+    assert kv.key_buf.shape[2] == ids.shape[1] + 7
+    assert kv.key_buf[:, :, -1].abs().sum() > 0  # the last token's key, written in place
+
+
+def test_static_step_only_where_positions_come_from_a_table(monkeypatch):
+    # rotary scaling that depends on the length (dynamic) and column layout: the usual step
+    use_columns(monkeypatch, False)
+    assert not lean_against_forward(build("llama-dynamic"), static=True).static
+    use_columns(monkeypatch, True)
+    assert not lean_against_forward(build("llama"), static=True).static
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_sampling_with_the_static_step_equals_the_plain_forward_loop(kind, monkeypatch):
+    use_columns(monkeypatch, False)
+    model = build(kind)
+    ids, mask = left_padded()
+    kw = dict(temperature=1.0, top_k=0, top_p=0.9, seeds=[11, 12, 13, 14, 15], min_new_tokens=2)
+    steps = []
+    real = LeanDecoder._static_step
+
+    def counted(self, tokens, positions):
+        steps.append(self.slot.item())
+        return real(self, tokens, positions)
+
+    monkeypatch.setattr(LeanDecoder, "_static_step", counted)
+    monkeypatch.setattr(decode_module, "STATIC_DEVICES", {"cpu"})
+    monkeypatch.setattr(decode_module, "STATIC_MIN_TOKENS", 12)
+    fast = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
+    assert steps == list(range(ids.shape[1], ids.shape[1] + len(steps)))
+    assert len(steps) == fast[0].shape[1] - 1  # every token fed back, through the static step
+    steps.clear()
+    sample(model, ids, mask, 11, eos_id=2, pad_id=0, **kw)  # below STATIC_MIN_TOKENS
+    assert steps == []
+    monkeypatch.setattr(sampling_module, "preallocated_cache", lambda model, room: {})
+    plain = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
+    assert torch.equal(fast[0], plain[0])
+    torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("columns", [True, False])

@@ -94,6 +94,27 @@ def test_replay_equals_the_plain_forward_and_gradient(kind, columns, fuse, share
     assert_same(model, batch, [Trace(rec, i) for i in range(len(prompts))])
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_replay_of_a_recording_by_the_static_step(fuse, monkeypatch):
+    # the static step (a GPU's CUDA graph) copies each product into the recording at a token
+    # index held on the device: the same recording, and the same replay
+    use_columns(monkeypatch, False)
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40 if fuse else 0)
+    model = build("llama")
+    prompts, completions, usual = sampled(model)
+    monkeypatch.setattr(decode_module, "STATIC_DEVICES", {"cpu"})
+    monkeypatch.setattr(decode_module, "STATIC_MIN_TOKENS", 0)
+    again, completions_again, rec = sampled(model)
+    assert (again, completions_again) == (prompts, completions)
+    assert rec.steps == usual.steps == NEW - 1
+    for mine, theirs in zip(rec.layers, usual.layers, strict=True):
+        assert mine.keys() == theirs.keys()
+        for name, buf in mine.items():
+            torch.testing.assert_close(buf, theirs[name], rtol=0, atol=1e-6)
+    batch = TokenBatch.build(prompts, completions, 0)
+    assert_same(model, batch, [Trace(rec, i) for i in range(len(prompts))])
+
+
 @pytest.mark.parametrize("columns", [True, False])
 def test_replay_of_rows_in_another_order_from_two_recordings(columns, monkeypatch):
     # a micro-batch sorted by length, some candidates dropped, from two sampling calls (two
