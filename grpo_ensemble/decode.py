@@ -284,13 +284,61 @@ class LeanDecoder:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
-        if self.static:
-            logits = self._graph_step(tokens, positions) if self.graphed else None
-            if logits is None:
-                logits = self._static_step(tokens, positions)
-            if self.recording is not None:
-                self.recording.steps += 1
+        if self.static and self.graphed:
+            logits = self._graph_step(tokens, positions)
+        else:
+            logits = self._step(tokens, positions)
+        if self.recording is not None:
+            self.recording.steps += 1
+        return logits
+
+    def _graph_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The static step through its CUDA graph: the first call computes its token (which
+        also warms up what a capture needs ready) and captures the graph, each later call
+        replays it on copies of its inputs. Where the capture fails (an operation a graph
+        cannot hold), the static step runs without a graph from the next token on.
+
+        The capture runs on a stream of its own, as CUDA asks, without `torch.cuda.graph`'s
+        emptying of the allocator's cache (every sampling call would then leave the update to
+        allocate its memory from the driver again). Every tensor the graph reads or writes
+        outside its own pool (cache, recording, inputs) was allocated before, on the current
+        stream."""
+        if self.graph is not None:
+            self._tokens_in.copy_(tokens)
+            self._positions_in.copy_(positions)
+            self.graph.replay()
+            return self._logits_out
+        self._tokens_in, self._positions_in = tokens.clone(), positions.clone()
+        logits = self._step(self._tokens_in, self._positions_in)
+        device = tokens.device
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._logits_out = self._step(self._tokens_in, self._positions_in)
+                finally:
+                    graph.capture_end()
+        except RuntimeError as e:  # nothing ran during the capture: the state is as it was
+            import warnings
+
+            warnings.warn(f"decoding without a CUDA graph: its capture failed ({e})", stacklevel=2)
+            self.graphed = False
             return logits
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = graph
+        return logits
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row through every layer, in the decoder's layout. The static step
+        (see STATIC_DEVICES; row layout) differs only in where keys, values and products go
+        and what the attention reads: the new key and value written at `self.slot`, the
+        attention over every position of the cache (those after `slot` blocked), each product
+        copied into the recording at `self.token`; both counters advanced in place."""
         cols = self.columns
         x = _embed(self.base.embed_tokens, tokens)  # (B, hidden)
         if cols:
@@ -305,191 +353,109 @@ class LeanDecoder:
             cos, sin = self.base.rotary_emb.forward(x, positions)  # (B, 1, D)
             sin = signed_sin(sin)
             rope = (cos[:, 0].t(), sin[:, 0].t()) if cols else (cos, sin)
+        bias = None  # the usual step: the mask up to the cache's filled part, per layer
+        if self.static:  # (B·KVH, 1, S): every position, those not written yet blocked
+            head_bias = self._head_bias(*self.cache_layers[0].key_buf.shape[:2])
+            blocked = torch.finfo(head_bias.dtype).min
+            bias = torch.where(self.key_at <= self.slot, head_bias, blocked)
         layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
         for i, (layer, kv, (qkv, gate_up)) in enumerate(layers):
-            put = self._slots(i)
+            prod = self._producer(i)
             h = _norm(layer.input_layernorm, x, cols)
-            x = x + self._attend(layer.self_attn, h, rope, kv, qkv, put)
+            x = x + self._attend(layer.self_attn, h, rope, kv, qkv, prod, bias)
             h = _norm(layer.post_attention_layernorm, x, cols)
             mlp = layer.mlp
             if gate_up is None:
-                gate = _project(mlp.gate_proj, h, cols, put("gate", mlp.gate_proj))
-                up = _project(mlp.up_proj, h, cols, put("up", mlp.up_proj))
+                gate = prod("gate", mlp.gate_proj, h)
+                up = prod("up", mlp.up_proj, h)
             else:  # the gate and up projections in one product
-                both = _product(*gate_up, h, cols, put("gate_up", gate_up[0]))
-                gate, up = both.chunk(2, dim=0 if cols else -1)
+                gate, up = prod("gate_up", gate_up, h).chunk(2, dim=0 if cols else -1)
             act = mlp.act_fn.forward(gate) * up
-            x = x + _project(mlp.down_proj, act, cols, put("down", mlp.down_proj))
-        if self.recording is not None:
-            self.recording.steps += 1
+            x = x + prod("down", mlp.down_proj, act)
+        if self.static:
+            self.slot.add_(1)
+            if self.recording is not None:
+                self.token.add_(1)
         logits = _project(self.model.lm_head, _norm(self.base.norm, x, cols), cols)
         return logits.t().contiguous() if cols else logits
 
-    def _graph_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """The static step through its CUDA graph: the first call computes its token (which
-        also warms up what a capture needs ready) and captures the graph, each later call
-        replays it on copies of its inputs. None where the capture failed (an operation a graph
-        cannot hold): the static step then runs without one.
+    def _producer(self, layer: int):
+        """prod(name, w, x) → the product of `w` (a `Linear`, or a stacked (weight, bias)) with
+        `x` in the decoder's layout, kept in the recording under `name` when recording:
+        written into its place there (the usual step), or copied in at token `self.token`
+        (the static step, whose place in the recording is not fixed)."""
+        cols, rec = self.columns, self.recording
 
-        The capture runs on a stream of its own, as CUDA asks, without `torch.cuda.graph`'s
-        emptying of the allocator's cache (every sampling call would then leave the update to
-        allocate its memory from the driver again). Every tensor the graph reads or writes
-        outside its own pool (cache, recording, inputs) was allocated before, on the current
-        stream."""
-        if self.graph is not None:
-            self._tokens_in.copy_(tokens)
-            self._positions_in.copy_(positions)
-            self.graph.replay()
-            return self._logits_out
-        self._tokens_in, self._positions_in = tokens.clone(), positions.clone()
-        logits = self._static_step(self._tokens_in, self._positions_in)
-        device = tokens.device
-        stream = _CAPTURE_STREAMS.get(device)
-        if stream is None:
-            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(stream):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    self._logits_out = self._static_step(self._tokens_in, self._positions_in)
-                finally:
-                    graph.capture_end()
-        except RuntimeError as e:  # nothing ran during the capture: the state is as it was
-            import warnings
+        def product(w, x, out=None):
+            if isinstance(w, torch.nn.Module):
+                return _project(w, x, cols, out)
+            return _product(*w, x, cols, out)
 
-            warnings.warn(f"decoding without a CUDA graph: its capture failed ({e})", stacklevel=2)
-            self.graphed = False
-            return logits
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = graph
-        return logits
+        if rec is None:
+            return lambda name, w, x: product(w, x)
+        if self.static:
 
-    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The step in row layout with fixed shapes and addresses (see STATIC_DEVICES): the
-        same operations as `__call__`, but the new keys and values written at `self.slot`, the
-        attention over every position of the cache (those after `slot` blocked), and each
-        product copied into the recording at `self.token`; both counters advanced in place."""
-        x = _embed(self.base.embed_tokens, tokens)  # (B, hidden)
-        at = positions[:, 0]
-        rope = self.rope[0][at].unsqueeze(1), self.rope[1][at].unsqueeze(1)  # (B, 1, D)
+            def copied(name: str, w, x: torch.Tensor) -> torch.Tensor:
+                y = product(w, x)  # (B, out): the static step is in row layout
+                rec.buffer(layer, name, y.shape[-1], y).index_copy_(0, self.token, y[None])
+                return y
+
+            return copied
+        like = self.base.embed_tokens.weight
+
+        def written(name: str, w, x: torch.Tensor) -> torch.Tensor:
+            out = (w.weight if isinstance(w, torch.nn.Module) else w[0]).shape[0]
+            return product(w, x, rec.slot(layer, name, out, like))
+
+        return written
+
+    def _head_bias(self, b: int, kv_heads: int) -> torch.Tensor:
+        """The mask per (row, key/value head): (B·KVH, 1, S), made at the first step."""
         if self.head_bias is None:
-            b, kv_heads, room = self.cache_layers[0].key_buf.shape[:3]
-            self.head_bias = self.bias.expand(b, kv_heads, 1, room).reshape(-1, 1, room)
-        blocked = torch.finfo(self.head_bias.dtype).min
-        bias = torch.where(self.key_at <= self.slot, self.head_bias, blocked)  # (B·KVH, 1, S)
-        layers = zip(self.layers, self.cache_layers, self.fused, strict=True)
-        for i, (layer, kv, (qkv, gate_up)) in enumerate(layers):
-            keep = self._keeper(i)
-            h = _norm(layer.input_layernorm, x, False)
-            x = x + self._attend_static(layer.self_attn, h, rope, kv, qkv, keep, bias)
-            h = _norm(layer.post_attention_layernorm, x, False)
-            mlp = layer.mlp
-            if gate_up is None:
-                gate = keep("gate", _project(mlp.gate_proj, h, False))
-                up = keep("up", _project(mlp.up_proj, h, False))
-            else:
-                both = keep("gate_up", _product(*gate_up, h, False))
-                gate, up = both.chunk(2, dim=-1)
-            act = mlp.act_fn.forward(gate) * up
-            x = x + keep("down", _project(mlp.down_proj, act, False))
-        self.slot.add_(1)
-        if self.recording is not None:
-            self.token.add_(1)
-        return _project(self.model.lm_head, _norm(self.base.norm, x, False), False)
+            full = self.bias.shape[-1]
+            self.head_bias = self.bias.expand(b, kv_heads, 1, full).reshape(-1, 1, full)
+        return self.head_bias
 
-    def _keeper(self, layer: int):
-        """keep(name, y) → `y`, copied into the recording at token `self.token` first when
-        recording."""
-        rec = self.recording
-        if rec is None:
-            return lambda name, y: y
-
-        def keep(name: str, y: torch.Tensor) -> torch.Tensor:
-            buf = rec.buffer(layer, name, y.shape[-1], y)  # (tokens, B, out)
-            buf.index_copy_(0, self.token, y.unsqueeze(0))
-            return y
-
-        return keep
-
-    def _attend_static(self, attn, h, rope, kv: GrowingLayer, qkv, keep, bias) -> torch.Tensor:
-        """`_attend` in row layout for the static step: the new key and value written at
-        `self.slot`, the attention over the cache's whole room under `bias`."""
-        d, b = attn.head_dim, h.shape[0]
-        if qkv is None:
-            q = keep("q", _project(attn.q_proj, h, False)).view(b, -1, d)
-            k = keep("k", _project(attn.k_proj, h, False)).view(b, -1, d)
-            q, k = _rotate(q, *rope, 2), _rotate(k, *rope, 2)
-            v = keep("v", _project(attn.v_proj, h, False)).view(b, -1, d)
-        else:
-            heads = attn.q_proj.out_features // d
-            kv_heads = attn.k_proj.out_features // d
-            both = keep("qkv", _product(*qkv, h, False)).view(b, -1, d)
-            qk = _rotate(both.narrow(1, 0, heads + kv_heads), *rope, 2)
-            q, k = qk.split([heads, kv_heads], dim=1)
-            v = both.narrow(1, heads + kv_heads, kv_heads)
-        kv.key_buf.index_copy_(2, self.slot, k.unsqueeze(2))
-        kv.value_buf.index_copy_(2, self.slot, v.unsqueeze(2))
-        room, kv_heads = kv.key_buf.shape[2], kv.key_buf.shape[1]
-        q = q.reshape(b * kv_heads, -1, d)
-        keys = kv.key_buf.view(-1, room, d)
-        values = kv.value_buf.view(-1, room, d)
-        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=attn.scaling)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.bmm(weights, values).reshape(b, -1)
-        return keep("o", _project(attn.o_proj, out, False))
-
-    def _slots(self, layer: int):
-        """put(name, linear or weight) → where this token's product goes: the recording's
-        place for it, or None (a new tensor) when not recording."""
-        rec = self.recording
-        if rec is None:
-            return lambda name, w: None
-        h = self.base.embed_tokens.weight
-
-        def put(name: str, w) -> torch.Tensor:
-            out = (w.weight if isinstance(w, torch.nn.Module) else w).shape[0]
-            return rec.slot(layer, name, out, h)
-
-        return put
-
-    def _attend(self, attn, h: torch.Tensor, rope, kv: GrowingLayer, qkv, put) -> torch.Tensor:
+    def _attend(self, attn, h: torch.Tensor, rope, kv: GrowingLayer, qkv, prod, bias):
         """Self-attention of one new token per row, as transformers' eager attention, for `h`
-        in the decoder's layout; the result in that layout."""
+        in the decoder's layout; the result in that layout. `bias`: the static step's mask
+        over the whole cache, None for the usual step."""
         cols, d = self.columns, attn.head_dim
         b = h.shape[1] if cols else h.shape[0]
         # heads: (heads, D, B) in columns, (B, heads, D) in rows
         shape, at = ((-1, d, b), 0) if cols else ((b, -1, d), 1)
         dim = 1 if cols else 2  # D
         if qkv is None:
-            q = _project(attn.q_proj, h, cols, put("q", attn.q_proj)).view(shape)
-            k = _project(attn.k_proj, h, cols, put("k", attn.k_proj)).view(shape)
+            q = prod("q", attn.q_proj, h).view(shape)
+            k = prod("k", attn.k_proj, h).view(shape)
             q, k = _rotate(q, *rope, dim), _rotate(k, *rope, dim)
-            v = _project(attn.v_proj, h, cols, put("v", attn.v_proj)).view(shape)
+            v = prod("v", attn.v_proj, h).view(shape)
         else:  # the three projections in one product; q and k rotated together
             heads = attn.q_proj.out_features // d
             kv_heads = attn.k_proj.out_features // d
-            both = _product(*qkv, h, cols, put("qkv", qkv[0])).view(shape)
+            both = prod("qkv", qkv, h).view(shape)
             qk = _rotate(both.narrow(at, 0, heads + kv_heads), *rope, dim)
             q, k = qk.split([heads, kv_heads], dim=at)
             v = both.narrow(at, heads + kv_heads, kv_heads)
         if cols:  # (B, heads, D)
             q, k, v = q.permute(2, 0, 1), k.permute(2, 0, 1), v.permute(2, 0, 1)
-        keys, values = kv.update(k.unsqueeze(2), v.unsqueeze(2))  # (B, KVH, n, D)
+        if bias is None:
+            keys, values = kv.update(k.unsqueeze(2), v.unsqueeze(2))  # (B, KVH, n, D)
+            bias = self._head_bias(b, keys.shape[1])[..., : keys.shape[2]]
+        else:  # the static step: in place at `slot`, and every position read
+            kv.key_buf.index_copy_(2, self.slot, k.unsqueeze(2))
+            kv.value_buf.index_copy_(2, self.slot, v.unsqueeze(2))
+            keys, values = kv.key_buf, kv.value_buf
         n, kv_heads = keys.shape[2], keys.shape[1]
-        if self.head_bias is None:  # the mask per (row, key/value head): (B·KVH, 1, S)
-            full = self.bias.shape[-1]
-            self.head_bias = self.bias.expand(b, kv_heads, 1, full).reshape(-1, 1, full)
         # query head i reads key/value head i // groups, as transformers' repeat_kv; with the
         # rows and key/value heads in one batch dimension (views of the cache, no copy)
         q = q.reshape(b * kv_heads, -1, d)  # (B·KVH, groups, D)
         keys, values = keys.reshape(-1, n, d), values.reshape(-1, n, d)  # (B·KVH, n, D)
         # scaling × q·k + mask in one product, as eager's (q·k) × scaling + mask
-        scores = torch.baddbmm(self.head_bias[..., :n], q, keys.transpose(1, 2), alpha=attn.scaling)
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=attn.scaling)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.bmm(weights, values).reshape(b, -1)  # (B, H·D)
-        return _project(attn.o_proj, out.t() if cols else out, cols, put("o", attn.o_proj))
+        return prod("o", attn.o_proj, out.t() if cols else out)
 
 
 # the RMS norms `_norm` computes itself, as their forward does

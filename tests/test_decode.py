@@ -202,13 +202,14 @@ def test_sampling_with_the_static_step_equals_the_plain_forward_loop(kind, monke
     ids, mask = left_padded()
     kw = dict(temperature=1.0, top_k=0, top_p=0.9, seeds=[11, 12, 13, 14, 15], min_new_tokens=2)
     steps = []
-    real = LeanDecoder._static_step
+    real = LeanDecoder._step
 
     def counted(self, tokens, positions):
-        steps.append(self.slot.item())
+        if self.static:
+            steps.append(self.slot.item())
         return real(self, tokens, positions)
 
-    monkeypatch.setattr(LeanDecoder, "_static_step", counted)
+    monkeypatch.setattr(LeanDecoder, "_step", counted)
     monkeypatch.setattr(decode_module, "STATIC_DEVICES", {"cpu"})
     monkeypatch.setattr(decode_module, "STATIC_MIN_TOKENS", 12)
     fast = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
