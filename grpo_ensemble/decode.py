@@ -4,7 +4,7 @@ for the Llama family.
 Two costs of decoding through a transformers model's `forward` that are not arithmetic:
 
 - its default cache concatenates each new key and value onto the whole cache, copying all of
-  it at every token (`GrowingLayer` writes in place into buffers allocated once);
+  it at every token (`kvcache.GrowingLayer` writes in place into buffers allocated once);
 - every call runs the model's general machinery: keyword plumbing through decorators, an
   attention mask built for the whole cache, cache bookkeeping, the attention dispatch. On a
   CPU with a small model, or on a GPU where kernels are short, that costs more than the
@@ -28,12 +28,12 @@ tests/test_decode.py checks both against the model's `forward`.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
+from .graphs import GraphedCall
+from .kvcache import GrowingLayer
 from .recording import Recording, replay_pays
 
 # decoder layers whose forward is: x + attn(norm1(x)), then x + mlp(norm2(x)), with rotary
@@ -60,7 +60,6 @@ FUSE_GPU_SHARE = 0.1
 # new tokens (a capture costs about one step's launches and the graph's instantiation):
 STATIC_DEVICES = {"cuda"}
 STATIC_MIN_TOKENS = 16
-_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one per GPU, made at first use
 
 
 def fuse_pays(model_bytes: int, device_type: str, device_memory: int | None = None) -> bool:
@@ -69,98 +68,6 @@ def fuse_pays(model_bytes: int, device_type: str, device_memory: int | None = No
     if device_type == "cuda" and device_memory:
         return model_bytes <= FUSE_GPU_SHARE * device_memory
     return model_bytes <= FUSE_MAX_BYTES
-
-
-class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer with room for `room` positions allocated at its first
-    update. Each update writes in place and returns views of the filled part."""
-
-    room = 0
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._alloc(key_states, value_states, max(self.room, key_states.shape[-2]))
-        self.filled = 0
-
-    def _alloc(self, k: torch.Tensor, v: torch.Tensor, room: int) -> None:
-        b, h = k.shape[:2]
-        self.key_buf = k.new_empty((b, h, room, k.shape[-1]))
-        self.value_buf = v.new_empty((b, h, room, v.shape[-1]))
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.filled + key_states.shape[-2]
-        if end > self.key_buf.shape[-2]:  # more than planned: grow, keeping what is there
-            old_k, old_v = self.key_buf, self.value_buf
-            self._alloc(old_k, old_v, 2 * end)
-            self.key_buf[:, :, : self.filled] = old_k[:, :, : self.filled]
-            self.value_buf[:, :, : self.filled] = old_v[:, :, : self.filled]
-        self.key_buf.narrow(2, self.filled, end - self.filled).copy_(key_states)
-        self.value_buf.narrow(2, self.filled, end - self.filled).copy_(value_states)
-        self.filled = end
-        self.keys = self.key_buf[:, :, :end]
-        self.values = self.value_buf[:, :, :end]
-        return self.keys, self.values
-
-
-def full_attention_only(model: torch.nn.Module) -> bool:
-    """True when every layer attends to the whole past (no sliding window, no linear
-    attention), so that `GrowingLayer` can hold its cache."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "get_text_config"):
-        return False
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    except Exception:  # a config this transformers cannot read that way: keep the default
-        return False
-    return bool(types) and all(t == "full_attention" for t in types)
-
-
-def cache_name(model: torch.nn.Module) -> str | None:
-    """The keyword the model's forward takes its KV cache by (`cache` from transformers 5.2x
-    on, `past_key_values` before), or None."""
-    params = inspect.signature(model.forward).parameters
-    return next((n for n in ("cache", "past_key_values") if n in params), None)
-
-
-def cache_of(out):
-    """The KV cache a forward returned, under either name."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def distinct_rows(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first (U,), inverse (B,)) for the distinct rows of the (B, ·) tensors side by side (a
-    group's prompt, with its padding): row `first[u]` is one of distinct row u, and row i is
-    distinct row `inverse[i]`."""
-    key = torch.cat(columns, dim=1)
-    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
-    b = key.shape[0]
-    first = torch.full((len(distinct),), b, dtype=torch.long, device=key.device)
-    rows = torch.arange(b, device=key.device)
-    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
-
-
-def repeat_rows(cache: Cache, prefilled: Cache, inverse: torch.Tensor) -> Cache:
-    """Fill `cache` with the keys and values of `prefilled` (one row per distinct prompt), row i
-    taking distinct row `inverse[i]`; returns `cache`. Differentiable: a row's gradient flows
-    back to its prompt's keys and values, summed over the rows that share it."""
-    for i, layer in enumerate(prefilled.layers):
-        cache.update(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse), i)
-    return cache
-
-
-def preallocated_cache(model: torch.nn.Module, room: int) -> dict:
-    """Keyword arguments that give a forward a cache of `GrowingLayer`s with `room` positions,
-    or {} (the model's default cache) where such a cache does not fit the model."""
-    name = cache_name(model)
-    if name is None or not full_attention_only(model):
-        return {}
-    layer = type("GrowingLayer", (GrowingLayer,), {"room": room})
-    return {name: Cache(layer_class_to_replicate=layer)}
 
 
 # LeanDecoder keeps a step's hidden states in column layout, (hidden, B), on a CPU where
@@ -229,7 +136,6 @@ class LeanDecoder:
             and room is not None
             and room.shape[2] == full_mask.shape[1]  # a cache that did not grow past its plan
         )
-        self.graph = None  # the captured static step, on a GPU
         if self.static:
             self._static_setup(device)
 
@@ -243,7 +149,8 @@ class LeanDecoder:
             kv.key_buf[:, :, kv.filled :].zero_()
             kv.value_buf[:, :, kv.filled :].zero_()
         self.key_at = torch.arange(first.key_buf.shape[2], device=device)
-        self.graphed = device.type == "cuda"
+        # on a GPU, replayed as a CUDA graph (graphs.py)
+        self.graphed = GraphedCall(self._step) if device.type == "cuda" else None
 
     def _rope_table(self, n: int, dtype, device):
         """(cos, signed sin), each (n, D), of positions 0 … n−1 ((D, n) in column layout), or
@@ -284,53 +191,12 @@ class LeanDecoder:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after `tokens` (B,) at `positions` (B, 1)."""
-        if self.static and self.graphed:
-            logits = self._graph_step(tokens, positions)
+        if self.static and self.graphed is not None:
+            logits = self.graphed(tokens, positions)
         else:
             logits = self._step(tokens, positions)
         if self.recording is not None:
             self.recording.steps += 1
-        return logits
-
-    def _graph_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The static step through its CUDA graph: the first call computes its token (which
-        also warms up what a capture needs ready) and captures the graph, each later call
-        replays it on copies of its inputs. Where the capture fails (an operation a graph
-        cannot hold), the static step runs without a graph from the next token on.
-
-        The capture runs on a stream of its own, as CUDA asks, without `torch.cuda.graph`'s
-        emptying of the allocator's cache (every sampling call would then leave the update to
-        allocate its memory from the driver again). Every tensor the graph reads or writes
-        outside its own pool (cache, recording, inputs) was allocated before, on the current
-        stream."""
-        if self.graph is not None:
-            self._tokens_in.copy_(tokens)
-            self._positions_in.copy_(positions)
-            self.graph.replay()
-            return self._logits_out
-        self._tokens_in, self._positions_in = tokens.clone(), positions.clone()
-        logits = self._step(self._tokens_in, self._positions_in)
-        device = tokens.device
-        stream = _CAPTURE_STREAMS.get(device)
-        if stream is None:
-            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(stream):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    self._logits_out = self._step(self._tokens_in, self._positions_in)
-                finally:
-                    graph.capture_end()
-        except RuntimeError as e:  # nothing ran during the capture: the state is as it was
-            import warnings
-
-            warnings.warn(f"decoding without a CUDA graph: its capture failed ({e})", stacklevel=2)
-            self.graphed = False
-            return logits
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = graph
         return logits
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decode import _norm, _rotate, cache_of, signed_sin
+from .decode import _norm, _rotate, signed_sin
+from .kvcache import cache_of
 from .logprobs import (
     TokenBatch,
     checkpointing,

@@ -20,14 +20,8 @@ from collections.abc import Sequence
 import torch
 
 from . import decode
-from .decode import (
-    LeanDecoder,
-    cache_name,
-    cache_of,
-    distinct_rows,
-    preallocated_cache,
-    repeat_rows,
-)
+from .decode import LeanDecoder
+from .kvcache import cache_name, cache_of, distinct_rows, preallocated_cache, repeat_rows
 from .recording import Recording
 
 M32 = 0xFFFFFFFF

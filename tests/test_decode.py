@@ -17,13 +17,8 @@ from transformers.cache_utils import DynamicLayer
 
 import grpo_ensemble.decode as decode_module
 import grpo_ensemble.sampling as sampling_module
-from grpo_ensemble.decode import (
-    GrowingLayer,
-    LeanDecoder,
-    cache_of,
-    distinct_rows,
-    preallocated_cache,
-)
+from grpo_ensemble.decode import LeanDecoder
+from grpo_ensemble.kvcache import GrowingLayer, cache_of, distinct_rows, preallocated_cache
 from grpo_ensemble.sampling import sample
 
 SHAPE = dict(
