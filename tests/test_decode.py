@@ -349,3 +349,30 @@ def test_where_the_lean_step_stacks_its_projections():
     assert decode_module.fuse_pays(2.5 * gb, "cuda", 141 * gb)
     assert decode_module.fuse_pays(8 * gb, "cuda", 80 * gb)
     assert not decode_module.fuse_pays(14 * gb, "cuda", 80 * gb)  # 7B in bf16 on an 80 GB GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_sampling_through_a_cuda_graph_equals_the_lean_step_on_a_gpu(monkeypatch):
+    # on a GPU the static step is captured once per `sample` and replayed for the tokens after
+    # the first (graphs.GraphedCall); fp32: the same tokens as the usual lean step
+    model = build("llama").cuda()
+    ids, mask = (t.cuda() for t in left_padded())
+    kw = dict(temperature=1.0, top_k=0, top_p=0.9, seeds=[11, 12, 13, 14, 15], min_new_tokens=2)
+    built = []
+    real = LeanDecoder.build.__func__
+
+    def keep(cls, *a, **k):
+        built.append(real(cls, *a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(LeanDecoder, "build", classmethod(keep))
+    monkeypatch.setattr(decode_module, "STATIC_MIN_TOKENS", 0)
+    monkeypatch.setattr(decode_module, "STATIC_DEVICES", {"cuda"})
+    graphed = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
+    lean = built[-1]
+    assert lean.static and lean.graphed.graph is not None and not lean.graphed.failed
+    monkeypatch.setattr(decode_module, "STATIC_DEVICES", set())
+    usual = sample(model, ids, mask, 12, eos_id=2, pad_id=0, **kw)
+    assert not built[-1].static
+    assert torch.equal(graphed[0], usual[0])
+    torch.testing.assert_close(graphed[1], usual[1], rtol=0, atol=1e-5)
