@@ -59,3 +59,21 @@ def test_flops_count_the_passes_and_positions_each_framework_computes():
     assert grpo_step.flops(n, ours, 0.04, 2) == n * (6 * 2 * shared + 2 * shared)
     assert grpo_step.flops(n, trl, 0.04, 2) == n * (6 * 2 * whole + (2 + 2) * whole)
     assert grpo_step.flops(n, trl, 0.0, 1) == n * 6 * whole
+
+
+def test_sampling_benchmark_compares_the_static_step_with_the_usual_one():
+    # benchmarks/sampling.py on a CPU: the static step (no graph there) samples the same tokens
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--config", "tiny"]
+    cmd += ["--rounds", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("tiny fp32 on cpu: tokens the same 1.0000, max |Δ logp| ")
+    timed = [line.split(" median ")[0].strip() for line in lines if " median " in line]
+    assert timed == [
+        "lean",
+        "lean + recording",
+        "static (no graph)",
+        "static (no graph) + recording",
+    ]
+    assert all("(8 rows × 32 tokens)" in line for line in lines if " median " in line)
