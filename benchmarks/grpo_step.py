@@ -76,7 +76,7 @@ def model_dir(config: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from grpo_ensemble.tiny_models import build_tokenizer
+    from grpo_ensemble.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     tok.model_max_length = 512
@@ -140,7 +140,7 @@ def digit_share_scorer(samples) -> list[float]:
 
 
 def prompts(n: int) -> list[dict]:
-    from grpo_ensemble.tasks import TASKS
+    from grpo_ensemble.data.tasks import TASKS
 
     return TASKS["arithmetic"]("train")[:n]
 
@@ -166,8 +166,8 @@ def work_of(framework: str, config: str, path: Path, gc: bool) -> dict:
         return {"train": whole, "frozen": whole, "old_pass": True}
     from transformers import AutoModelForCausalLM
 
-    from grpo_ensemble.logprobs import TokenBatch, shared_prompt_plan
-    from grpo_ensemble.train import train_mode_is_eval_mode
+    from grpo_ensemble.models.logprobs import TokenBatch, shared_prompt_plan
+    from grpo_ensemble.trainer.step import train_mode_is_eval_mode
 
     model = AutoModelForCausalLM.from_pretrained(path)
     prompts = [[1] + [3 + g] * (prompt - 1) for g in range(groups) for _ in range(rows // groups)]
@@ -218,7 +218,7 @@ class Setting:
 def run_ours(s: Setting, reuse: bool = True) -> Result:
     import torch
 
-    from grpo_ensemble.loop import train
+    from grpo_ensemble.trainer.loop import train
 
     config, beta, mu, steps, warmup, threads, gc, precision, zero_stage = astuple(s)
     c = CONFIGS[config]

@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from grpo_step import CONFIGS, model_dir  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from grpo_ensemble import decode  # noqa: E402
-from grpo_ensemble.recording import BufferPool, Recording  # noqa: E402
-from grpo_ensemble.sampling import sample  # noqa: E402
+from grpo_ensemble.engine import decode  # noqa: E402
+from grpo_ensemble.engine.recording import BufferPool, Recording  # noqa: E402
+from grpo_ensemble.engine.sampling import sample  # noqa: E402
 
 
 def main() -> None:

@@ -1,16 +1,16 @@
 """grpo-ensemble: GRPO with groups pooled from an ensemble of language models."""
 
-from .components import (
+from .errors import GrpoEnsembleError, InputFileError, PluginError, RecipeError, RunError, UserError
+from .plugins.hookspecs import hookimpl
+from .plugins.interfaces import (
     Generator,
     GroupEvaluator,
     RewardScorer,
     SamplingParams,
     candidate_seed,
 )
-from .errors import GrpoEnsembleError, InputFileError, PluginError, RecipeError, RunError, UserError
-from .hookspecs import hookimpl
-from .loop import TrainResult, train
 from .recipe import Recipe, load_recipe
+from .trainer.loop import TrainResult, train
 from .types import Candidate, Group, GroupLayout, Prompt, Sample
 
 __all__ = [

@@ -48,8 +48,8 @@ ResumeOpt = Annotated[
 @app.command()
 def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> None:
     """Train the policy of a recipe; writes the run directory."""
-    from .loop import train as run_train
     from .recipe import load_recipe
+    from .trainer.loop import train as run_train
 
     r = load_recipe(recipe, set_ or [])
     console.print(f"run directory: {r.output_dir}")
@@ -64,8 +64,8 @@ def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> N
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe (schema, plugins, models, prompt files) without training."""
-    from .build import check_recipe
     from .recipe import load_recipe
+    from .trainer.build import check_recipe
 
     r = load_recipe(recipe, set_ or [])
     check_recipe(r)
@@ -77,7 +77,7 @@ def plugins_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List every plugin with its version and the components it registers."""
-    from .plugins import plugin_infos
+    from .plugins.registry import plugin_infos
 
     infos = plugin_infos()
     if as_json:
@@ -91,7 +91,7 @@ def plugins_cmd(
 
 
 def _register_plugin_commands() -> None:
-    from .plugins import call_each
+    from .plugins.registry import call_each
 
     call_each("register_commands", app=app)
 

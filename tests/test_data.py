@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from grpo_ensemble.data import (
+from grpo_ensemble.data.prompts import (
     Cleaning,
     DataReport,
     PromptSampler,
@@ -14,8 +14,8 @@ from grpo_ensemble.data import (
     load_prompts,
     too_long,
 )
+from grpo_ensemble.data.tasks import arithmetic_rows
 from grpo_ensemble.errors import InputFileError, RecipeError
-from grpo_ensemble.tasks import arithmetic_rows
 from grpo_ensemble.types import Prompt
 
 ROWS = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "40+2=", "answer": "42"}]
@@ -197,7 +197,7 @@ def test_cleaning_normalises_and_strips_control_characters(tmp_path):
 
 
 def test_prompts_too_long_for_the_context(tmp_path):
-    from grpo_ensemble.models import load_model
+    from grpo_ensemble.models.loading import load_model
 
     _, tok = load_model("builtin:tiny-arith-small", "policy.model")
     prompts = [Prompt("1+1=", {}, 1), Prompt("123456789+987654321=", {}, 2)]
@@ -219,7 +219,7 @@ def test_prompts_too_long_for_the_context(tmp_path):
 def test_a_run_reports_skipped_rows_in_the_run_directory(tmp_path, small_recipe):
     import json
 
-    from grpo_ensemble.loop import train
+    from grpo_ensemble.trainer.loop import train
 
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(

@@ -15,11 +15,11 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer
 
-import grpo_ensemble.decode as decode_module
-import grpo_ensemble.sampling as sampling_module
-from grpo_ensemble.decode import LeanDecoder
-from grpo_ensemble.kvcache import GrowingLayer, cache_of, distinct_rows, preallocated_cache
-from grpo_ensemble.sampling import sample
+import grpo_ensemble.engine.decode as decode_module
+import grpo_ensemble.engine.sampling as sampling_module
+from grpo_ensemble.engine.decode import LeanDecoder
+from grpo_ensemble.engine.sampling import sample
+from grpo_ensemble.models.kvcache import GrowingLayer, cache_of, distinct_rows, preallocated_cache
 
 SHAPE = dict(
     vocab_size=23,

@@ -29,9 +29,9 @@ from helpers import subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble.dist import shard
-from grpo_ensemble.engine import SHM_DIR, deepspeed_config, merge_config
 from grpo_ensemble.errors import RecipeError
-from grpo_ensemble.loop import train
+from grpo_ensemble.trainer.deepspeed import SHM_DIR, deepspeed_config, merge_config
+from grpo_ensemble.trainer.loop import train
 
 pytestmark = pytest.mark.multirank
 
@@ -77,7 +77,7 @@ def _assert_same_run(one: Path, two: Path, steps: int = 3, weights: bool = True)
 
 
 def _base_model_dir() -> str:
-    from grpo_ensemble.models import resolve_model
+    from grpo_ensemble.models.loading import resolve_model
 
     return resolve_model("builtin:tiny-arith-small", "policy.model")
 
@@ -183,7 +183,7 @@ import os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 if sys.argv[1] == "ours":
-    from grpo_ensemble.engine import init_distributed
+    from grpo_ensemble.trainer.deepspeed import init_distributed
     init_distributed()
 else:
     import deepspeed
@@ -210,19 +210,19 @@ def test_the_shared_memory_of_deepspeeds_cpu_all_reduce_is_not_left_behind(tmp_p
 
 SHARING_RANKS = """
 import os, sys
-import grpo_ensemble.logprobs
-import grpo_ensemble.decode
+import grpo_ensemble.models.logprobs
+import grpo_ensemble.engine.decode
 from grpo_ensemble.cli import main
 
-grpo_ensemble.logprobs.SHARE_MIN = {"cpu": 0, "cuda": 0}  # the tiny models are below it
-built = grpo_ensemble.decode.LeanDecoder.__init__
+grpo_ensemble.models.logprobs.SHARE_MIN = {"cpu": 0, "cuda": 0}  # the tiny models are below it
+built = grpo_ensemble.engine.decode.LeanDecoder.__init__
 
 def init(self, *args, **kwargs):  # a file per rank that decoded ZeRO-3 weights with the lean step
     built(self, *args, **kwargs)
     if any(hasattr(p, "ds_id") for p in self.model.parameters()):
         open("lean-zero3-rank" + os.environ["RANK"], "w").close()
 
-grpo_ensemble.decode.LeanDecoder.__init__ = init
+grpo_ensemble.engine.decode.LeanDecoder.__init__ = init
 sys.exit(main())
 """
 
@@ -235,7 +235,7 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
     # here also generates with the weights gathered whole (the default), ranks decoding
     # different numbers of tokens: a decode step that calls the model's modules one by one hung
     # there (ZeRO-3's hooks); the lean step, which calls none, runs on both ranks
-    import grpo_ensemble.logprobs as logprobs_module
+    import grpo_ensemble.models.logprobs as logprobs_module
 
     monkeypatch.setattr(logprobs_module, "SHARE_MIN", {"cpu": 0, "cuda": 0})
     recipe = _recipe_file(tmp_path, {"zero_stage": stage})
@@ -248,10 +248,10 @@ def test_shared_prompt_forwards_on_two_ranks(tmp_path, monkeypatch, stage):
 
 REPLAYING_RANKS = """
 import sys
-import grpo_ensemble.recording
+import grpo_ensemble.engine.recording
 from grpo_ensemble.cli import main
 
-grpo_ensemble.recording.REPLAY_MIN = 0  # the tiny models are below it
+grpo_ensemble.engine.recording.REPLAY_MIN = 0  # the tiny models are below it
 sys.exit(main())
 """
 
@@ -260,7 +260,7 @@ def test_first_pass_reuses_sampling_on_two_ranks(tmp_path, monkeypatch):
     # the policy alone, a rank's candidates in one micro-batch (ranks hold 9 and 6): each
     # rank's first pass takes its forward's products from its own sampling (replay.py), with
     # ZeRO-2's gradient reduction, and the run matches one rank's
-    import grpo_ensemble.recording as recording_module
+    import grpo_ensemble.engine.recording as recording_module
 
     monkeypatch.setattr(recording_module, "REPLAY_MIN", 0)
     recipe = _recipe_file(tmp_path, {"zero_stage": 2, "micro_batch_size": 16})
@@ -303,7 +303,7 @@ SKIPPING_RANKS = (
 import importlib, sys
 from grpo_ensemble.cli import main
 
-steps = importlib.import_module("grpo_ensemble.train")  # the package exports a train function
+steps = importlib.import_module("grpo_ensemble.trainer.step")
 steps.evaluate_groups = wrap(steps.evaluate_groups)
 sys.exit(main())
 """
@@ -316,7 +316,7 @@ def test_zero_advantage_candidates_left_out_on_two_ranks(tmp_path, monkeypatch):
     # with every candidate left out still stepping the optimizer: the run matches one rank's
     import importlib
 
-    train_module = importlib.import_module("grpo_ensemble.train")
+    train_module = importlib.import_module("grpo_ensemble.trainer.step")
     namespace: dict = {}
     exec(ZERO_ADVANTAGES, namespace)
     monkeypatch.setattr(
@@ -412,7 +412,7 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
 
 FAILING_RANK_API = FAILING_RANK.replace("from grpo_ensemble.cli import main\n", "").replace(
     "sys.exit(main())",
-    """import grpo_ensemble.engine as engine
+    """import grpo_ensemble.trainer.deepspeed as engine
 from grpo_ensemble import RunError, train
 
 original = engine._let_collectives_finish
@@ -442,7 +442,7 @@ def test_a_failing_rank_stops_every_rank_of_the_python_api(tmp_path):
 
 
 def test_too_few_prompts_for_the_ranks_is_a_recipe_error():
-    from grpo_ensemble.train import check_world
+    from grpo_ensemble.trainer.step import check_world
 
     with pytest.raises(RecipeError, match="train.prompts_per_step: 1 prompt per step"):
         check_world(1, world=2)
@@ -486,7 +486,7 @@ def test_raw_deepspeed_config_merges_and_conflicts_name_both_values(tmp_path, sm
 
 
 def test_the_engine_uses_the_merged_config(small_recipe, tmp_path):
-    from grpo_ensemble.train import build_run
+    from grpo_ensemble.trainer.step import build_run
 
     raw = {"zero_optimization": {"reduce_bucket_size": 123456}, "gradient_clipping": 0.5}
     r = small_recipe(train__zero_stage=2, train__max_grad_norm=0.5, train__deepspeed=raw)

@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from grpo_ensemble.engine import (
+from grpo_ensemble.models.loading import load_model
+from grpo_ensemble.trainer.deepspeed import (
     build_engine,
     deepspeed_config,
     fastest_adamw,
     lr_lambda,
     resolve_dtype,
 )
-from grpo_ensemble.models import load_model
-from grpo_ensemble.train import optimizer_step
+from grpo_ensemble.trainer.step import optimizer_step
 
 
 def test_warmup_then_constant(small_recipe):
@@ -50,7 +50,7 @@ def test_precision_auto_is_fp32_on_cpu(small_recipe):
 def test_every_model_of_a_run_takes_its_precision(small_recipe, tmp_path):
     """train.precision bf16: the policy, the reference and a peer loaded from the recipe are
     all bf16 (a peer stayed fp32 before: twice the memory and slow next to a bf16 policy)."""
-    from grpo_ensemble.train import build_run
+    from grpo_ensemble.trainer.step import build_run
 
     run = build_run(small_recipe(train__precision="bf16", loss__beta=0.04), tmp_path)
     models = {m.name: m.generator.model for m in run.ensemble.members}
@@ -128,7 +128,7 @@ def test_bf16_engine_step_equals_adamw_on_fp32_master_weights(small_recipe):
 def test_the_lr_metric_is_the_rate_the_steps_optimizer_steps_used(small_recipe):
     # warmup 3, μ 2: GRPO step 1 takes optimizer steps 0 and 1 (rates 1/4 and 2/4 of lr),
     # step 2 takes 2 and 3 (3/4 and 1); the metric was read after the schedule had moved on
-    from grpo_ensemble.loop import train
+    from grpo_ensemble.trainer.loop import train
 
     recipe = small_recipe(train__warmup_steps=3, train__steps=2, loss__mu=2, peers=[])
     rows = train(recipe, overrides=["eval.before=false", "eval.after=false"]).metrics
@@ -143,7 +143,7 @@ def test_rendezvous_folders_of_processes_gone_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from grpo_ensemble.engine import remove_stale_stores
+    from grpo_ensemble.trainer.deepspeed import remove_stale_stores
 
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from grpo_ensemble.default_plugins.evaluators import (
+from grpo_ensemble.plugins.builtin.evaluators import (
     dr_grpo_advantages,
     grpo_advantages,
     rloo_advantages,

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from grpo_ensemble import Generator, GroupEvaluator, PluginError, RewardScorer, hookimpl
-from grpo_ensemble.build import WeightedScorer
-from grpo_ensemble.default_plugins.evaluators import grpo_advantages
-from grpo_ensemble.loop import train
 from grpo_ensemble.plugins import get_plugin_manager
-from grpo_ensemble.scoring import score_groups
-from grpo_ensemble.train import build_run, evaluate_groups
+from grpo_ensemble.plugins.builtin.evaluators import grpo_advantages
+from grpo_ensemble.rollout.scoring import score_groups
+from grpo_ensemble.trainer.build import WeightedScorer
+from grpo_ensemble.trainer.loop import train
+from grpo_ensemble.trainer.step import build_run, evaluate_groups
 from grpo_ensemble.types import Candidate, Group, Prompt
 
 GROUPS = [
@@ -197,7 +197,7 @@ class SlowScorer(RewardScorer):
 def test_a_step_whose_groups_all_leave_takes_no_update(small_recipe, tmp_path):
     # a skip_group scorer whose call times out fails every group of the step: the step is
     # reported, counted, and the weights stay (it used to crash on the empty group grid)
-    from grpo_ensemble.train import grpo_step
+    from grpo_ensemble.trainer.step import grpo_step
 
     slow = SlowScorer()
     given = [(slow, 1.0, {"on_error": "skip_group", "timeout_s": 0.1})]
@@ -277,7 +277,7 @@ def _with(groups, extra):
 
 
 def test_known_scores_are_kept_and_only_the_new_candidates_scored():
-    from grpo_ensemble.scoring import Known
+    from grpo_ensemble.rollout.scoring import Known
 
     class Counting(FailsOnBad):
         def __init__(self):
@@ -307,7 +307,7 @@ def test_known_scores_are_kept_and_only_the_new_candidates_scored():
 
 
 def test_a_group_that_fails_only_on_its_new_candidates_is_counted():
-    from grpo_ensemble.scoring import Known
+    from grpo_ensemble.rollout.scoring import Known
 
     ws = [_ws(FailsOnBad(), "zero")]
     first = [GROUPS[0], Group(GROUPS[1].prompt, []), GROUPS[2]]  # no candidate of "bad" yet
@@ -320,8 +320,8 @@ def test_a_group_that_fails_only_on_its_new_candidates_is_counted():
 
 
 def test_scorers_given_as_objects_take_the_recipes_error_options():
-    from grpo_ensemble.build import build_scorers
     from grpo_ensemble.errors import UserError
+    from grpo_ensemble.trainer.build import build_scorers
 
     a, b = FailsOnBad(), NanOnBad()
     got = build_scorers(None, [(a, 2.0), (b, 0.5, {"on_error": "zero", "timeout_s": 3})])

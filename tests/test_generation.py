@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from grpo_ensemble.components import Generator, SamplingParams
-from grpo_ensemble.generation import EnsembleGenerator, HFGenerator, Member
-from grpo_ensemble.logprobs import TokenBatch, completion_logprobs, selective_log_softmax
-from grpo_ensemble.models import load_model
+from grpo_ensemble.engine.hf import HFGenerator
+from grpo_ensemble.models.loading import load_model
+from grpo_ensemble.models.logprobs import TokenBatch, completion_logprobs, selective_log_softmax
+from grpo_ensemble.plugins.interfaces import Generator, SamplingParams
+from grpo_ensemble.rollout.ensemble import EnsembleGenerator, Member
 from grpo_ensemble.types import Candidate, Prompt
 
 

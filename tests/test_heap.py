@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from grpo_ensemble import RewardScorer, heap, train
+from grpo_ensemble import RewardScorer, train
+from grpo_ensemble.trainer import heap
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
@@ -23,7 +24,7 @@ PAGES = sum(SIZES) * MB // 4096  # 7936 pages in one round
 
 SCRIPT = """
 import json, resource, sys, torch
-from grpo_ensemble.heap import kept_between_steps
+from grpo_ensemble.trainer.heap import kept_between_steps
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

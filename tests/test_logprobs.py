@@ -5,8 +5,8 @@ import pytest
 import torch
 from test_decode import build
 
-import grpo_ensemble.logprobs as logprobs_module
-from grpo_ensemble.logprobs import TokenBatch, completion_logprobs, shared_prompt_plan
+import grpo_ensemble.models.logprobs as logprobs_module
+from grpo_ensemble.models.logprobs import TokenBatch, completion_logprobs, shared_prompt_plan
 
 
 def group_batch() -> TokenBatch:
@@ -86,7 +86,7 @@ def test_threshold_counts_saved_prompt_positions(monkeypatch):
 def test_checkpointing_is_read_without_a_deprecation_warning(always_share):
     import warnings
 
-    from grpo_ensemble.logprobs import checkpointing
+    from grpo_ensemble.models.logprobs import checkpointing
 
     model = build("llama").train()
     with warnings.catch_warnings():

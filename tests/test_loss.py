@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from grpo_ensemble.loss import (
+from grpo_ensemble.trainer.loss import (
     AGGREGATIONS,
     BatchSize,
     clipped_surrogate,

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from grpo_ensemble import Candidate, Generator, RewardScorer
-from grpo_ensemble.batching import micro_batches
-from grpo_ensemble.build import check_recipe
 from grpo_ensemble.errors import RecipeError
-from grpo_ensemble.loss import (
+from grpo_ensemble.models.loading import load_tokenizer, resolve_model
+from grpo_ensemble.trainer.batching import micro_batches
+from grpo_ensemble.trainer.build import check_recipe
+from grpo_ensemble.trainer.loss import (
     MODES,
     BatchSize,
     OffPolicy,
@@ -17,8 +18,7 @@ from grpo_ensemble.loss import (
     shaped_surrogate,
     tis_surrogate,
 )
-from grpo_ensemble.models import load_tokenizer, resolve_model
-from grpo_ensemble.train import build_run, evaluate_groups
+from grpo_ensemble.trainer.step import build_run, evaluate_groups
 
 
 def test_shaped_loss_and_gradient_by_hand():
@@ -164,7 +164,7 @@ def _on_failure_run(small_recipe, tmp_path, scorer=None):
 
 
 def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
-    from grpo_ensemble.train import PolicyFailed, grpo_step
+    from grpo_ensemble.trainer.step import PolicyFailed, grpo_step
 
     run = _on_failure_run(small_recipe, tmp_path)
     torch.manual_seed(0)
@@ -211,7 +211,7 @@ class CountingScorer(RewardScorer):
 
 
 def test_on_failure_scores_each_candidate_once(small_recipe, tmp_path):
-    from grpo_ensemble.train import PolicyFailed, grpo_step
+    from grpo_ensemble.trainer.step import PolicyFailed, grpo_step
 
     scorer = CountingScorer()
     run = _on_failure_run(small_recipe, tmp_path, scorer)
@@ -249,7 +249,7 @@ class FailsOnFirstPrompt(RewardScorer):
 
 
 def test_on_failure_samples_no_peers_for_a_group_that_leaves_the_step(small_recipe, tmp_path):
-    from grpo_ensemble.train import PolicyFailed
+    from grpo_ensemble.trainer.step import PolicyFailed
 
     recipe = small_recipe(
         peers=[{"name": "oracle", "n": 2}],
@@ -275,7 +275,7 @@ def test_on_failure_decides_once_for_every_peer(small_recipe, tmp_path):
     # decision is taken once, on the policy's candidates; it used to be taken again before the
     # second peer whenever the first decision had marked every prompt, which also scored the
     # policy's candidates twice and, on several ranks, ran a collective on some ranks only)
-    from grpo_ensemble.train import PolicyFailed
+    from grpo_ensemble.trainer.step import PolicyFailed
 
     class PolicyFails(RewardScorer):
         name = "policy_fails"
@@ -306,7 +306,7 @@ def test_on_failure_decides_once_for_every_peer(small_recipe, tmp_path):
 
 
 def test_best_share_by_hand():
-    from grpo_ensemble.train import Rollout, best_candidates
+    from grpo_ensemble.trainer.step import Rollout, best_candidates
     from grpo_ensemble.types import Group, GroupLayout, Prompt
 
     p = Prompt("x")
@@ -350,8 +350,8 @@ def _permuted_vocab_copy(src: str, dst) -> None:
 
 
 def test_peer_with_another_vocabulary_is_retokenized(small_recipe, tmp_path):
-    from grpo_ensemble.components import SamplingParams
-    from grpo_ensemble.generation import HFGenerator
+    from grpo_ensemble.engine.hf import HFGenerator
+    from grpo_ensemble.plugins.interfaces import SamplingParams
     from grpo_ensemble.types import Prompt
 
     base = resolve_model("builtin:tiny-arith-base", "x")

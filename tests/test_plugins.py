@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from grpo_ensemble import GroupEvaluator, RewardScorer, hookimpl, hookspecs, plugins, train
+from grpo_ensemble import GroupEvaluator, RewardScorer, hookimpl, plugins, train
 from grpo_ensemble.cli import main
 from grpo_ensemble.errors import PluginError
+from grpo_ensemble.plugins import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,8 +160,8 @@ def test_registered_generator_is_used_by_name(small_recipe, capsys):
     assert m["member/teacher/reward"] == 1.0 and m["member/teacher/candidates"] == 8
     # and `hf` without a model is a recipe error naming the field
     bad = small_recipe(peers=[{"name": "p", "n": 2}])
-    from grpo_ensemble.build import build_peer_generator
     from grpo_ensemble.errors import RecipeError
+    from grpo_ensemble.trainer.build import build_peer_generator
 
     with pytest.raises(RecipeError, match=r"peers\.0\.model: 'hf' needs a model"):
         build_peer_generator("peers.0", bad.peers[0])
@@ -244,7 +245,7 @@ def test_a_misbehaving_plugin_is_left_out_and_named_not_fatal(
     monkeypatch.setenv("GRPO_ENSEMBLE_LOAD_PLUGINS", "broken,builtin-rewards,raiser,observer")
     plugins.reset_plugin_manager()
     try:
-        from grpo_ensemble.loop import train
+        from grpo_ensemble.trainer.loop import train
 
         recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
         assert main(["validate", str(recipe)]) == 0

@@ -135,7 +135,7 @@ def _broken_copy(tmp_path, name: str, drop: tuple = (), garbage: tuple = ()) -> 
     """A copy of a built-in model's folder without the files `drop`, with `garbage` files."""
     import shutil
 
-    from grpo_ensemble.models import resolve_model
+    from grpo_ensemble.models.loading import resolve_model
 
     out = tmp_path / name
     shutil.copytree(resolve_model("builtin:tiny-arith-base", "x"), out)
@@ -182,8 +182,8 @@ def test_completions_longer_than_the_context_name_the_members_field(tmp_path, ca
 
 
 def test_prompt_token_limits_for_training_and_held_out_prompts(small_recipe):
-    from grpo_ensemble.build import prompt_token_limit
-    from grpo_ensemble.models import load_model
+    from grpo_ensemble.models.loading import load_model
+    from grpo_ensemble.trainer.build import prompt_token_limit
 
     model, _ = load_model("builtin:tiny-arith-small", "policy.model")
     context = model.config.max_position_embeddings

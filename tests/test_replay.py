@@ -7,13 +7,13 @@ import pytest
 import torch
 from test_decode import LowRank, build, left_padded, use_columns
 
-import grpo_ensemble.decode as decode_module
-import grpo_ensemble.logprobs as logprobs_module
-import grpo_ensemble.recording as recording_module
-from grpo_ensemble.logprobs import TokenBatch, completion_logprobs
-from grpo_ensemble.recording import BufferPool, Recording, count_update
-from grpo_ensemble.replay import Trace, replay_logprobs, replayable
-from grpo_ensemble.sampling import sample
+import grpo_ensemble.engine.decode as decode_module
+import grpo_ensemble.engine.recording as recording_module
+import grpo_ensemble.models.logprobs as logprobs_module
+from grpo_ensemble.engine.recording import BufferPool, Recording, count_update
+from grpo_ensemble.engine.replay import Trace, replay_logprobs, replayable
+from grpo_ensemble.engine.sampling import sample
+from grpo_ensemble.models.logprobs import TokenBatch, completion_logprobs
 
 NEW = 12
 

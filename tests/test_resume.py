@@ -18,11 +18,11 @@ from helpers import subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble import GroupEvaluator, RunError, UserError, hookimpl
-from grpo_ensemble.checkpoint import complete_checkpoints, find_checkpoint
 from grpo_ensemble.cli import main
-from grpo_ensemble.loop import train
 from grpo_ensemble.plugins import get_plugin_manager
 from grpo_ensemble.rundir import read_metrics
+from grpo_ensemble.trainer.checkpoint import complete_checkpoints, find_checkpoint
+from grpo_ensemble.trainer.loop import train
 
 TRAIN = {
     "steps": 6,
@@ -448,8 +448,8 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, stage):
 def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
     tmp_path, small_recipe, monkeypatch
 ):
-    import grpo_ensemble.loop as loop
-    from grpo_ensemble.models import load_model
+    import grpo_ensemble.trainer.loop as loop
+    from grpo_ensemble.models.loading import load_model
 
     monkeypatch.setattr(loop, "free_bytes", lambda path: 10_000)  # a nearly full disk
     out = tmp_path / "run"
@@ -510,7 +510,7 @@ def test_a_folder_that_cannot_be_flushed_is_let_go_a_file_is_not(tmp_path, monke
     stands; a file that cannot be flushed is an error."""
     import errno
 
-    from grpo_ensemble.checkpoint import sync_tree
+    from grpo_ensemble.trainer.checkpoint import sync_tree
 
     (tmp_path / "ckpt" / "engine").mkdir(parents=True)
     (tmp_path / "ckpt" / "engine" / "w.pt").write_bytes(b"x")
@@ -558,7 +558,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last(tm
 
 
 def test_the_trained_model_is_saved_before_the_evaluation_after_training(tmp_path, monkeypatch):
-    import grpo_ensemble.loop as loop
+    import grpo_ensemble.trainer.loop as loop
 
     def broken(run):
         if run.recipe.eval.after:

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from helpers import subprocess_env
 
-from grpo_ensemble.build import WeightedScorer
-from grpo_ensemble.default_plugins.rewards import (
+from grpo_ensemble.errors import PluginError, UserError
+from grpo_ensemble.plugins.builtin.rewards import (
     ExactMatch,
     LengthPenalty,
     NumericMatch,
     PythonFunction,
     RegexFormat,
 )
-from grpo_ensemble.errors import PluginError, UserError
-from grpo_ensemble.scoring import score_groups
+from grpo_ensemble.rollout.scoring import score_groups
+from grpo_ensemble.trainer.build import WeightedScorer
 from grpo_ensemble.types import Candidate, Group, Prompt, Sample
 
 

@@ -10,10 +10,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from grpo_ensemble.components import SamplingParams
-from grpo_ensemble.generation import HFGenerator
-from grpo_ensemble.models import load_model
-from grpo_ensemble.sampling import gumbel_noise, process_logits, row_keys, sample
+from grpo_ensemble.engine.hf import HFGenerator
+from grpo_ensemble.engine.sampling import gumbel_noise, process_logits, row_keys, sample
+from grpo_ensemble.models.loading import load_model
+from grpo_ensemble.plugins.interfaces import SamplingParams
 from grpo_ensemble.types import Prompt
 
 
@@ -133,7 +133,7 @@ def test_noise_of_many_positions_at_once_equals_one_at_a_time():
 
 
 def test_sampling_is_the_same_with_noise_drawn_per_position(small, monkeypatch):
-    import grpo_ensemble.sampling as sampling_module
+    import grpo_ensemble.engine.sampling as sampling_module
 
     model, tok = small
     enc = tok(["12+7=", "99+99="], return_tensors="pt", padding=True)

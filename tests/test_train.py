@@ -17,11 +17,11 @@ from grpo_ensemble import (
     plugins,
     train,
 )
-from grpo_ensemble.batching import filler_batch, left_out, micro_batches, plan_micro_batches
-from grpo_ensemble.generation import recording
-from grpo_ensemble.models import resolve_model
-from grpo_ensemble.replay import replayable
-from grpo_ensemble.train import (
+from grpo_ensemble.engine.hf import recording
+from grpo_ensemble.engine.replay import replayable
+from grpo_ensemble.models.loading import resolve_model
+from grpo_ensemble.trainer.batching import filler_batch, left_out, micro_batches, plan_micro_batches
+from grpo_ensemble.trainer.step import (
     accumulate,
     batch_size_of,
     build_run,
@@ -337,7 +337,7 @@ def test_gradient_checkpointing_trains_as_without(small_recipe, tmp_path):
 def _update_once(run, rollout, monkeypatch, reuse: bool):
     """One μ-pass update of `rollout` by a freshly built run; returns the metrics, the weights
     after it, and how many times the policy ran forward."""
-    train_module = importlib.import_module("grpo_ensemble.train")  # not the `train` function
+    train_module = importlib.import_module("grpo_ensemble.trainer.step")  # not the `train` function
     monkeypatch.setattr(train_module, "train_mode_is_eval_mode", lambda model: reuse)
     module = run.engine.module
     calls = []
@@ -442,7 +442,7 @@ def test_nothing_left_out_with_beta_or_when_turned_off(small_recipe, tmp_path):
 def test_a_step_of_zero_advantages_still_steps_the_optimizer(small_recipe, tmp_path, monkeypatch):
     # step 2 has no learning signal at all: left out whole, it still takes an optimizer step
     # of a zero gradient, so Adam's moments move the weights exactly as when it is computed
-    train_module = importlib.import_module("grpo_ensemble.train")
+    train_module = importlib.import_module("grpo_ensemble.trainer.step")
     evaluate = train_module.evaluate_groups
     weights, rows = {}, {}
     for skip in (True, False):
@@ -496,7 +496,7 @@ def test_shared_prompt_forward_trains_as_whole_rows(small_recipe, tmp_path, monk
     # each distinct prompt run once per micro-batch (forced on: the tiny models are below the
     # threshold where it pays) against whole rows: the same losses and weights, with the
     # reference and the policy, through the DeepSpeed engine at ZeRO 0 and 3
-    logprobs_module = importlib.import_module("grpo_ensemble.logprobs")
+    logprobs_module = importlib.import_module("grpo_ensemble.models.logprobs")
     shared_calls = []
     real = logprobs_module._shared_prompt_logits
 
@@ -553,7 +553,7 @@ def test_update_tensors_and_frozen_models_on_the_policys_device(small_recipe, tm
 @pytest.fixture
 def replay_any_size(monkeypatch):
     """Record and replay whatever the size (see `recording.REPLAY_MIN`)."""
-    monkeypatch.setattr(importlib.import_module("grpo_ensemble.recording"), "REPLAY_MIN", 0)
+    monkeypatch.setattr(importlib.import_module("grpo_ensemble.engine.recording"), "REPLAY_MIN", 0)
 
 
 @pytest.mark.usefixtures("replay_any_size")

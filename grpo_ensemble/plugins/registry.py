@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import pluggy
 
+from ..errors import PluginError, RecipeError
 from . import hookspecs
-from .errors import PluginError, RecipeError
 
 KINDS = {
     "generator": "register_generators",
@@ -23,9 +23,9 @@ KINDS = {
     "group_evaluator": "register_group_evaluators",
 }
 DEFAULT_PLUGINS = {  # plugin name → module
-    "builtin-generators": "grpo_ensemble.default_plugins.generators",
-    "builtin-rewards": "grpo_ensemble.default_plugins.rewards",
-    "builtin-evaluators": "grpo_ensemble.default_plugins.evaluators",
+    "builtin-generators": "grpo_ensemble.plugins.builtin.generators",
+    "builtin-rewards": "grpo_ensemble.plugins.builtin.rewards",
+    "builtin-evaluators": "grpo_ensemble.plugins.builtin.evaluators",
 }
 
 _pm: pluggy.PluginManager | None = None

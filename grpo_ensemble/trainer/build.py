@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import plugins
-from .components import Generator, GroupEvaluator, RewardScorer, SamplingParams
-from .data import Cleaning, DataReport, load_prompts
-from .errors import RecipeError, UserError
-from .models import load_field_tokenizer, resolve_model, same_tokenizer
-from .recipe import MemberConfig, Recipe
-from .types import POLICY, Prompt
+from ..data.prompts import Cleaning, DataReport, load_prompts
+from ..errors import RecipeError, UserError
+from ..models.loading import load_field_tokenizer, resolve_model, same_tokenizer
+from ..plugins import registry as plugins
+from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, SamplingParams
+from ..recipe import MemberConfig, Recipe
+from ..types import POLICY, Prompt
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,7 @@ def _given_scorer(i: int, item) -> WeightedScorer:
     """One of the caller's `reward_scorers`, checked as the recipe's `rewards[i]` would be."""
     from pydantic import ValidationError
 
-    from .recipe import RewardConfig
+    from ..recipe import RewardConfig
 
     where = f"reward_scorers[{i}]"
     if not isinstance(item, tuple | list) or len(item) not in (2, 3):
@@ -188,7 +188,7 @@ def check_recipe(recipe: Recipe) -> None:
     check_tis_tokenizers(recipe)
     load_data(recipe, build_scorers(recipe), eval_scorer=eval_scorer)
     if recipe.train.deepspeed is not None:  # the merged config: conflicts are recipe errors
-        from .engine import deepspeed_config, resolve_dtype
+        from .deepspeed import deepspeed_config, resolve_dtype
 
         deepspeed_config(recipe, recipe.train.micro_batch_size, resolve_dtype(recipe))
 

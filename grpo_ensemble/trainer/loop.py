@@ -18,17 +18,19 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import dist, plugins
+from .. import dist
+from ..engine.hf import HFGenerator
+from ..errors import GrpoEnsembleError, Interrupted, RunError, UserError
+from ..models.zero import gathered_params
+from ..plugins import registry as plugins
+from ..plugins.interfaces import Generator, GroupEvaluator
+from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from ..rundir import MetricsWriter, StepProgress, prepare_run_dir, write_recipe
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_aside_later
-from .components import Generator, GroupEvaluator
-from .engine import gathered_params, init_distributed
-from .errors import GrpoEnsembleError, Interrupted, RunError, UserError
+from .deepspeed import init_distributed
 from .evaluation import EvalResult, accuracy_of, heldout_scores
-from .generation import HFGenerator
 from .heap import kept_between_steps
-from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from .rundir import MetricsWriter, StepProgress, prepare_run_dir, write_recipe
-from .train import Run, build_run, grpo_step, seed_everything
+from .step import Run, build_run, grpo_step, seed_everything
 
 
 @dataclass

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import dist
-from .decode import zero3_managed
+from .. import dist
 from .kvcache import cache_name, cache_of, distinct_rows, full_attention_only, repeat_rows
+from .zero import zero3_managed
 
 # the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
 # parameters is at least this: the second forward call must cost less than the arithmetic it

@@ -9,10 +9,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-from ..components import RewardScorer
-from ..errors import UserError
+from ...errors import UserError
+from ...types import Sample
 from ..hookspecs import hookimpl
-from ..types import Sample
+from ..interfaces import RewardScorer
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..generation import HFGenerator
+from ...engine.hf import HFGenerator
 from ..hookspecs import hookimpl
 
 

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from ..models.kvcache import GrowingLayer
+from ..models.zero import zero3_managed
 from .graphs import GraphedCall
-from .kvcache import GrowingLayer
 from .recording import Recording, replay_pays
 
 # decoder layers whose forward is: x + attn(norm1(x)), then x + mlp(norm2(x)), with rotary
@@ -326,11 +327,6 @@ class LeanDecoder:
 
 # the RMS norms `_norm` computes itself, as their forward does
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-
-
-def zero3_managed(module: torch.nn.Module) -> bool:
-    """True when ZeRO-3 manages the module's weights (DeepSpeed marks them with a ds_id)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _plain_linear(m) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .types import Candidate, Prompt, Sample
+from ..types import Candidate, Prompt, Sample
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .components import Generator, RewardScorer, SamplingParams
-from .scoring import checked_scores
-from .types import Prompt, Sample
+from ..plugins.interfaces import Generator, RewardScorer, SamplingParams
+from ..rollout.scoring import checked_scores
+from ..types import Prompt, Sample
 
 
 def _metric_class():

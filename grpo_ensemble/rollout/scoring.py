@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .build import WeightedScorer
-from .components import RewardScorer
-from .errors import Interrupted, PluginError, UserError
-from .types import Group, Sample
+from ..errors import Interrupted, PluginError, UserError
+from ..plugins.interfaces import RewardScorer
+from ..trainer.build import WeightedScorer
+from ..types import Group, Sample
 
 
 @dataclass

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import dist
+from .. import dist
+from ..types import POLICY
 from .loss import MODES
-from .types import POLICY
 
 if TYPE_CHECKING:
     from .batching import LeftOut, MicroBatch
-    from .train import Rollout, Run
+    from .step import Rollout, Run
 
 
 def best_candidates(ro: Rollout) -> torch.Tensor:

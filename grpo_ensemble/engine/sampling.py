@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models.kvcache import cache_name, cache_of, distinct_rows, preallocated_cache, repeat_rows
 from . import decode
 from .decode import LeanDecoder
-from .kvcache import cache_name, cache_of, distinct_rows, preallocated_cache, repeat_rows
 from .recording import Recording
 
 M32 = 0xFFFFFFFF
@@ -156,7 +156,7 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     collective, so a rank whose rows are finished keeps stepping until all ranks are)."""
     if not synced:
         return bool(done.all())
-    from . import dist
+    from .. import dist
 
     flag = torch.tensor([0 if bool(done.all()) else 1], dtype=torch.long)
     return int(dist.all_max_tensor(flag)) == 0

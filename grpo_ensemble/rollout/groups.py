@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import dist
-from .errors import PluginError
+from .. import dist
+from ..errors import PluginError
+from ..types import POLICY, Candidate, Group, GroupLayout, Prompt
 from .scoring import Known, score_groups
-from .types import POLICY, Candidate, Group, GroupLayout, Prompt
 
 if TYPE_CHECKING:
-    from .train import Run
+    from ..trainer.step import Run
 
 
 @dataclass

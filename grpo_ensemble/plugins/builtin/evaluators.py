@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..components import GroupEvaluator
 from ..hookspecs import hookimpl
+from ..interfaces import GroupEvaluator
 
 
 def _group_mean(rewards: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

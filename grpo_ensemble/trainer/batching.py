@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import PluginError
-from .logprobs import TokenBatch
+from ..errors import PluginError
+from ..models.logprobs import TokenBatch
+from ..rollout.groups import Rollout
+from ..types import Prompt
 from .loss import MODES
-from .rollout import Rollout
-from .types import Prompt
 
 if TYPE_CHECKING:
-    from .train import Run
+    from .step import Run
 
 
 @dataclass

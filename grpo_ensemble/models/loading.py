@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 BUILTIN = "builtin:"
 
@@ -18,7 +18,7 @@ BUILTIN = "builtin:"
 def resolve_model(spec: str, field: str) -> str:
     """A loadable path or hub id for `spec`; builds a built-in tiny model on first use."""
     if spec.startswith(BUILTIN):
-        from .tiny_models import BUILTIN_MODELS, ensure_builtin_model
+        from .tiny import BUILTIN_MODELS, ensure_builtin_model
 
         name = spec.removeprefix(BUILTIN)
         if name not in BUILTIN_MODELS:

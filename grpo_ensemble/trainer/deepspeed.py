@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputFileError, RecipeError
-from .recipe import Recipe, read_yaml
+from ..errors import InputFileError, RecipeError
+from ..recipe import Recipe, read_yaml
 
 
 class _ChoseTheCPU(logging.Filter):
@@ -401,14 +401,3 @@ def shard_frozen(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     engine, _, _, _ = deepspeed.initialize(model=model, config=config)
     engine.module.eval()
     return engine.module
-
-
-def gathered_params(module: torch.nn.Module):
-    """Whole parameters for the duration of the block: under ZeRO-3 each rank holds only a
-    shard, and generation or saving needs all of it. A no-op for unpartitioned modules."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -14,7 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
+from .. import dist
+from ..data.prompts import DataReport, PromptSampler, too_long
+from ..engine.hf import HFGenerator, recording
+from ..engine.recording import BufferPool, count_update
+from ..engine.replay import replay_logprobs, replayable
+from ..errors import RecipeError, UserError
+from ..models.loading import load_model
+from ..models.logprobs import completion_logprobs
+from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, mix64
+from ..recipe import Recipe
+from ..rollout.ensemble import EnsembleGenerator, Member
+from ..rollout.groups import PolicyFailed, Rollout, evaluate_groups  # noqa: F401 — re-exported
+from ..types import POLICY, Prompt
 from .batching import LeftOut, MicroBatch, filler_batch, left_out, micro_batches
 from .build import (
     TIS_TOKENIZER,
@@ -30,31 +42,9 @@ from .build import (
     prompt_token_limit,
     sampling_of,
 )
-from .components import Generator, GroupEvaluator, RewardScorer, mix64
-from .data import DataReport, PromptSampler, too_long
-from .engine import (
-    build_engine,
-    init_distributed,
-    resolve_dtype,
-    shard_frozen,
-)
-from .errors import RecipeError, UserError
-from .generation import EnsembleGenerator, HFGenerator, Member, recording
-from .logprobs import completion_logprobs
+from .deepspeed import build_engine, init_distributed, resolve_dtype, shard_frozen
 from .loss import MODES, BatchSize, OffPolicy, grpo_loss
-from .metrics import (  # noqa: F401 — best_candidates is re-exported
-    WEIGHT_KEYS,
-    best_candidates,
-    step_metrics,
-    tokens_by_member,
-    update_metrics,
-)
-from .models import load_model
-from .recipe import Recipe
-from .recording import BufferPool, count_update
-from .replay import replay_logprobs, replayable
-from .rollout import PolicyFailed, Rollout, evaluate_groups  # noqa: F401 — re-exported
-from .types import POLICY, Prompt
+from .metrics import WEIGHT_KEYS, step_metrics, tokens_by_member, update_metrics
 
 
 @dataclass

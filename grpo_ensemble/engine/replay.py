@@ -28,15 +28,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decode import _norm, _rotate, signed_sin
-from .kvcache import cache_of
-from .logprobs import (
+from ..models.kvcache import cache_of
+from ..models.logprobs import (
     TokenBatch,
     checkpointing,
     prompt_forward,
     selective_log_softmax,
     shared_prompt_plan,
 )
+from .decode import _norm, _rotate, signed_sin
 from .recording import Recording, replay_pays, weights_version
 
 

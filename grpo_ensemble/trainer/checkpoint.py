@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import yaml
 
-from . import dist
-from .errors import RunError, UserError
+from .. import dist
+from ..errors import RunError, UserError
 
 if TYPE_CHECKING:
-    from .train import Run
+    from .step import Run
 
 PREFIX = "step-"
 

@@ -25,8 +25,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .errors import UserError
-from .tasks import arithmetic_rows
+from ..data.tasks import arithmetic_rows
+from ..errors import UserError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order
 CHARACTERS = list("0123456789+-*= ")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputFileError, RecipeError
-from .types import Prompt
+from ..errors import InputFileError, RecipeError
+from ..types import Prompt
 
 BUILTIN = "builtin:"
 
