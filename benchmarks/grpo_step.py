@@ -167,7 +167,7 @@ def work_of(framework: str, config: str, path: Path, gc: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from grpo_ensemble.models.logprobs import TokenBatch, shared_prompt_plan
-    from grpo_ensemble.trainer.step import train_mode_is_eval_mode
+    from grpo_ensemble.trainer.update import train_mode_is_eval_mode
 
     model = AutoModelForCausalLM.from_pretrained(path)
     prompts = [[1] + [3 + g] * (prompt - 1) for g in range(groups) for _ in range(rows // groups)]

@@ -34,8 +34,6 @@ class Candidate:
     source: str  # member name: "policy" or a peer's name
     behaviour_logprobs: list[float] | None = None  # per token, from the sampling model
     finished: bool = True  # stopped at EOS (False: cut at max_new_tokens)
-    # where the policy's sampling kept this candidate's products for the update (replay.py)
-    trace: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -13,6 +13,17 @@ from grpo_ensemble import plugins  # noqa: E402
 from grpo_ensemble.recipe import recipe_from_dict  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _builtin_models():
+    """The built-in tiny models, built once before any test runs: a test that launches a run
+    in a subprocess would otherwise build them from an empty cache inside its own time limit
+    (a minute or more on a loaded machine)."""
+    from grpo_ensemble.models.tiny import BUILTIN_MODELS, ensure_builtin_model
+
+    for name in BUILTIN_MODELS:
+        ensure_builtin_model(name)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugin_manager():
     plugins.reset_plugin_manager()

@@ -1,4 +1,5 @@
-"""Shared by the tests that launch training in subprocesses (several ranks, kill and resume)."""
+"""Shared by the tests: recipes for subprocess runs (several ranks, kill and resume), and the
+step's phases run one by one on a built run, as `grpo_step` runs them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import os
 from pathlib import Path
 
 import yaml
+
+from grpo_ensemble.rollout.groups import Rollout, evaluate_groups
+from grpo_ensemble.rollout.injection import peers_wanted
+from grpo_ensemble.rollout.scoring import Known, Scores, score_groups
+from grpo_ensemble.trainer.batching import MicroBatch, attach_traces, micro_batches
+from grpo_ensemble.trainer.update import Update
 
 # policy + a peer injected where the policy failed, beta > 0, μ = 2: every code path a step has
 ENSEMBLE_RECIPE = {
@@ -40,3 +47,41 @@ def subprocess_env(**extra: str) -> dict:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+def rollout_of(run, n_prompts: int = 4) -> Rollout:
+    """Every member samples for the next `n_prompts` prompts; scored and evaluated as a step
+    does (the recipe's injection aside)."""
+    groups = run.ensemble.generate(run.sampler.next(n_prompts))
+    scores = score_groups(groups, run.scorers)
+    return evaluate_groups(groups, scores, run.evaluator, run.settings.group)
+
+
+def injected_rollout(run, n_prompts: int) -> tuple[Scores, list, Rollout]:
+    """The step's first phases for the next `n_prompts` prompts, as `grpo_step` runs them:
+    the policy samples, its candidates are scored, the peers sample where the recipe's
+    injection asks, their candidates are scored, the groups evaluated. Returns the policy's
+    scores, the pooled groups and the rollout."""
+    s = run.settings
+    own = run.ensemble.sample_policy(run.sampler.next(n_prompts), None)
+    own_scores = score_groups(own.groups, run.scorers)
+    wanted = peers_wanted(own.groups, own_scores, s.inject, s.success_reward)
+    pooled = run.ensemble.sample_peers(own.groups, wanted, None).groups
+    known = Known([len(g.candidates) for g in own.groups], own_scores)
+    scores = score_groups(pooled, run.scorers, known)
+    return own_scores, pooled, evaluate_groups(pooled, scores, run.evaluator, s.group)
+
+
+def batches_of(run, rollout: Rollout, batching=None) -> list[MicroBatch]:
+    """The step's micro-batches of `rollout` on the policy's device (`batching`: other
+    settings than the run's), with the policy's traces where it replays."""
+    how = batching or run.settings.batching
+    batches = micro_batches(rollout, how, run.settings.group.modes, run.prompt_ids)
+    if run.replay is not None:
+        attach_traces(batches, run.replay.take_traces(rollout.candidates))
+    return [b.to(run.engine.device) for b in batches]
+
+
+def update_inputs(run) -> Update:
+    """The update's inputs beyond the micro-batches, as the step hands them on."""
+    return Update(run.engine, run.ref_model, run.replay, [m.name for m in run.ensemble.members])

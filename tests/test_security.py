@@ -79,7 +79,7 @@ def _listening_sockets_of_this_process() -> list[str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_single_process_run_listens_on_loopback_only(small_recipe, tmp_path):
-    from grpo_ensemble.trainer.step import build_run
+    from grpo_ensemble.trainer.setup import build_run
 
     build_run(small_recipe(), tmp_path)  # joins the (single-process) process group
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1

@@ -7,7 +7,8 @@ capabilities the trainer can use (weight sync, behaviour log-probs, forward repl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -17,8 +18,8 @@ from ..models.loading import load_model
 from ..models.zero import gathered_params, zero3_managed
 from ..plugins.interfaces import Generator, SamplingParams, candidate_seed
 from ..types import Candidate, Prompt
-from .recording import BufferPool, Recording
-from .replay import Trace
+from .recording import BufferPool, Recording, count_update
+from .replay import Trace, replay_logprobs, replayable
 from .sampling import sample
 
 
@@ -31,21 +32,6 @@ def eval_mode(model: torch.nn.Module):
         yield
     finally:
         model.train(was_training)
-
-
-@contextlib.contextmanager
-def recording(generator, on: bool):
-    """`generator` (an `HFGenerator`) keeps its decode products for the update while inside
-    (replay.py): set by the training step around its own sampling, so that no other sampling
-    (evaluation) keeps any."""
-    if not on or not isinstance(generator, HFGenerator):
-        yield
-        return
-    generator.record = True
-    try:
-        yield
-    finally:
-        generator.record = False
 
 
 class HFGenerator(Generator):
@@ -84,10 +70,11 @@ class HFGenerator(Generator):
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.gather = bool(gather)
-        # keep the decode step's products for the update (set by the training step for the
-        # policy: `recording`), in buffers used again from one step to the next
+        # inside `recording()`: keep the decode step's products for the update, in buffers used
+        # again from one step to the next, and where each candidate's are (`take_traces`)
         self.record = False
         self.buffers = BufferPool()
+        self._traces: dict[int, tuple[weakref.ref, Trace]] = {}
 
     @property
     def collective(self) -> bool:
@@ -96,7 +83,53 @@ class HFGenerator(Generator):
         return dist.world_size() > 1 and zero3_managed(self.model)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self.model = model  # same module object: nothing to copy
+        """Sample with `model` from now on. The policy's generator shares the module being
+        trained, so nothing is copied; recordings of the weights before are stale."""
+        self.model = model
+        count_update(model)
+
+    def place_model(self, place) -> None:
+        """Put the (frozen) model where the run keeps its models: `place(model)` returns it on
+        the run's device and in its precision, or as ZeRO-3 shards."""
+        self.model = place(self.model)
+
+    # -- forward replay: the capability the trainer uses through `ReplaysForward` --
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep the decode step's products of the samples drawn inside the block."""
+        self.record, self._traces = True, {}
+        try:
+            yield
+        finally:
+            self.record = False
+
+    def take_traces(self, candidates: Sequence[Candidate]) -> list[Trace | None]:
+        """Where each candidate's recorded products are (None for one not recorded). Hands
+        them over: the generator forgets every trace, so a recording lives only as long as
+        the caller keeps its traces."""
+        held, self._traces = self._traces, {}
+        out: list[Trace | None] = []
+        for c in candidates:
+            kept = held.get(id(c))
+            out.append(kept[1] if kept is not None and kept[0]() is c else None)
+        return out
+
+    def replays_for(self, model: torch.nn.Module) -> bool:
+        """True when this generator samples with `model` itself, so its recordings are of it."""
+        return self.model is model
+
+    def replay_logprobs(self, model, batch, traces, temperature: float) -> torch.Tensor | None:
+        """(B, C) log-probs of `batch` under `model`, with the graph for the backward, from the
+        recorded products (see replay.py); None where the recording cannot serve this batch."""
+        if not replayable(model, batch, traces):
+            return None
+        return replay_logprobs(model, batch, traces, temperature)
+
+    def release_buffers(self) -> None:
+        """Free the buffers kept for the next recordings (beside a forward of its own they
+        would add to the peak memory)."""
+        self.buffers.free.clear()
 
     @torch.no_grad()
     def generate(
@@ -148,16 +181,15 @@ class HFGenerator(Generator):
         seqs = seqs.cpu()
         logps = None if logps is None else logps.cpu()
         filled = recording is not None and recording.filled
-        return [
-            self._candidate(
-                seqs[i],
-                None if logps is None else logps[i],
-                Trace(recording, i) if filled else None,
-            )
-            for i in range(len(texts))
+        out = [
+            self._candidate(seqs[i], None if logps is None else logps[i]) for i in range(len(texts))
         ]
+        if filled:
+            for i, cand in enumerate(out):
+                self._traces[id(cand)] = (weakref.ref(cand), Trace(recording, i))
+        return out
 
-    def _candidate(self, ids: torch.Tensor, logp: torch.Tensor | None, trace=None) -> Candidate:
+    def _candidate(self, ids: torch.Tensor, logp: torch.Tensor | None) -> Candidate:
         eos = self.tokenizer.eos_token_id
         hits = (ids == eos).nonzero()
         finished = len(hits) > 0
@@ -170,5 +202,4 @@ class HFGenerator(Generator):
             source="",
             behaviour_logprobs=None if logp is None else logp[:length].tolist(),
             finished=finished,
-            trace=trace,
         )

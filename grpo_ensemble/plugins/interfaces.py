@@ -6,9 +6,10 @@ recipe's `params` mapping as keyword arguments.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -49,6 +50,20 @@ class Generator:
 
     A generator that wraps a model exposes its `tokenizer` (or None for text-only sources such as
     an API); the ensemble re-tokenizes a candidate with the policy's tokenizer when they differ.
+
+    Beyond `generate`, a generator may offer optional capabilities, each a method (or
+    attribute) that the trainer looks for, never a class it tests for:
+
+    - `sync_weights(model)` (`SyncsWeights`): take the policy's current weights. The policy's
+      generator must offer it; it is called after every update and once before the first step.
+    - `behaviour_logprobs` on each `Candidate`: the log-probability of each token under the
+      distribution it was sampled from. A `tis` peer must fill them.
+    - `collective` (attribute, True): generating takes part in collectives across ranks, so
+      every rank calls `generate` at the same points, even with no prompts.
+    - `place_model(place)` (`PlacesModel`): a peer holding a frozen torch model lets the run put
+      it on its device and precision, or shard it (`train.frozen_models: shard`).
+    - forward replay (`ReplaysForward`): the policy's generator keeps what its forward computed
+      while sampling, and the update's first pass reuses it instead of computing it again.
     """
 
     name: ClassVar[str] = ""
@@ -60,8 +75,48 @@ class Generator:
         """Return, for each prompt, `n` candidates (their `source` is set by the ensemble)."""
         raise NotImplementedError
 
+
+@runtime_checkable
+class SyncsWeights(Protocol):
+    """Takes the policy's current weights (the policy's generator must offer this)."""
+
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Take the policy's current weights. Only called on the policy member's generator."""
+        """Sample with `model`'s current weights from now on (share it, or copy its weights)."""
+
+
+@runtime_checkable
+class PlacesModel(Protocol):
+    """Holds a frozen torch model that the run may place (device, precision, ZeRO-3 shards)."""
+
+    def place_model(self, place: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Replace the held model by `place(model)`."""
+
+
+@runtime_checkable
+class ReplaysForward(Protocol):
+    """Keeps the products of sampling's forward so that the update's first pass over the
+    policy's own candidates can take them instead of computing them again. Offered by the
+    built-in `hf` generator; the trainer uses it only where its results equal a plain forward
+    (same weights, no dropout, no ZeRO-3), and falls back to the plain forward otherwise."""
+
+    def recording(self) -> AbstractContextManager[None]:
+        """Keep the products of the samples drawn inside the block."""
+
+    def take_traces(self, candidates: Sequence[Candidate]) -> list[Any]:
+        """Where each candidate's products are (None where none were kept); the generator
+        forgets them, so they live as long as the caller keeps them."""
+
+    def replays_for(self, model: torch.nn.Module) -> bool:
+        """True when the recordings are of `model` (the generator samples with it)."""
+
+    def replay_logprobs(
+        self, model: Any, batch: Any, traces: Sequence[Any], temperature: float
+    ) -> torch.Tensor | None:
+        """(B, C) completion log-probs of `batch` under `model` with the graph for the
+        backward, from the traces; None where they cannot serve this batch."""
+
+    def release_buffers(self) -> None:
+        """Free memory kept for the next recordings."""
 
 
 class RewardScorer:

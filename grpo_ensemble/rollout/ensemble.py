@@ -1,14 +1,16 @@
 """The ensemble: each member's candidates pooled into one group per prompt.
 
-The ensemble asks each member for `n_k` candidates per prompt and pools them into one group per
-prompt, policy first, each candidate tagged with the member that produced it. A member whose
-tokenizer differs from the policy's contributes text, re-tokenized with the policy's tokenizer.
+The policy samples first (`sample_policy`); peers then sample for the prompts the step chose
+(`sample_peers`: every prompt, or only those where the policy failed). Each group holds the
+policy's candidates first, then each peer's in recipe order, each tagged with the member that
+produced it. A member whose tokenizer differs from the policy's contributes text, re-tokenized
+with the policy's tokenizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from .. import dist
 from ..errors import PluginError, UserError
@@ -29,8 +31,18 @@ class Member:
     on_error: str = "fail"  # fail | skip: go on without this member's candidates for the step
 
 
-class EnsembleGenerator:
-    """Pools each prompt's group from all members; the first member is the policy."""
+@dataclass
+class Sampled:
+    """What a sampling phase returns: the groups so far, and per member its seconds and the
+    calls that failed and were skipped (`on_error: skip`)."""
+
+    groups: list[Group]
+    seconds: dict[str, float] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+
+
+class Ensemble:
+    """The policy and its peers; the first member is the policy."""
 
     def __init__(self, members: list[Member], policy_tokenizer):
         if not members or members[0].name != POLICY:
@@ -42,45 +54,63 @@ class EnsembleGenerator:
             and same_tokenizer(m.generator.tokenizer, policy_tokenizer)
             for m in members
         }
-        self.seconds: dict[str, float] = {}  # generation time per member, last call
-        self.faults: dict[str, int] = {}  # calls that failed and were skipped, last call
+
+    @property
+    def policy(self) -> Member:
+        return self.members[0]
+
+    def sample_policy(self, prompts: Sequence[Prompt], seeds: Sequence[int] | None) -> Sampled:
+        """One group per prompt, holding the policy's candidates. `seeds` (one per prompt) make
+        each member's candidates of a prompt reproducible."""
+        groups = [Group(prompt=p, candidates=[]) for p in prompts]
+        out = Sampled(groups)
+        self._sample_into(out, 0, list(range(len(prompts))), seeds)
+        return out
+
+    def sample_peers(
+        self, groups: Sequence[Group], wanted: Sequence[bool], seeds: Sequence[int] | None
+    ) -> Sampled:
+        """The groups with each peer's candidates added for the prompts marked in `wanted`
+        (groups become ragged where some are not)."""
+        pooled = [Group(g.prompt, list(g.candidates)) for g in groups]
+        out = Sampled(pooled)
+        targets = [i for i, w in enumerate(wanted) if w]
+        for k in range(1, len(self.members)):
+            self._sample_into(out, k, targets, seeds)
+        return out
 
     def generate(
-        self,
-        prompts: Sequence[Prompt],
-        needs_peers: Callable[[list[Group]], list[bool]] | None = None,
-        seeds: Sequence[int] | None = None,
+        self, prompts: Sequence[Prompt], seeds: Sequence[int] | None = None
     ) -> list[Group]:
-        """Pool each prompt's group. With `needs_peers`, the policy samples first and peers
-        sample only for the prompts it marks (on-failure injection): groups become ragged.
-        `seeds` (one per prompt) make each member's candidates of a prompt reproducible."""
-        self.seconds, self.faults = {}, {}
-        groups = [Group(prompt=p, candidates=[]) for p in prompts]
-        wanted = list(range(len(prompts)))
-        decided = needs_peers is None
-        for k, m in enumerate(self.members):
-            if m.name != POLICY and not decided:  # once, on the policy's candidates alone
-                flags = needs_peers(groups)
-                wanted = [i for i, f in enumerate(flags) if f]
-                decided = True
-            targets = wanted if m.name != POLICY else list(range(len(prompts)))
-            # a generator with sharded weights must be called on every rank, even with nothing
-            if m.n == 0 or (not targets and not getattr(m.generator, "collective", False)):
-                continue
-            sampling = m.sampling
-            if seeds is not None:
-                member_seeds = tuple(mix64(seeds[i] * 31 + k) for i in targets)
-                sampling = replace(m.sampling, seeds=member_seeds)
-            per_prompt = self._sample(m, [prompts[i] for i in targets], sampling)
-            for i, cands in zip(targets, per_prompt, strict=True):
-                limit = m.sampling.max_new_tokens
-                groups[i].candidates.extend(self._adopt(c, m.name, limit) for c in cands)
-        return groups
+        """Every member's candidates for every prompt, pooled (the policy's, then the peers')."""
+        own = self.sample_policy(prompts, seeds)
+        return self.sample_peers(own.groups, [True] * len(prompts), seeds).groups
 
-    def _sample(
-        self, m: Member, prompts: list[Prompt], sampling: SamplingParams
-    ) -> list[list[Candidate]]:
+    def _sample_into(
+        self, out: Sampled, k: int, targets: list[int], seeds: Sequence[int] | None
+    ) -> None:
+        """Member k samples for the groups `targets` of `out`; its candidates are appended."""
+        m = self.members[k]
+        # a generator with sharded weights must be called on every rank, even with nothing
+        if m.n == 0 or (not targets and not getattr(m.generator, "collective", False)):
+            return
+        sampling = m.sampling
+        if seeds is not None:
+            member_seeds = tuple(mix64(seeds[i] * 31 + k) for i in targets)
+            sampling = replace(m.sampling, seeds=member_seeds)
         start = dist.now()
+        per_prompt = self._call(m, [out.groups[i].prompt for i in targets], sampling, out)
+        if per_prompt is None:
+            return
+        out.seconds[m.name] = dist.now() - start
+        limit = m.sampling.max_new_tokens
+        for i, cands in zip(targets, per_prompt, strict=True):
+            out.groups[i].candidates.extend(self._adopt(c, m.name, limit) for c in cands)
+
+    def _call(
+        self, m: Member, prompts: list[Prompt], sampling: SamplingParams, out: Sampled
+    ) -> list[list[Candidate]] | None:
+        """The member's candidates, checked; None when it failed and may be skipped."""
         try:
             per_prompt = m.generator.generate(prompts, m.n, sampling)
             if len(per_prompt) != len(prompts) or any(len(c) != m.n for c in per_prompt):
@@ -91,12 +121,11 @@ class EnsembleGenerator:
             raise
         except Exception as exc:
             if m.on_error == "skip" and m.name != POLICY:  # the step goes on without it
-                self.faults[m.name] = self.faults.get(m.name, 0) + 1
-                return [[] for _ in prompts]
+                out.faults[m.name] = out.faults.get(m.name, 0) + 1
+                return None
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(m.generator.name, f"generator of {m.name!r} failed: {exc}") from exc
-        self.seconds[m.name] = dist.now() - start
         return per_prompt
 
     def _adopt(self, cand: Candidate, source: str, limit: int) -> Candidate:

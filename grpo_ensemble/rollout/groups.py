@@ -7,17 +7,23 @@ Scorers and the group evaluator are plugins; their error policies (`rewards[i].o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from .. import dist
 from ..errors import PluginError
+from ..plugins.interfaces import GroupEvaluator
 from ..types import POLICY, Candidate, Group, GroupLayout, Prompt
-from .scoring import Known, score_groups
+from .scoring import Scores
 
-if TYPE_CHECKING:
-    from ..trainer.step import Run
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """How groups become advantages (the recipe's `group` section and each member's mode)."""
+
+    modes: dict[str, str]  # member name → mode (on_policy, shaped, tis, baseline_only)
+    stats: str = "group"  # group | policy: whose candidates count in the group statistics
+    on_error: str = "fail"  # fail | skip_group: what a failing group evaluator does
+    drop_equal_reward_groups: bool = True
 
 
 @dataclass
@@ -41,17 +47,17 @@ class Rollout:
         return [g.prompt for g in self.groups for _ in g.candidates]
 
 
-def evaluate_groups(run: Run, groups: list[Group], known: Known | None = None) -> Rollout:
-    """Score the candidates and turn each group's rewards into advantages. Groups that a
-    scorer or the evaluator failed on leave the step where the recipe says so (counted).
-    `known`: scores already taken of each group's first candidates (see `score_groups`)."""
-    scores = score_groups(groups, run.scorers, known)
+def evaluate_groups(
+    groups: list[Group], scores: Scores, evaluator: GroupEvaluator, how: GroupSettings
+) -> Rollout:
+    """Turn each group's rewards (`scores`, in candidate order) into advantages. Groups that a
+    scorer or the evaluator failed on leave the step where the recipe says so (counted)."""
     n_groups = len(groups)
     groups, rewards, per_scorer = _drop(groups, scores.skip, scores.combined, scores.per_scorer)
-    layout, adv, bad = group_advantages(run, groups, rewards)
+    layout, adv, bad = group_advantages(groups, rewards, evaluator, how)
     while any(bad):  # group.on_error = skip_group: evaluate the others again without them
         groups, rewards, per_scorer = _drop(groups, bad, rewards, per_scorer)
-        layout, adv, bad = group_advantages(run, groups, rewards)
+        layout, adv, bad = group_advantages(groups, rewards, evaluator, how)
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
     if groups:
         lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
@@ -59,11 +65,10 @@ def evaluate_groups(run: Run, groups: list[Group], known: Known | None = None) -
         equal = lo == hi  # (n_prompts,) groups with no learning signal
     else:  # every group left the step
         equal = torch.zeros(0, dtype=torch.bool)
-    mode = {m.name: m.mode for m in run.ensemble.members}
     candidates = [c for g in groups for c in g.candidates]
-    trained = [mode[c.source] != "baseline_only" for c in candidates]
+    trained = [how.modes[c.source] != "baseline_only" for c in candidates]
     keep = layout.valid & layout.to_grid(torch.tensor(trained, dtype=torch.bool), fill=False)
-    if run.recipe.group.drop_equal_reward_groups:
+    if how.drop_equal_reward_groups:
         keep &= ~equal.unsqueeze(1)
     return Rollout(
         groups,
@@ -89,7 +94,7 @@ def _drop(groups: list[Group], drop: list[bool], rewards, per_scorer):
 
 
 def group_advantages(
-    run: Run, groups: list[Group], rewards: torch.Tensor
+    groups: list[Group], rewards: torch.Tensor, evaluator: GroupEvaluator, how: GroupSettings
 ) -> tuple[GroupLayout, torch.Tensor, list[bool]]:
     """The evaluator's advantages (n_prompts, group_size) and, per group, whether it failed
     there (only with group.on_error = skip_group; with fail, a failure stops the run)."""
@@ -97,11 +102,11 @@ def group_advantages(
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
     if not groups:
         return layout, grid, []
-    stats = stats_mask(run, groups, layout)
-    name = getattr(run.evaluator, "name", "") or type(run.evaluator).__name__
-    skip = run.recipe.group.on_error == "skip_group"
+    stats = stats_mask(groups, layout, how.stats)
+    name = getattr(evaluator, "name", "") or type(evaluator).__name__
+    skip = how.on_error == "skip_group"
     try:
-        adv = _advantages(run.evaluator, grid, layout.valid, stats)
+        adv = _advantages(evaluator, grid, layout.valid, stats)
     except _EvalFault as exc:
         if not skip:
             raise PluginError(name, str(exc)) from exc.__cause__
@@ -109,7 +114,7 @@ def group_advantages(
         for i in range(len(groups)):  # one group at a time, to find where it fails
             rows = slice(i, i + 1)
             try:
-                one = _advantages(run.evaluator, grid[rows], layout.valid[rows], stats[rows])
+                one = _advantages(evaluator, grid[rows], layout.valid[rows], stats[rows])
             except _EvalFault:
                 bad[i] = True
                 continue
@@ -137,32 +142,9 @@ def _advantages(evaluator, grid, valid, stats) -> torch.Tensor:
     return adv
 
 
-def stats_mask(run: Run, groups: list[Group], layout: GroupLayout) -> torch.Tensor:
+def stats_mask(groups: list[Group], layout: GroupLayout, stats: str) -> torch.Tensor:
     """(n_prompts, group_size) candidates that count in the group statistics."""
-    if run.recipe.group.stats == "group":
+    if stats == "group":
         return layout.valid
     own = torch.tensor([c.source == POLICY for g in groups for c in g.candidates])
     return layout.to_grid(own, fill=False)
-
-
-class PolicyFailed:
-    """On-failure injection's test, called by the ensemble once the policy has sampled: True
-    for the prompts where no policy candidate reached success. It keeps the scores it took
-    (`known`) for the step's scoring, which then scores only the peers' candidates."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.known: Known | None = None
-
-    def __call__(self, groups: list[Group]) -> list[bool]:
-        # only the policy's candidates so far; a scorer failing on any rank stops every rank
-        scores = dist.agree(lambda: score_groups(groups, self.run.scorers))
-        self.known = Known([len(g.candidates) for g in groups], scores)
-        out, k = [], 0
-        for g, leaves in zip(groups, scores.skip, strict=True):
-            n = len(g.candidates)
-            best = float(scores.combined[k : k + n].max()) if n else None
-            # a group a skip_group scorer failed on leaves the step anyway: no peers for it
-            out.append(not leaves and (best is None or best < self.run.recipe.group.success_reward))
-            k += n
-        return out

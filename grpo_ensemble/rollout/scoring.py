@@ -21,7 +21,6 @@ import torch
 
 from ..errors import Interrupted, PluginError, UserError
 from ..plugins.interfaces import RewardScorer
-from ..trainer.build import WeightedScorer
 from ..types import Group, Sample
 
 
@@ -39,6 +38,15 @@ class Scores:
 
     def __iter__(self):  # `combined, per_scorer = score_groups(...)` keeps working
         return iter((self.combined, self.per_scorer))
+
+
+@dataclass
+class WeightedScorer:
+    name: str  # used in metrics: reward/<name>
+    scorer: RewardScorer
+    weight: float
+    on_error: str = "fail"  # fail | skip_group | zero (see above)
+    timeout_s: float | None = None
 
 
 class _Fault(Exception):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..data.prompts import Cleaning, DataReport, load_prompts
@@ -18,19 +17,11 @@ from ..models.loading import load_field_tokenizer, resolve_model, same_tokenizer
 from ..plugins import registry as plugins
 from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from ..recipe import MemberConfig, Recipe
+from ..rollout.scoring import WeightedScorer
 from ..types import POLICY, Prompt
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class WeightedScorer:
-    name: str  # used in metrics: reward/<name>
-    scorer: RewardScorer
-    weight: float
-    on_error: str = "fail"  # fail | skip_group | zero (see scoring.py)
-    timeout_s: float | None = None
 
 
 def construct(kind: str, name: str, params: Mapping, field: str, **extra) -> object:
@@ -115,9 +106,10 @@ def member_fields(recipe: Recipe) -> list[tuple[str, str, MemberConfig]]:
     return out
 
 
-def build_peer_generator(prefix: str, member: MemberConfig) -> Generator:
+def build_peer_generator(prefix: str, member: MemberConfig, gather: bool = True) -> Generator:
     """A peer's generator from its recipe entry: built with `model=` the resolved model path
-    when the entry names a model (a text-only generator, e.g. an API, may need none)."""
+    when the entry names a model (a text-only generator, e.g. an API, may need none), and
+    `gather` (the recipe's `train.generation_weights`) where its constructor takes it."""
     extra = {}
     if member.model is not None:
         extra["model"] = resolve_model(member.model, f"{prefix}.model")
@@ -126,6 +118,8 @@ def build_peer_generator(prefix: str, member: MemberConfig) -> Generator:
     cls = plugins.get_component("generator", member.generator, f"{prefix}.generator")
     if "model" not in extra and "model" in _required_params(cls):
         raise RecipeError(f"{prefix}.model", f"{member.generator!r} needs a model")
+    if "gather" in _params(cls) and "gather" not in member.params:
+        extra["gather"] = gather
     try:
         return construct(
             "generator", member.generator, member.params, f"{prefix}.generator", **extra
@@ -135,6 +129,21 @@ def build_peer_generator(prefix: str, member: MemberConfig) -> Generator:
             reason = str(exc).split("cannot load model", 1)[1]
             raise RecipeError(f"{prefix}.model", f"cannot load model{reason}") from None
         raise
+
+
+def build_policy_generator(
+    recipe: Recipe, module: torch.nn.Module, tokenizer, gather: bool = True
+) -> Generator:
+    """The policy's generator: the recipe's `policy.generator`, built with `model=` the module
+    being trained and, where its constructor takes them, `tokenizer=` the policy's tokenizer
+    and `gather` (the recipe's `train.generation_weights`)."""
+    p = recipe.policy
+    cls = plugins.get_component("generator", p.generator, "policy.generator")
+    extra: dict = {"model": module}
+    for name, value in (("tokenizer", tokenizer), ("gather", gather)):
+        if name in _params(cls) and name not in p.params:
+            extra[name] = value
+    return construct("generator", p.generator, p.params, "policy.generator", **extra)
 
 
 def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Cleaning:
@@ -211,6 +220,15 @@ def check_tis_tokenizers(recipe: Recipe) -> None:
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
 
 
+def _params(cls: type) -> set[str]:
+    """The keyword parameters of a component's constructor (all of them where it takes
+    **kwargs is not knowable: then none)."""
+    try:
+        return set(inspect.signature(cls).parameters)
+    except ValueError:
+        return set()
+
+
 def _required_params(cls: type) -> set[str]:
     try:
         sig = inspect.signature(cls)
@@ -220,12 +238,21 @@ def _required_params(cls: type) -> set[str]:
 
 
 def check_policy_generator(recipe: Recipe) -> None:
-    """The policy samples with the module being trained, which only `hf` can share."""
-    if recipe.policy.generator != "hf":
+    """The policy's generator samples with the module being trained: its class must take that
+    module as `model` and the trained weights after each update (`sync_weights`)."""
+    name = recipe.policy.generator
+    cls = plugins.get_component("generator", name, "policy.generator")
+    if not callable(getattr(cls, "sync_weights", None)):
         raise RecipeError(
             "policy.generator",
-            f"the policy samples with the model being trained and must use 'hf', not "
-            f"{recipe.policy.generator!r} (a Python caller may pass generators={{'policy': ...}})",
+            f"{name!r} cannot sample for the policy: it has no sync_weights(model) method to "
+            "take the trained weights after each update",
+        )
+    if "model" not in _params(cls):
+        raise RecipeError(
+            "policy.generator",
+            f"{name!r} cannot sample for the policy: its constructor takes no `model` "
+            "(the module being trained is passed as model=)",
         )
 
 

@@ -21,7 +21,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +29,7 @@ import yaml
 
 from .. import dist
 from ..errors import RunError, UserError
-
-if TYPE_CHECKING:
-    from .step import Run
+from ..recipe import Recipe
 
 PREFIX = "step-"
 
@@ -114,9 +112,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save_checkpoint(run: Run, step: int) -> Path:
-    """Write a checkpoint of the state after `step` (every rank calls this); keep the last K."""
-    root = checkpoint_root(run.run_dir)
+def save_checkpoint(run_dir: Path, engine, sampler, recipe: Recipe, step: int) -> Path:
+    """Write a checkpoint of the state after `step`: the DeepSpeed engine's, the prompt
+    sampler's and every rank's RNGs (every rank calls this); keep the recipe's last K."""
+    root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
 
@@ -133,7 +132,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
     dist.barrier()
 
     def write_engine():  # DeepSpeed's part: every rank writes its shards
-        run.engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+        engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
 
     dist.agree(lambda: _disk_errors(write_engine, root))
 
@@ -142,9 +141,9 @@ def save_checkpoint(run: Run, step: int) -> Path:
         if dist.is_main():
             state = {
                 "step": step,
-                "sampler": run.sampler.state(),
+                "sampler": sampler.state(),
                 "world_size": dist.world_size(),
-                "recipe": run.recipe.model_dump(mode="json"),
+                "recipe": recipe.model_dump(mode="json"),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         sync_tree(tmp)  # on the disk before the rename makes the checkpoint count
@@ -156,7 +155,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
         if dist.is_main():
             tmp.rename(final)  # atomic: the checkpoint exists whole or not at all
             _sync(root)  # the rename itself, before older checkpoints go
-            for old in complete_checkpoints(run.run_dir)[: -run.recipe.train.keep_checkpoints]:
+            for old in complete_checkpoints(run_dir)[: -recipe.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
     dist.agree(lambda: _disk_errors(commit, root))
@@ -249,15 +248,15 @@ def _show(value: Any) -> str:
 DAMAGED = (KeyError, TypeError, ValueError, IndexError, AssertionError, EOFError, RuntimeError)
 
 
-def load_checkpoint(run: Run, path: Path) -> int:
+def load_checkpoint(path: Path, engine, sampler, recipe: Recipe) -> int:
     """Restore the engine, sampler and RNG states; returns the step the checkpoint ends. Every
     rank checks its files first and agrees (a rank whose file is damaged stops every rank with
     its message, before any of them waits in the engine's loading)."""
-    state, rng = dist.agree(lambda: _read_checked(run, path))
+    state, rng = dist.agree(lambda: _read_checked(path, sampler, recipe))
 
     def load_engine():
         try:
-            return run.engine.load_checkpoint(str(path / "engine"), tag="state")[0]
+            return engine.load_checkpoint(str(path / "engine"), tag="state")[0]
         except pickle.UnpicklingError as exc:  # weights_only refused something in the file
             raise UserError(
                 f"--resume: refused to load {path}: it holds objects other than tensors and "
@@ -271,7 +270,7 @@ def load_checkpoint(run: Run, path: Path) -> int:
 
     def restore():
         try:
-            run.sampler.restore(state["sampler"])
+            sampler.restore(state["sampler"])
             _set_rng_state(rng)
         except DAMAGED as exc:
             raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
@@ -280,9 +279,9 @@ def load_checkpoint(run: Run, path: Path) -> int:
     return int(state["step"])
 
 
-def _read_checked(run: Run, path: Path) -> tuple[dict, dict]:
+def _read_checked(path: Path, sampler, recipe: Recipe) -> tuple[dict, dict]:
     """This rank's view of the checkpoint `path`: its trainer state and RNG states, checked
-    against the run."""
+    against the run's sampler and recipe."""
     try:
         state = json.loads((path / "trainer_state.json").read_text())
         rng = json.loads((path / f"rng-rank{dist.rank()}.json").read_text())
@@ -294,8 +293,8 @@ def _read_checked(run: Run, path: Path) -> tuple[dict, dict]:
             raise _damaged(path, f"trainer_state.json has no {name}")
     if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
         raise _damaged(path, f"rng-rank{dist.rank()}.json lacks a generator's state")
-    check_compatible(state, run.recipe.model_dump(mode="json"), path)
-    why = run.sampler.differs(state["sampler"]) if isinstance(state["sampler"], dict) else None
+    check_compatible(state, recipe.model_dump(mode="json"), path)
+    why = sampler.differs(state["sampler"]) if isinstance(state["sampler"], dict) else None
     if why:  # the sampler's position would pick other prompts than the run went on with
         raise UserError(
             f"--resume: the training prompts are not those of the checkpoint {path} ({why}): "

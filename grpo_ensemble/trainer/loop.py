@@ -19,7 +19,6 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .. import dist
-from ..engine.hf import HFGenerator
 from ..errors import GrpoEnsembleError, Interrupted, RunError, UserError
 from ..models.zero import gathered_params
 from ..plugins import registry as plugins
@@ -30,7 +29,8 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_a
 from .deepspeed import init_distributed
 from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .heap import kept_between_steps
-from .step import Run, build_run, grpo_step, seed_everything
+from .setup import Run, build_run, seed_everything
+from .step import grpo_step
 
 
 @dataclass
@@ -44,14 +44,14 @@ class TrainResult:
 
 
 def evaluate_policy(run: Run) -> EvalResult | None:
-    """Held-out accuracy of the policy, greedy, judged by the recipe's eval scorer; each rank
-    decodes its share of the prompts and the scores are gathered."""
+    """Held-out accuracy of the policy, greedy, sampled through the policy's own generator and
+    judged by the recipe's eval scorer; each rank decodes its share of the prompts and the
+    scores are gathered."""
     if not run.held_out:
         return None
     e = run.recipe.eval
     max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
-    gather = run.recipe.train.generation_weights == "gather"
-    gen = HFGenerator(run.engine.module, run.tokenizer, gather=gather)
+    gen = run.policy_generator
     prompts = run.held_out[: e.max_prompts]
     mine = [prompts[i] for i in dist.shard(len(prompts))]
     scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
@@ -195,7 +195,7 @@ def _resume(run: Run, resume: str, result: TrainResult, console) -> int:
     main, run_dir, start = dist.is_main(), run.run_dir, 0
     path = dist.agree(lambda: find_checkpoint(run_dir, resume))
     if path is not None:
-        start = load_checkpoint(run, path)
+        start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
         result.resumed_from = path
         _say_text(console, f"resumed from {path} (step {start})")
         # later checkpoints belong to the way the run went before; kept, under another name
@@ -225,6 +225,8 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
     # a resumed run goes on counting where its metrics left off (rank 0 reads them)
     bad_in_a_row = int(dist.all_max([writer.bad_in_a_row if writer is not None else 0])[0])
     saved = start
+    # the weights the policy samples with are the engine's, also after a resume
+    run.policy_generator.sync_weights(run.engine.module)
     with StopRequests() as stop, contextlib.ExitStack() as cleanup:
         cleanup.callback(progress.close)
         if writer is not None:
@@ -246,7 +248,7 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
             due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
             signum = stop.agreed()
             if due or signum:
-                path = save_checkpoint(run, step)
+                path = save_checkpoint(run.run_dir, run.engine, run.sampler, run.recipe, step)
                 saved = step
             if signum:
                 name = signal.Signals(signum).name

@@ -92,16 +92,20 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchSize], torch.
 }
 
 
-# How a candidate enters the loss, by its member's mode (DESIGN.md §3). baseline_only
+# How a candidate enters the loss, by its member's mode (docs/algorithm.md). baseline_only
 # candidates never reach the loss: they only count in the group statistics.
 MODES = {"on_policy": 0, "shaped": 1, "tis": 2}
 
 
 @dataclass(frozen=True)
-class OffPolicy:
-    """Settings of the off-policy modes."""
+class LossSettings:
+    """The loss's settings (the recipe's `loss` section), in one place."""
 
-    gamma: float = 0.1  # shaped: f(p) = p/(p+γ)
+    clip_low: float = 0.2  # the ratio is clipped to [1 − clip_low, 1 + clip_high]
+    clip_high: float = 0.28
+    beta: float = 0.0  # weight of the k3 KL to the reference; 0: no reference at all
+    aggregation: str = "token_mean"  # a name in AGGREGATIONS
+    shaped_gamma: float = 0.1  # shaped: f(p) = p/(p+γ)
     tis_low: float = 0.0  # tis: importance weights clamped to [tis_low, tis_high]
     tis_high: float = 2.0
 
@@ -122,39 +126,34 @@ def grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     size: BatchSize,
-    clip_low: float,
-    clip_high: float,
-    beta: float,
-    aggregation: str,
+    settings: LossSettings,
     modes: torch.Tensor | None = None,
     behaviour_logp: torch.Tensor | None = None,
-    off_policy: OffPolicy = OffPolicy(),
 ) -> LossOutput:
     """Per-candidate surrogate (by `modes` (B,), see MODES) + beta·KL, aggregated by name.
 
     The policy's own candidates and on_policy peers take the clipped surrogate; shaped and
     tis rows their own surrogate. KL applies to every token that receives gradient.
     """
-    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    c = settings
+    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, c.clip_low, c.clip_high)
     weight = torch.ones_like(logp)
     tis_clamped = None
     if modes is not None and bool((modes != MODES["on_policy"]).any()):
         row = modes.unsqueeze(1)  # (B, 1)
-        shaped = shaped_surrogate(logp, advantages, off_policy.gamma)
+        shaped = shaped_surrogate(logp, advantages, c.shaped_gamma)
         p = torch.exp(logp.detach())
-        weight = torch.where(row == MODES["shaped"], p / (p + off_policy.gamma), weight)
+        weight = torch.where(row == MODES["shaped"], p / (p + c.shaped_gamma), weight)
         per_token = torch.where(row == MODES["shaped"], shaped, per_token)
         if behaviour_logp is not None:
-            tis, w, hit = tis_surrogate(
-                logp, behaviour_logp, advantages, off_policy.tis_low, off_policy.tis_high
-            )
+            tis, w, hit = tis_surrogate(logp, behaviour_logp, advantages, c.tis_low, c.tis_high)
             tis_clamped = hit & (row == MODES["tis"]) & mask.bool()
             per_token = torch.where(row == MODES["tis"], tis, per_token)
             weight = torch.where(row == MODES["tis"], w, weight)
         clipped = clipped & (row == MODES["on_policy"])
     kl = torch.zeros_like(logp)
-    if beta > 0 and ref_logp is not None:
+    if c.beta > 0 and ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
-        per_token = per_token + beta * kl
-    loss = AGGREGATIONS[aggregation](per_token, mask, size)
+        per_token = per_token + c.beta * kl
+    loss = AGGREGATIONS[c.aggregation](per_token, mask, size)
     return LossOutput(loss, kl.detach(), clipped & mask.bool(), weight, tis_clamped)

@@ -9,17 +9,16 @@ has nothing), as the element-wise reduction needs.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .. import dist
+from ..rollout.groups import Rollout
 from ..types import POLICY
+from .batching import LeftOut, MicroBatch
 from .loss import MODES
-
-if TYPE_CHECKING:
-    from .batching import LeftOut, MicroBatch
-    from .step import Rollout, Run
 
 
 def best_candidates(ro: Rollout) -> torch.Tensor:
@@ -29,8 +28,11 @@ def best_candidates(ro: Rollout) -> torch.Tensor:
     return ro.layout.to_flat(grid == top)
 
 
-def rollout_sums(run: Run, ro: Rollout) -> dict[str, float]:
-    """This rank's sums over its candidates, keyed by the metric they feed."""
+def rollout_sums(
+    ro: Rollout, scorers: Sequence[str], members: Sequence[str], faults: Mapping[str, int]
+) -> dict[str, float]:
+    """This rank's sums over its candidates, keyed by the metric they feed. `faults`: the
+    generator calls per member that failed and were skipped."""
     lengths = torch.tensor([len(c.token_ids) for c in ro.candidates], dtype=torch.float64)
     rewards = ro.rewards.double()
     s = {
@@ -43,27 +45,38 @@ def rollout_sums(run: Run, ro: Rollout) -> dict[str, float]:
         "completion_len": float(lengths.sum()),
         "skipped_groups": float(ro.skipped_groups),
     }
-    for ws in run.scorers:  # every scorer a key, as the reduction needs
-        s[f"scorer_faults/{ws.name}"] = float(ro.scorer_faults.get(ws.name, 0))
+    for name in scorers:  # every scorer a key, as the reduction needs
+        s[f"scorer_faults/{name}"] = float(ro.scorer_faults.get(name, 0))
     for k, v in ro.per_scorer.items():
         s[f"reward/{k}"] = float(v.double().sum())
     sources = [c.source for c in ro.candidates]
     best = best_candidates(ro) if ro.candidates else torch.zeros(0, dtype=torch.bool)
     s["best"] = float(best.sum())
-    for member in run.ensemble.members:
-        idx = [i for i, src in enumerate(sources) if src == member.name]
-        p = f"member/{member.name}"
+    for member in members:
+        idx = [i for i, src in enumerate(sources) if src == member]
+        p = f"member/{member}"
         s[f"{p}/candidates"] = float(len(idx))
         s[f"{p}/reward"] = float(rewards[idx].sum())
         s[f"{p}/completion_len"] = float(lengths[idx].sum())
         s[f"{p}/best"] = float(best[idx].sum())
-        s[f"{p}/generator_faults"] = float(run.ensemble.faults.get(member.name, 0))
+        s[f"{p}/generator_faults"] = float(faults.get(member, 0))
     return s
 
 
-def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[str, Any]:
-    """Rewards (combined, per scorer, per member), advantages, lengths, timings: global."""
-    s = dist.sum_dict(rollout_sums(run, ro))
+def step_metrics(
+    step: int,
+    ro: Rollout,
+    upd: dict,
+    lr: float,
+    times: dict[str, float],
+    scorers: Sequence[str],
+    members: Sequence[str],
+    faults: Mapping[str, int],
+) -> dict[str, Any]:
+    """Rewards (combined, per scorer, per member), advantages, lengths, timings: global.
+    `lr`: the rate the next optimizer step would use; `times`: seconds per phase on this rank
+    (and `generate/<member>` per member that sampled)."""
+    s = dist.sum_dict(rollout_sums(ro, scorers, members, faults))
     n = max(s["n"], 1.0)
     var = (s["reward_sq"] - s["reward"] ** 2 / n) / max(n - 1, 1.0)
     m: dict[str, Any] = {
@@ -80,11 +93,11 @@ def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[s
         **{k: int(v) for k, v in s.items() if k.startswith("scorer_faults/")},
         # the learning rate the step's optimizer steps used (their mean when μ > 1); a step
         # without one reports the rate the next would use
-        "lr": run.engine.get_lr()[0],
+        "lr": lr,
         **upd,
     }
-    for member in run.ensemble.members:
-        p = f"member/{member.name}"
+    for member in members:
+        p = f"member/{member}"
         if s[f"{p}/generator_faults"]:
             m[f"{p}/generator_faults"] = int(s[f"{p}/generator_faults"])
         count = s[f"{p}/candidates"]
@@ -93,22 +106,19 @@ def step_metrics(run: Run, step: int, ro: Rollout, upd: dict, t: dict) -> dict[s
             m[f"{p}/reward"] = s[f"{p}/reward"] / count
             m[f"{p}/candidates"] = int(count)
             m[f"{p}/completion_len"] = s[f"{p}/completion_len"] / count
-    m.update(step_times(run, t))
+    m.update(step_times(times, members))
     return m
 
 
-def step_times(run: Run, t: dict) -> dict[str, float]:
+def step_times(times: dict[str, float], members: Sequence[str]) -> dict[str, float]:
     """Seconds per phase, the slowest rank's (the others wait for it)."""
-    times = {
-        f"time/{b}": t[b] - t[a]
-        for a, b in (("start", "generate"), ("generate", "score"), ("score", "update"))
-    }
-    times["time/sync"] = t["sync"] - t["update"]
-    times["time/step"] = t["sync"] - t["start"]
-    for member in run.ensemble.members:
-        times[f"time/generate/{member.name}"] = run.ensemble.seconds.get(member.name, 0.0)
-    keys = sorted(times)
-    slowest = dict(zip(keys, dist.all_max([times[k] for k in keys]), strict=True))
+    phases = ("generate", "score", "update", "sync")
+    out = {f"time/{p}": times.get(p, 0.0) for p in phases}
+    out["time/step"] = sum(out.values())
+    for member in members:
+        out[f"time/generate/{member}"] = times.get(f"generate/{member}", 0.0)
+    keys = sorted(out)
+    slowest = dict(zip(keys, dist.all_max([out[k] for k in keys]), strict=True))
     return {
         k: v
         for k, v in slowest.items()
@@ -116,10 +126,12 @@ def step_times(run: Run, t: dict) -> dict[str, float]:
     }
 
 
-def tokens_by_member(run: Run, batches: list[MicroBatch], left: LeftOut | None = None) -> dict:
+def tokens_by_member(
+    members: Sequence[str], batches: list[MicroBatch], left: LeftOut | None = None
+) -> dict:
     """Completion tokens in the loss, per member that produced them (every member a key), the
     candidates `left` out of the micro-batches included."""
-    out = {m.name: 0.0 for m in run.ensemble.members}
+    out = dict.fromkeys(members, 0.0)
     if left is not None:
         for name, n in left.by_member.items():
             out[name] += n
@@ -132,10 +144,9 @@ def tokens_by_member(run: Run, batches: list[MicroBatch], left: LeftOut | None =
     return out
 
 
-def update_metrics(run: Run, sums: dict[str, float], grad_norms: list[float]) -> dict[str, float]:
+def update_metrics(sums: dict[str, float], grad_norms: list[float], mu: int) -> dict[str, float]:
     """Loss, KL, clipping and per-mode weights from the update's sums (already global).
     `sums` holds per-pass totals added over the μ passes, and the first pass's token counts."""
-    mu = run.recipe.loss.mu
     tokens = max(sums["tokens"], 1.0)  # over all passes
     m: dict[str, float] = {}
     for name in ("shaped", "tis"):

@@ -7,7 +7,7 @@ from grpo_ensemble.engine.hf import HFGenerator
 from grpo_ensemble.models.loading import load_model
 from grpo_ensemble.models.logprobs import TokenBatch, completion_logprobs, selective_log_softmax
 from grpo_ensemble.plugins.interfaces import Generator, SamplingParams
-from grpo_ensemble.rollout.ensemble import EnsembleGenerator, Member
+from grpo_ensemble.rollout.ensemble import Ensemble, Member
 from grpo_ensemble.types import Candidate, Prompt
 
 
@@ -85,7 +85,7 @@ def test_ensemble_pools_tags_and_retokenizes(small):
         Member("policy", HFGenerator(model, tok), 2, SamplingParams(max_new_tokens=5)),
         Member("oracle", TextOnly(), 3, SamplingParams()),
     ]
-    groups = EnsembleGenerator(members, tok).generate(PROMPTS)
+    groups = Ensemble(members, tok).generate(PROMPTS)
     assert [len(g.candidates) for g in groups] == [5, 5]
     assert [c.source for c in groups[0].candidates] == ["policy"] * 2 + ["oracle"] * 3
     peer = groups[1].candidates[-1]
@@ -100,7 +100,7 @@ def test_a_peers_completion_is_cut_at_its_max_new_tokens_of_the_policys_tokens(s
         Member("policy", HFGenerator(model, tok), 1, SamplingParams(max_new_tokens=5)),
         Member("oracle", TextOnly(), 1, SamplingParams(max_new_tokens=3)),
     ]
-    groups = EnsembleGenerator(members, tok).generate(PROMPTS)
+    groups = Ensemble(members, tok).generate(PROMPTS)
     short, long = groups[0].candidates[1], groups[1].candidates[1]
     # "19" + EOS fits 3 tokens: kept whole
     assert short.token_ids == tok("19", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -7,6 +7,7 @@ import torch
 from grpo_ensemble.trainer.loss import (
     AGGREGATIONS,
     BatchSize,
+    LossSettings,
     clipped_surrogate,
     grpo_loss,
     kl_k3,
@@ -86,10 +87,7 @@ def test_grpo_loss_adds_beta_kl_and_masks_padding():
         torch.tensor([1.0]),
         mask,
         BatchSize(1, 1, 2),
-        0.2,
-        0.2,
-        beta=0.1,
-        aggregation="token_mean",
+        LossSettings(clip_low=0.2, clip_high=0.2, beta=0.1, aggregation="token_mean"),
     )
     # token 0: surrogate −1·1 = −1; KL = 0.5 + log 2 − 1; padding contributes nothing
     expected = -1.0 + 0.1 * (0.5 + math.log(2) - 1)

@@ -2,9 +2,11 @@
 
 import importlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from helpers import batches_of, rollout_of, update_inputs
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -17,20 +19,28 @@ from grpo_ensemble import (
     plugins,
     train,
 )
-from grpo_ensemble.engine.hf import recording
 from grpo_ensemble.engine.replay import replayable
 from grpo_ensemble.models.loading import resolve_model
-from grpo_ensemble.trainer.batching import filler_batch, left_out, micro_batches, plan_micro_batches
-from grpo_ensemble.trainer.step import (
+from grpo_ensemble.trainer.batching import filler_batch, left_out, plan_micro_batches
+from grpo_ensemble.trainer.setup import build_run
+from grpo_ensemble.trainer.step import grpo_step
+from grpo_ensemble.trainer.update import (
     accumulate,
     batch_size_of,
-    build_run,
-    evaluate_groups,
     frozen_logprobs,
-    grpo_step,
     optimizer_step,
     train_mode_is_eval_mode,
+    update,
 )
+
+
+def _size(run, batches, left=None):
+    return batch_size_of(batches, run.settings.update.max_new_tokens, left)
+
+
+def _accumulate(run, batches, size, old, ref, keep=None, replay=None):
+    u, s = update_inputs(run), run.settings.update
+    return accumulate(u, s, batches, size, old, ref, keep, replay)
 
 
 def _weights(model_dir):
@@ -45,25 +55,24 @@ def test_micro_batch_split_gives_the_same_gradient(small_recipe, tmp_path, aggre
     recipe = small_recipe(loss__aggregation=aggregation, loss__beta=0.05, loss__mu=2)
     run = build_run(recipe, tmp_path)
     torch.manual_seed(0)
-    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    rollout = rollout_of(run)
     assert rollout.advantages.abs().sum() > 0  # there is a learning signal to compare
     keep = rollout.keep.nonzero().flatten().tolist()
     tokens = sum(len(rollout.candidates[i].token_ids) for i in keep)
     grads, sums, counts = [], [], []
     for mb, budget in ((16, None), (3, None), (16, 40)):
-        run.recipe.train.micro_batch_size = mb
-        run.recipe.train.micro_batch_tokens = budget
-        batches = micro_batches(run, rollout)
+        how = replace(run.settings.batching, micro_batch_size=mb, micro_batch_tokens=budget)
+        batches = batches_of(run, rollout, how)
         counts.append(len(batches))
         for b in batches:
             assert len(b.index) <= mb
             if budget is not None and len(b.index) > 1:
                 assert b.tokens.input_ids.numel() <= budget
-        size = batch_size_of(run, batches)
+        size = _size(run, batches)
         ref = frozen_logprobs(run.ref_model, batches, 1.0)
         old = [r - 0.1 for r in ref]  # a fixed "old policy" so that ratios are not all 1
         run.engine.module.zero_grad(set_to_none=True)
-        sums.append(accumulate(run, batches, size, old, ref))
+        sums.append(_accumulate(run, batches, size, old, ref))
         grads.append({n: p.grad.clone() for n, p in run.engine.module.named_parameters()})
     assert counts[:2] == [1, 6] and counts[2] > 1
     assert sums[0]["tokens"] == tokens  # every completion token, counted once
@@ -96,12 +105,12 @@ def test_micro_batches_hold_similar_lengths(small_recipe, tmp_path):
     recipe = small_recipe(train__micro_batch_size=3, train__skip_zero_advantage=False)
     run = build_run(recipe, tmp_path)
     torch.manual_seed(0)
-    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    rollout = rollout_of(run)
     keep = rollout.keep.nonzero().flatten().tolist()
     assert len(keep) >= 6
     for i, c in enumerate(rollout.candidates):  # completions of 1 to 5 tokens, interleaved
         c.token_ids = [5] * (1 + (i * 3) % 5)
-    batches = micro_batches(run, rollout)
+    batches = batches_of(run, rollout)
     order = [i for b in batches for i in b.index]
     assert sorted(order) == keep  # every candidate that enters the loss, once
     lengths = [len(rollout.candidates[i].token_ids) for i in order]
@@ -200,7 +209,7 @@ def test_python_api_with_objects(small_recipe):
         reward_scorers=[(scorer, 1.0)],
         group_evaluator=evaluator,
     )
-    assert scorer.calls == 2
+    assert scorer.calls == 4  # each step: the policy's candidates, then the peer's
     for m in result.metrics:
         assert m["member/oracle/reward"] == 1.0  # the oracle's text is always right
         assert m["reward/last_digit"] == m["reward"]
@@ -272,9 +281,9 @@ def test_grad_norm_is_reported_at_every_zero_stage(small_recipe, tmp_path):
         r = small_recipe(train__zero_stage=stage, train__max_grad_norm=0.5, peers=[])
         run = build_run(r, tmp_path / str(stage))
         torch.manual_seed(0)
-        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
-        batches = micro_batches(run, rollout)
-        accumulate(run, batches, batch_size_of(run, batches), None, None)
+        rollout = rollout_of(run)
+        batches = batches_of(run, rollout)
+        _accumulate(run, batches, _size(run, batches), None, None)
         grads = [p.grad for p in run.engine.module.parameters() if p.grad is not None]
         want = float(torch.cat([g.flatten().double() for g in grads]).norm()) if grads else None
         norms[stage] = (optimizer_step(run.engine), want)
@@ -289,10 +298,10 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(
     module = run.engine.module
     assert module.training and module.is_activation_checkpointing
     torch.manual_seed(0)
-    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    rollout = rollout_of(run)
     assert module.training  # sampling switched to eval mode and back
-    batches = micro_batches(run, rollout)
-    size = batch_size_of(run, batches)
+    batches = batches_of(run, rollout)
+    size = _size(run, batches)
     ref = frozen_logprobs(run.ref_model, batches, 1.0)
     old = [r - 0.1 for r in ref]
     calls = []  # MLP forwards (the real one runs; module hooks do not see the recompute)
@@ -307,7 +316,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradient(
             module.activation_checkpointing_disable()
         calls.clear()
         module.zero_grad(set_to_none=True)
-        losses.append(accumulate(run, batches, size, old, ref)["loss"])
+        losses.append(_accumulate(run, batches, size, old, ref)["loss"])
         forwards.append(len(calls))
         grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
     # checkpointed: every layer runs again in the backward pass of each micro-batch
@@ -334,22 +343,21 @@ def test_gradient_checkpointing_trains_as_without(small_recipe, tmp_path):
         assert torch.allclose(weights[True][k], v, atol=1e-6), k
 
 
-def _update_once(run, rollout, monkeypatch, reuse: bool):
+def _update_once(run, rollout, reuse: bool):
     """One μ-pass update of `rollout` by a freshly built run; returns the metrics, the weights
     after it, and how many times the policy ran forward."""
-    train_module = importlib.import_module("grpo_ensemble.trainer.step")  # not the `train` function
-    monkeypatch.setattr(train_module, "train_mode_is_eval_mode", lambda model: reuse)
+    settings = replace(run.settings.update, train_is_eval=reuse)
     module = run.engine.module
     calls = []
     handle = module.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
-        metrics = train_module.update(run, micro_batches(run, rollout))
+        metrics = update(update_inputs(run), settings, batches_of(run, rollout))
     finally:
         handle.remove()
     return metrics, {k: v.clone() for k, v in module.state_dict().items()}, len(calls)
 
 
-def test_first_pass_keeps_the_old_logprobs(small_recipe, tmp_path, monkeypatch):
+def test_first_pass_keeps_the_old_logprobs(small_recipe, tmp_path):
     # μ = 2 without dropout: the first pass's log-probs serve as the old ones, with no extra
     # forward; they equal a separate no-grad pass, and the update is the same
     recipe = small_recipe(loss__mu=2, loss__beta=0.05, train__lr=1e-2, train__micro_batch_size=3)
@@ -357,12 +365,12 @@ def test_first_pass_keeps_the_old_logprobs(small_recipe, tmp_path, monkeypatch):
     module = run.engine.module
     assert train_mode_is_eval_mode(module)  # the tiny Llama has no dropout
     torch.manual_seed(0)
-    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
-    batches = micro_batches(run, rollout)
+    rollout = rollout_of(run)
+    batches = batches_of(run, rollout)
     assert len(batches) > 1 and rollout.advantages.abs().sum() > 0
     separate = frozen_logprobs(module, batches, 1.0)
     kept: list = []
-    accumulate(run, batches, batch_size_of(run, batches), None, None, kept)
+    _accumulate(run, batches, _size(run, batches), None, None, kept)
     module.zero_grad(set_to_none=True)
     assert len(kept) == len(batches)
     for a, b in zip(kept, separate, strict=True):
@@ -370,9 +378,9 @@ def test_first_pass_keeps_the_old_logprobs(small_recipe, tmp_path, monkeypatch):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
     start = {k: v.clone() for k, v in module.state_dict().items()}
-    m_sep, w_sep, n_sep = _update_once(run, rollout, monkeypatch, reuse=False)
+    m_sep, w_sep, n_sep = _update_once(run, rollout, reuse=False)
     again = build_run(recipe, tmp_path / "again")  # the same weights, a fresh optimizer
-    m_reuse, w_reuse, n_reuse = _update_once(again, rollout, monkeypatch, reuse=True)
+    m_reuse, w_reuse, n_reuse = _update_once(again, rollout, reuse=True)
     assert (n_sep, n_reuse) == (3 * len(batches), 2 * len(batches))
     assert m_reuse["loss"] == pytest.approx(m_sep["loss"], abs=1e-6)
     assert m_reuse["clip_fraction"] == m_sep["clip_fraction"]
@@ -389,7 +397,7 @@ def test_zero_advantage_candidates_left_out_with_the_same_gradient(small_recipe,
     # update leaves it out of its micro-batches and still counts it in the normaliser
     run = build_run(small_recipe(loss__mu=mu, train__micro_batch_size=5), tmp_path)
     torch.manual_seed(0)
-    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    rollout = rollout_of(run)
     n = len(rollout.candidates)
     rollout.advantages = (torch.arange(n) - 7.5) * 0.1  # none 0 (the rewards may have some)
     rollout.advantages[:4] = 0.0  # the first group's: the policy's 2 and the peer's 2
@@ -401,12 +409,12 @@ def test_zero_advantage_candidates_left_out_with_the_same_gradient(small_recipe,
     old = lambda bs: [torch.full(b.tokens.completion_ids.shape, -1.5) for b in bs]  # noqa: E731
 
     def gradient(skip: bool):
-        run.recipe.train.skip_zero_advantage = skip
-        batches = micro_batches(run, rollout)
-        left = left_out(run, rollout)
-        size = batch_size_of(run, batches, left)
+        how = replace(run.settings.batching, skip_zero_advantage=skip)
+        batches = batches_of(run, rollout, how)
+        left = left_out(rollout, how, ["policy", "strong"])
+        size = _size(run, batches, left)
         run.engine.module.zero_grad(set_to_none=True)
-        sums = accumulate(run, batches, size, old(batches) if mu > 1 else None, None)
+        sums = _accumulate(run, batches, size, old(batches) if mu > 1 else None, None)
         grads = {n: p.grad.clone() for n, p in run.engine.module.named_parameters()}
         return batches, left, size, sums, grads
 
@@ -433,10 +441,10 @@ def test_nothing_left_out_with_beta_or_when_turned_off(small_recipe, tmp_path):
     for changes in ({"loss__beta": 0.05}, {"train__skip_zero_advantage": False}):
         run = build_run(small_recipe(**changes), tmp_path / str(len(changes)))
         torch.manual_seed(0)
-        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+        rollout = rollout_of(run)
         rollout.advantages[:4] = 0.0
-        assert left_out(run, rollout).sequences == 0
-        assert len([i for b in micro_batches(run, rollout) for i in b.index]) == 16
+        assert left_out(rollout, run.settings.batching, ["policy", "strong"]).sequences == 0
+        assert len([i for b in batches_of(run, rollout) for i in b.index]) == 16
 
 
 def test_a_step_of_zero_advantages_still_steps_the_optimizer(small_recipe, tmp_path, monkeypatch):
@@ -454,10 +462,12 @@ def test_a_step_of_zero_advantages_still_steps_the_optimizer(small_recipe, tmp_p
         grpo_step(run, 1)
         after_one = {k: v.clone() for k, v in run.engine.module.state_dict().items()}
         assert any(not torch.equal(after_one[k], v) for k, v in start.items())
-        run.recipe.train.skip_zero_advantage = skip
+        run.settings = replace(
+            run.settings, batching=replace(run.settings.batching, skip_zero_advantage=skip)
+        )
 
-        def no_signal(run, groups, known=None):
-            rollout = evaluate(run, groups, known)
+        def no_signal(*args):
+            rollout = evaluate(*args)
             rollout.advantages.zero_()
             return rollout
 
@@ -543,8 +553,9 @@ def test_update_tensors_and_frozen_models_on_the_policys_device(small_recipe, tm
     peer = next(m.generator for m in run.ensemble.members if m.name != "policy")
     assert next(peer.model.parameters()).device == device
     torch.manual_seed(0)
-    rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
-    batches = micro_batches(run, rollout) + [filler_batch(run)]
+    rollout = rollout_of(run)
+    filler = filler_batch(run.tokenizer.pad_token_id).to(device)
+    batches = batches_of(run, rollout) + [filler]
     for b in batches:
         tensors = [*vars(b.tokens).values(), b.advantages, b.modes]
         assert all(t.device == device for t in tensors)
@@ -564,31 +575,35 @@ def test_first_pass_reuses_sampling_products_with_the_same_gradient(small_recipe
     run = build_run(small_recipe(peers=[], loss__beta=0.05), tmp_path)
     module = run.engine.module
     policy = run.ensemble.members[0].generator
-    assert run.reuse_sampling and not policy.record  # only while a step samples
+    assert run.replay is policy and not policy.record  # only while a step samples
     torch.manual_seed(0)
-    with recording(policy, True):
-        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    with policy.recording():
+        rollout = rollout_of(run)
     assert not policy.record
-    batches = micro_batches(run, rollout)
+    batches = batches_of(run, rollout)
     assert len(batches) == 1 and batches[0].traces is not None
-    assert all(c.trace is None for c in rollout.candidates)  # the micro-batch holds them
+    # the micro-batch holds them: the generator has handed them over
+    assert policy.take_traces(rollout.candidates) == [None] * len(rollout.candidates)
     assert batches[0].tokens.completion_ids.shape[1] > 2
-    size = batch_size_of(run, batches)
+    size = _size(run, batches)
     ref = frozen_logprobs(run.ref_model, batches, 1.0)
     grads, sums = [], []
     for _ in range(2):  # the second time the traces are gone: the plain forward
         module.zero_grad(set_to_none=True)
-        sums.append(accumulate(run, batches, size, None, ref, None, reuse=True))
+        sums.append(_accumulate(run, batches, size, None, ref, None, replay=policy))
         grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
     assert batches[0].traces is None
     assert sums[0]["reused"] == sums[0]["tokens"] > 0 and sums[1]["reused"] == 0
-    # after an optimizer step a recording of the weights before it is not used
-    with recording(policy, True):
-        again = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
-    batches = micro_batches(run, again)
+    # once the generator took the weights of an optimizer step, a recording of the weights
+    # before it is not used
+    with policy.recording():
+        again = rollout_of(run)
+    batches = batches_of(run, again)
     assert replayable(run.engine, batches[0].tokens, batches[0].traces)
     assert optimizer_step(run.engine) is not None
+    policy.sync_weights(run.engine.module)
     assert not replayable(run.engine, batches[0].tokens, batches[0].traces)
+    assert policy.replay_logprobs(run.engine, batches[0].tokens, batches[0].traces, 1.0) is None
     assert sums[0]["loss"] == pytest.approx(sums[1]["loss"], abs=1e-6)
     assert sums[0]["kl_sum"] == pytest.approx(sums[1]["kl_sum"], rel=1e-5)
     for name, g in grads[1].items():
@@ -606,24 +621,24 @@ def test_a_micro_batch_with_a_peers_rows_replays_the_policys(small_recipe, tmp_p
     recipe = small_recipe(train__micro_batch_size=16, loss__mu=mu, train__skip_zero_advantage=False)
     run = build_run(recipe, tmp_path)
     module = run.engine.module
-    assert run.reuse_sampling
     policy = run.ensemble.members[0].generator
+    assert run.replay is policy
     torch.manual_seed(0)
-    with recording(policy, True):
-        rollout = evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
-    batches = micro_batches(run, rollout)
+    with policy.recording():
+        rollout = rollout_of(run)
+    batches = batches_of(run, rollout)
     assert len(batches) == 1
     traces = batches[0].traces
     sources = [rollout.candidates[i].source for i in batches[0].index]
     assert [t is not None for t in traces] == [s == "policy" for s in sources]
     assert sources.count("policy") == 8 and sources.count("strong") == 8
-    size = batch_size_of(run, batches)
+    size = _size(run, batches)
     grads, sums, kept = [], [], []
     for reuse in (True, False):
         module.zero_grad(set_to_none=True)
         batches[0].traces = traces
         keep = [] if mu == 2 else None
-        sums.append(accumulate(run, batches, size, None, None, keep, reuse=reuse))
+        sums.append(_accumulate(run, batches, size, None, None, keep, policy if reuse else None))
         kept.append(keep)
         grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
     mask = batches[0].tokens.completion_mask
@@ -708,4 +723,4 @@ def test_the_policy_records_only_where_the_update_can_reuse_it(
 ):
     # (where the model allows and the replay pays: decided per sampling call, see test_replay)
     run = build_run(small_recipe(**changes), tmp_path)
-    assert run.reuse_sampling is records
+    assert (run.replay is not None) is records

@@ -16,8 +16,7 @@ from grpo_ensemble.plugins.builtin.rewards import (
     PythonFunction,
     RegexFormat,
 )
-from grpo_ensemble.rollout.scoring import score_groups
-from grpo_ensemble.trainer.build import WeightedScorer
+from grpo_ensemble.rollout.scoring import WeightedScorer, score_groups
 from grpo_ensemble.types import Candidate, Group, Prompt, Sample
 
 
@@ -82,7 +81,7 @@ def test_python_function_from_the_current_directory_with_the_console_script(tmp_
     # (python -m does): the scorer's module must still be found there, as the docs say
     script = Path(sys.executable).parent / "grpo-ensemble"
     (tmp_path / "my_cwd_reward.py").write_text("def f(samples):\n    return [1.0] * len(samples)\n")
-    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
     rewards = "rewards=[{name: python, params: {function: my_cwd_reward:f}}]"
     done = subprocess.run(
         [str(script), "validate", str(recipe), "--set", rewards],

@@ -10,10 +10,10 @@ import torch
 from grpo_ensemble import Generator, GroupEvaluator, PluginError, RewardScorer, hookimpl
 from grpo_ensemble.plugins import get_plugin_manager
 from grpo_ensemble.plugins.builtin.evaluators import grpo_advantages
-from grpo_ensemble.rollout.scoring import score_groups
-from grpo_ensemble.trainer.build import WeightedScorer
+from grpo_ensemble.rollout.groups import evaluate_groups
+from grpo_ensemble.rollout.scoring import WeightedScorer, score_groups
 from grpo_ensemble.trainer.loop import train
-from grpo_ensemble.trainer.step import build_run, evaluate_groups
+from grpo_ensemble.trainer.setup import build_run
 from grpo_ensemble.types import Candidate, Group, Prompt
 
 GROUPS = [
@@ -140,7 +140,7 @@ class NanForBadGroup(GroupEvaluator):
 def test_evaluator_skip_group_drops_the_group_and_evaluates_the_rest(small_recipe, tmp_path):
     run = build_run(small_recipe(group__on_error="skip_group"), tmp_path)
     run.evaluator = NanForBadGroup()
-    ro = evaluate_groups(run, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
+    ro = _evaluate(run, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
     assert ro.skipped_groups == 1
     assert [g.prompt.text for g in ro.groups] == ["1+1=", "2+2="]
     # two candidates, rewards 1 and 0: mean 0.5, unbiased std √0.5, eps 1e-4
@@ -149,7 +149,14 @@ def test_evaluator_skip_group_drops_the_group_and_evaluates_the_rest(small_recip
     run_fail = build_run(small_recipe(), tmp_path)
     run_fail.evaluator = NanForBadGroup()
     with pytest.raises(PluginError, match="advantages are not finite for prompt 'bad'"):
-        evaluate_groups(run_fail, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
+        _evaluate(run_fail, [Group(g.prompt, list(g.candidates)) for g in GROUPS])
+
+
+def _evaluate(run, groups):
+    """The groups scored and evaluated with the run's components and settings."""
+    return evaluate_groups(
+        groups, score_groups(groups, run.scorers), run.evaluator, run.settings.group
+    )
 
 
 class RaisesOrNan(GroupEvaluator):
@@ -176,7 +183,7 @@ def test_evaluator_skip_group_drops_a_nan_group_beside_a_group_it_raises_on(smal
         Group(GROUPS[1].prompt, [Candidate("1", [1], "policy"), Candidate("3", [1], "policy")]),
         Group(GROUPS[2].prompt, [Candidate("4", [1], "policy"), Candidate("5", [1], "policy")]),
     ]
-    ro = evaluate_groups(run, groups, None)
+    ro = _evaluate(run, groups)
     assert ro.skipped_groups == 2
     assert [g.prompt.text for g in ro.groups] == ["2+2="]
     a = 0.5 / (0.5**0.5 + 1e-4)

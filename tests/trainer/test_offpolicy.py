@@ -4,21 +4,23 @@ import shutil
 
 import pytest
 import torch
+from helpers import batches_of, injected_rollout, rollout_of
 
 from grpo_ensemble import Candidate, Generator, RewardScorer
 from grpo_ensemble.errors import RecipeError
 from grpo_ensemble.models.loading import load_tokenizer, resolve_model
-from grpo_ensemble.trainer.batching import micro_batches
+from grpo_ensemble.rollout.groups import evaluate_groups
+from grpo_ensemble.rollout.scoring import score_groups
 from grpo_ensemble.trainer.build import check_recipe
 from grpo_ensemble.trainer.loss import (
     MODES,
     BatchSize,
-    OffPolicy,
+    LossSettings,
     grpo_loss,
     shaped_surrogate,
     tis_surrogate,
 )
-from grpo_ensemble.trainer.step import build_run, evaluate_groups
+from grpo_ensemble.trainer.setup import build_run
 
 
 def test_shaped_loss_and_gradient_by_hand():
@@ -54,13 +56,9 @@ def test_mixed_modes_in_one_batch():
         adv,
         torch.ones(3, 1),
         BatchSize(3, 3, 1),
-        0.2,
-        0.2,
-        0.0,
-        "token_mean",
+        LossSettings(0.2, 0.2, 0.0, "token_mean", shaped_gamma=0.1, tis_low=0.0, tis_high=1.5),
         torch.tensor([MODES["on_policy"], MODES["shaped"], MODES["tis"]]),
         mu,
-        OffPolicy(gamma=0.1, tis_low=0.0, tis_high=1.5),
     )
     # on_policy: −1; shaped: −0.5/0.6; tis: −1.5·log 0.5; token mean over 3 tokens
     expected = (-1 - 0.5 / 0.6 - 1.5 * torch.log(torch.tensor(0.5)).item()) / 3
@@ -82,7 +80,7 @@ def _rollout(small_recipe, tmp_path, **changes):
     recipe = small_recipe(peers=[{"name": "oracle", "n": 2, **changes.pop("peer", {})}], **changes)
     run = build_run(recipe, tmp_path, generators={"oracle": Oracle()})
     torch.manual_seed(0)
-    return run, evaluate_groups(run, run.ensemble.generate(run.sampler.next(4)))
+    return run, rollout_of(run)
 
 
 def test_baseline_only_counts_in_stats_but_gets_no_gradient(small_recipe, tmp_path):
@@ -96,7 +94,7 @@ def test_baseline_only_counts_in_stats_but_gets_no_gradient(small_recipe, tmp_pa
     assert torch.allclose(ro.layout.to_grid(ro.advantages)[:, :2], expected)
     sources = [c.source for c in ro.candidates]
     assert [s for s, k in zip(sources, ro.keep.tolist(), strict=True) if k] == ["policy"] * 8
-    batches = micro_batches(run, ro)
+    batches = batches_of(run, ro)
     assert all(s == "policy" for b in batches for s in b.sources)
 
 
@@ -164,22 +162,23 @@ def _on_failure_run(small_recipe, tmp_path, scorer=None):
 
 
 def test_on_failure_injection_gives_ragged_groups(small_recipe, tmp_path):
-    from grpo_ensemble.trainer.step import PolicyFailed, grpo_step
+    from grpo_ensemble.trainer.step import grpo_step
 
     run = _on_failure_run(small_recipe, tmp_path)
     torch.manual_seed(0)
-    check = PolicyFailed(run)
-    groups = run.ensemble.generate(run.sampler.next(8), check)
+    own_scores, groups, ro = injected_rollout(run, 8)
     sizes = []
     for g in groups:
         solved = any(c.text.strip() == g.prompt.fields["answer"] for c in g.candidates[:2])
         assert len(g.candidates) == (2 if solved else 4)  # the oracle only where all failed
         sizes.append(len(g.candidates))
     assert 2 in sizes and 4 in sizes  # really ragged
-    ro = evaluate_groups(run, groups)
-    assert check.known.counts == [2] * 8  # the policy's candidates were scored for the test
-    # with them known, only the oracle's are scored again: the same rewards
-    assert evaluate_groups(run, groups, check.known).rewards.tolist() == ro.rewards.tolist()
+    assert len(own_scores.combined) == 2 * 8  # the policy's candidates, scored for the test
+    # scored all at once instead, the same rewards
+    once = score_groups(groups, run.scorers)
+    assert evaluate_groups(groups, once, run.evaluator, run.settings.group).rewards.tolist() == (
+        ro.rewards.tolist()
+    )
     k = 0
     for g in groups:  # each group's advantages: r − mean over that group only, by hand
         r = ro.rewards[k : k + len(g.candidates)]
@@ -211,16 +210,14 @@ class CountingScorer(RewardScorer):
 
 
 def test_on_failure_scores_each_candidate_once(small_recipe, tmp_path):
-    from grpo_ensemble.trainer.step import PolicyFailed, grpo_step
+    from grpo_ensemble.trainer.step import grpo_step
 
     scorer = CountingScorer()
     run = _on_failure_run(small_recipe, tmp_path, scorer)
     torch.manual_seed(0)
-    check = PolicyFailed(run)
-    groups = run.ensemble.generate(run.sampler.next(8), check)
-    seen = check.known.scores.combined.tolist()  # what decided the injection
-    assert len(seen) == 16 and scorer.n == 16
-    ro = evaluate_groups(run, groups, check.known)
+    own_scores, groups, ro = injected_rollout(run, 8)
+    seen = own_scores.combined.tolist()  # what decided the injection
+    assert len(seen) == 16
     sizes = [len(g.candidates) for g in groups]
     assert 2 in sizes and 4 in sizes  # peers sampled for some prompts only
     assert sorted(scorer.calls.values()) == [1] * sum(sizes)  # each candidate scored once
@@ -249,8 +246,6 @@ class FailsOnFirstPrompt(RewardScorer):
 
 
 def test_on_failure_samples_no_peers_for_a_group_that_leaves_the_step(small_recipe, tmp_path):
-    from grpo_ensemble.trainer.step import PolicyFailed
-
     recipe = small_recipe(
         peers=[{"name": "oracle", "n": 2}],
         group__inject="on_failure",
@@ -260,12 +255,10 @@ def test_on_failure_samples_no_peers_for_a_group_that_leaves_the_step(small_reci
     given = [(scorer, 1.0, {"on_error": "skip_group"})]
     run = build_run(recipe, tmp_path, generators={"oracle": Oracle()}, reward_scorers=given)
     torch.manual_seed(0)
-    check = PolicyFailed(run)
-    groups = run.ensemble.generate(run.sampler.next(8), check)
+    own_scores, groups, ro = injected_rollout(run, 8)
     bad = [g for g in groups if g.prompt.text == scorer.bad]
     assert len(bad) == 1 and [c.source for c in bad[0].candidates] == ["policy"] * 2
-    assert check.known.scores.skip.count(True) == 1
-    ro = evaluate_groups(run, groups, check.known)
+    assert own_scores.skip.count(True) == 1
     assert ro.skipped_groups == 1 and bad[0] not in ro.groups
     assert any(len(g.candidates) == 4 for g in ro.groups)  # the others did get peers
 
@@ -275,8 +268,6 @@ def test_on_failure_decides_once_for_every_peer(small_recipe, tmp_path):
     # decision is taken once, on the policy's candidates; it used to be taken again before the
     # second peer whenever the first decision had marked every prompt, which also scored the
     # policy's candidates twice and, on several ranks, ran a collective on some ranks only)
-    from grpo_ensemble.trainer.step import PolicyFailed
-
     class PolicyFails(RewardScorer):
         name = "policy_fails"
 
@@ -296,17 +287,16 @@ def test_on_failure_decides_once_for_every_peer(small_recipe, tmp_path):
         generators={"a": Oracle(), "b": Oracle()},
         reward_scorers=[(scorer, 1.0)],
     )
-    check = PolicyFailed(run)
-    groups = run.ensemble.generate(run.sampler.next(4), check)
+    _, groups, _ = injected_rollout(run, 4)
     assert [[c.source for c in g.candidates] for g in groups] == [
         ["policy"] * 2 + ["a"] * 2 + ["b"] * 2
     ] * 4
-    evaluate_groups(run, groups, check.known)
     assert scorer.calls == [["policy"], ["a", "b"]]
 
 
 def test_best_share_by_hand():
-    from grpo_ensemble.trainer.step import Rollout, best_candidates
+    from grpo_ensemble.rollout.groups import Rollout
+    from grpo_ensemble.trainer.metrics import best_candidates
     from grpo_ensemble.types import Group, GroupLayout, Prompt
 
     p = Prompt("x")

@@ -13,7 +13,7 @@ from grpo_ensemble.trainer.deepspeed import (
     lr_lambda,
     resolve_dtype,
 )
-from grpo_ensemble.trainer.step import optimizer_step
+from grpo_ensemble.trainer.update import optimizer_step
 
 
 def test_warmup_then_constant(small_recipe):
@@ -50,7 +50,7 @@ def test_precision_auto_is_fp32_on_cpu(small_recipe):
 def test_every_model_of_a_run_takes_its_precision(small_recipe, tmp_path):
     """train.precision bf16: the policy, the reference and a peer loaded from the recipe are
     all bf16 (a peer stayed fp32 before: twice the memory and slow next to a bf16 policy)."""
-    from grpo_ensemble.trainer.step import build_run
+    from grpo_ensemble.trainer.setup import build_run
 
     run = build_run(small_recipe(train__precision="bf16", loss__beta=0.04), tmp_path)
     models = {m.name: m.generator.model for m in run.ensemble.members}

@@ -84,5 +84,6 @@ def test_a_cpu_run_keeps_freed_memory_during_its_steps_only(small_recipe):
     witness = HeapWitness()
     assert not heap.kept
     train(recipe, reward_scorers=[(witness, 1.0)])
-    assert witness.seen == [True] * recipe.train.steps
+    # scored twice a step: the policy's candidates, then the peer's
+    assert witness.seen == [True] * 2 * recipe.train.steps
     assert not heap.kept  # given back when the steps end

@@ -11,7 +11,7 @@ from grpo_ensemble.cli import main
 from grpo_ensemble.errors import PluginError
 from grpo_ensemble.plugins import hookspecs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_example_plugin_is_discovered_through_its_entry_point(monkeypatch, small_recipe):
@@ -114,7 +114,7 @@ def test_registered_object_plugin_adds_components_and_commands(capsys):
 
 def test_every_hook_is_documented_and_tested():
     docs = (ROOT / "docs" / "plugins.md").read_text()
-    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     names = [n for n in dir(hookspecs) if n.startswith(("register_", "on_"))]
     assert len(names) == 5
     for name in names:
@@ -167,15 +167,42 @@ def test_registered_generator_is_used_by_name(small_recipe, capsys):
         build_peer_generator("peers.0", bad.peers[0])
 
 
-def test_policy_must_use_hf(small_recipe, tmp_path, capsys):
+class FrozenPlugin:
+    """A generator over a model that cannot take other weights (no sync_weights)."""
+
+    class Frozen:
+        name = "frozen"
+        tokenizer = None
+
+        def __init__(self, model):
+            self.model = model
+
+        def generate(self, prompts, n, sampling):
+            raise NotImplementedError
+
+    @hookimpl
+    def register_generators(self, register):
+        register(self.Frozen)
+
+
+@pytest.mark.parametrize(
+    "generator, why",
+    [
+        # the oracle takes no model: it cannot be handed the module being trained
+        ("oracle", "its constructor takes no `model` (the module being trained is passed as "),
+        ("frozen", "it has no sync_weights(model) method to take the trained weights after "),
+    ],
+)
+def test_policy_generator_must_take_the_trained_weights(tmp_path, capsys, generator, why):
     pm = plugins.get_plugin_manager()
     pm.register(OraclePlugin(), name="oracle-plugin")
+    pm.register(FrozenPlugin(), name="frozen-plugin")
     path = tmp_path / "r.yaml"
-    path.write_text("policy:\n  model: builtin:tiny-arith-small\n  generator: oracle\n")
+    path.write_text(f"policy:\n  model: builtin:tiny-arith-small\n  generator: {generator}\n")
     assert main(["validate", str(path)]) == 2
-    assert "policy.generator: the policy samples with the model being trained" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    want = f"error: {path}:3: policy.generator: {generator!r} cannot sample for the policy: {why}"
+    assert err.startswith(want) and err.count("\n") == 1
 
 
 def _fake_distribution(root, entry_points: dict[str, str], modules: dict[str, str]) -> None:
@@ -247,7 +274,7 @@ def test_a_misbehaving_plugin_is_left_out_and_named_not_fatal(
     try:
         from grpo_ensemble.trainer.loop import train
 
-        recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+        recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
         assert main(["validate", str(recipe)]) == 0
         err = capsys.readouterr().err
         assert (

@@ -1,0 +1,71 @@
+"""The step's settings, resolved once from the recipe when the run is built.
+
+Every recipe value a phase of the step reads comes from here: the phases take these plain
+values, never the recipe, so one value has one reading (the temperature the loss divides by
+is the one the policy's generator was handed; beta decides the KL term, the reference model
+and whether zero-advantage candidates may be left out, all in `resolve`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..recipe import Recipe
+from ..rollout.ensemble import Member
+from ..rollout.groups import GroupSettings
+from .batching import BatchSettings
+from .loss import LossSettings
+from .update import UpdateSettings
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    seed: int  # with the step and the prompt's place, each prompt's sampling seed
+    prompts_per_step: int  # over all ranks
+    inject: str  # always | on_failure: which prompts the peers sample for
+    success_reward: float  # on_failure: a policy candidate this good means no peers
+    group: GroupSettings
+    batching: BatchSettings
+    update: UpdateSettings
+
+
+def resolve(recipe: Recipe, members: list[Member], train_is_eval: bool) -> StepSettings:
+    """The step's settings from the recipe and the ensemble's members (whose sampling
+    parameters are the ones their generators are handed). `train_is_eval`: the policy's model
+    computes the same in training as in eval mode."""
+    lo, t, g = recipe.loss, recipe.train, recipe.group
+    loss = LossSettings(
+        clip_low=lo.clip_low,
+        clip_high=lo.clip_high,
+        beta=lo.beta,
+        aggregation=lo.aggregation,
+        shaped_gamma=lo.shaped_gamma,
+        tis_low=lo.tis_low,
+        tis_high=lo.tis_high,
+    )
+    return StepSettings(
+        seed=recipe.seed,
+        prompts_per_step=t.prompts_per_step,
+        inject=g.inject,
+        success_reward=g.success_reward,
+        group=GroupSettings(
+            modes={m.name: m.mode for m in members},
+            stats=g.stats,
+            on_error=g.on_error,
+            drop_equal_reward_groups=g.drop_equal_reward_groups,
+        ),
+        batching=BatchSettings(
+            micro_batch_size=t.micro_batch_size,
+            micro_batch_tokens=t.micro_batch_tokens,
+            # with beta > 0 the KL term gives every candidate a share of the loss
+            skip_zero_advantage=t.skip_zero_advantage and loss.beta == 0,
+        ),
+        update=UpdateSettings(
+            loss=loss,
+            mu=lo.mu,
+            temperature=members[0].sampling.temperature,
+            # the longest completion any member may write: Dr. GRPO's constant normaliser
+            max_new_tokens=max(m.sampling.max_new_tokens for m in members),
+            train_is_eval=train_is_eval,
+        ),
+    )

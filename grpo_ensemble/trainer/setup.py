@@ -1,0 +1,245 @@
+"""A run built from its recipe: components, data, models, the DeepSpeed engine, the ensemble
+and the step's settings, loaded and checked once (`build_run`). Python objects given by the
+caller win over the recipe's named components."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dist
+from ..data.prompts import DataReport, PromptSampler, too_long
+from ..errors import RecipeError, UserError
+from ..models.loading import load_model
+from ..plugins.interfaces import (
+    Generator,
+    GroupEvaluator,
+    PlacesModel,
+    ReplaysForward,
+    RewardScorer,
+    SyncsWeights,
+)
+from ..recipe import Recipe
+from ..rollout.ensemble import Ensemble, Member
+from ..rollout.scoring import WeightedScorer
+from ..types import POLICY, Prompt
+from .batching import PromptIds
+from .build import (
+    TIS_TOKENIZER,
+    build_eval_scorer,
+    build_evaluator,
+    build_peer_generator,
+    build_policy_generator,
+    build_scorers,
+    check_policy_generator,
+    cleaning_of,
+    load_data,
+    member_fields,
+    prompt_token_limit,
+    sampling_of,
+)
+from .deepspeed import build_engine, init_distributed, resolve_dtype, shard_frozen
+from .settings import StepSettings, resolve
+from .update import train_mode_is_eval_mode
+
+
+@dataclass
+class Run:
+    """Everything a run needs, built once from the recipe. Only the step and the loop read it;
+    the phases they call take plain values."""
+
+    recipe: Recipe
+    settings: StepSettings
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping the policy
+    tokenizer: Any
+    ref_model: torch.nn.Module | None
+    ensemble: Ensemble
+    scorers: list[WeightedScorer]
+    evaluator: GroupEvaluator
+    sampler: PromptSampler
+    held_out: list[Prompt] | None
+    eval_scorer: RewardScorer
+    run_dir: Path
+    prompt_ids: PromptIds
+    data_reports: list[DataReport] = field(default_factory=list)
+    # the policy's generator, where the update's first pass replays its sampling's forward
+    replay: ReplaysForward | None = None
+
+    @property
+    def policy_generator(self) -> Generator:
+        return self.ensemble.policy.generator
+
+
+@dataclass
+class Loaded:
+    """What every rank checks and loads before the engine is built."""
+
+    scorers: list[WeightedScorer]
+    evaluator: GroupEvaluator
+    eval_scorer: RewardScorer
+    train_prompts: list[Prompt]
+    held_out: list[Prompt] | None
+    policy: torch.nn.Module
+    tokenizer: Any
+    ref: torch.nn.Module | None
+    peers: dict[str, Generator]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(
+    recipe: Recipe,
+    run_dir: Path,
+    generators: Mapping[str, Generator] | None = None,
+    reward_scorers: Sequence[tuple] | None = None,
+    group_evaluator: GroupEvaluator | None = None,
+) -> Run:
+    """Load models, build components and the DeepSpeed engine. Python objects win over names."""
+    generators = dict(generators or {})
+    given = set(generators)  # generator objects from the caller stay where they are
+    init_distributed(recipe.train.dist_timeout_s)
+    dtype = resolve_dtype(recipe)
+    gather = recipe.train.generation_weights == "gather"
+    reports: list[DataReport] = []
+    loaded = dist.agree(  # every rank checks and loads; a failure on any rank stops all
+        lambda: _load(recipe, dtype, gather, generators, reward_scorers, group_evaluator, reports)
+    )
+    check_world(recipe.train.prompts_per_step, dist.world_size())
+    engine = build_engine(recipe, loaded.policy, dtype)
+    ref = _place_frozen(recipe, engine, dtype, loaded, given)
+    policy_gen = generators.pop(POLICY, None)
+    if policy_gen is None:  # shares the module being trained
+        policy_gen = build_policy_generator(recipe, engine.module, loaded.tokenizer, gather)
+    elif not isinstance(policy_gen, SyncsWeights):
+        raise UserError(f"generators['policy']: {NO_SYNC}")
+    else:  # the caller's object may hold its own copy of the weights
+        policy_gen.sync_weights(engine.module)
+    members = []
+    for name, _, m in member_fields(recipe):
+        gen = policy_gen if name == POLICY else loaded.peers[name]
+        mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
+        members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
+    ensemble = Ensemble(members, loaded.tokenizer)
+    for i, peer in enumerate(recipe.peers):
+        if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
+            raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
+    same = train_mode_is_eval_mode(engine.module)
+    return Run(
+        recipe=recipe,
+        settings=resolve(recipe, members, same),
+        engine=engine,
+        tokenizer=loaded.tokenizer,
+        ref_model=ref,
+        ensemble=ensemble,
+        scorers=loaded.scorers,
+        evaluator=loaded.evaluator,
+        sampler=PromptSampler(loaded.train_prompts, recipe.seed, recipe.data.shuffle),
+        held_out=loaded.held_out,
+        eval_scorer=loaded.eval_scorer,
+        run_dir=run_dir,
+        prompt_ids=PromptIds(loaded.tokenizer),
+        data_reports=reports,
+        replay=policy_gen if reuse_applies(recipe, engine, members, same) else None,
+    )
+
+
+NO_SYNC = (
+    "the policy's generator must take the trained weights after each update: give it a "
+    "sync_weights(model) method"
+)
+
+
+def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]):
+    """The reference model and the peers' frozen models where the run keeps its models:
+    ZeRO-3 shards (1/world each), or whole copies on the device the policy trains on (DeepSpeed
+    moved it there) and in its precision, as the sharded copies are. A peer offers this
+    through `place_model`; a peer object the caller gave keeps its own placement unless
+    sharding was asked for. Returns the reference model."""
+    ref = loaded.ref
+    if recipe.train.frozen_models == "shard":
+        ref = shard_frozen(ref, dtype) if ref is not None else None
+        for gen in loaded.peers.values():
+            if isinstance(gen, PlacesModel):
+                gen.place_model(lambda m: shard_frozen(m, dtype))
+        return ref
+    for name, gen in loaded.peers.items():
+        if isinstance(gen, PlacesModel) and name not in given:
+            gen.place_model(lambda m: m.to(engine.device, dtype))
+    return ref.to(engine.device) if ref is not None else None
+
+
+def _load(
+    recipe: Recipe, dtype, gather: bool, generators: dict, reward_scorers, group_evaluator, reports
+) -> Loaded:
+    """Components, data, the policy (and reference) and the peers, checked and loaded."""
+    scorers = build_scorers(recipe, reward_scorers)
+    evaluator = build_evaluator(recipe, group_evaluator)
+    eval_scorer = build_eval_scorer(recipe)
+    if POLICY not in generators:
+        check_policy_generator(recipe)
+    train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer)
+    p = recipe.policy
+    policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+    how = cleaning_of(recipe, scorers)
+    limit, held_out_limit = prompt_token_limit(recipe, policy)
+    if limit is not None:  # prompts that cannot fit the context with their completion
+        train_prompts = too_long(train_prompts, tok, limit, how, reports[0])
+        if held_out:
+            budget = "eval.max_new_tokens" if recipe.eval.max_new_tokens else None
+            held_out = too_long(held_out, tok, held_out_limit, how, reports[1], budget)
+    ref = None
+    if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
+        ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        ref.requires_grad_(False).eval()
+    peers = {
+        name: generators.pop(name)
+        if name in generators
+        else build_peer_generator(prefix, m, gather=gather)
+        for name, prefix, m in member_fields(recipe)
+        if name != POLICY
+    }
+    if set(generators) - {POLICY}:
+        extra = sorted(set(generators) - {POLICY})
+        raise UserError(f"generators given for members not in the recipe: {extra}")
+    return Loaded(scorers, evaluator, eval_scorer, train_prompts, held_out, policy, tok, ref, peers)
+
+
+def reuse_applies(recipe: Recipe, engine, members: list[Member], train_is_eval: bool) -> bool:
+    """True when the update's first pass should take the policy's sampling products instead
+    of computing its forward again: the policy's generator offers forward replay of the very
+    module being trained, the option is on, the weights are whole (not ZeRO-3), no layer is
+    recomputed (checkpointing), the model computes the same in training and eval mode, and
+    every candidate a rank can hold in a step fits one micro-batch (so the update holds no
+    more than one micro-batch's worth; a peer's candidates in it are computed, the policy's
+    replayed)."""
+    policy = members[0].generator
+    if not isinstance(policy, ReplaysForward) or not policy.replays_for(engine.module):
+        return False
+    t = recipe.train
+    if not t.reuse_sampling_forward or t.zero_stage == 3 or t.gradient_checkpointing:
+        return False
+    if t.micro_batch_tokens is not None or not train_is_eval:
+        return False
+    peers = sum(m.n for m in members[1:])
+    per_rank = -(-t.prompts_per_step // dist.world_size())
+    return per_rank * (members[0].n + peers) <= t.micro_batch_size
+
+
+def check_world(prompts_per_step: int, world: int) -> None:
+    """Each rank holds whole groups, so a step needs at least one prompt per rank."""
+    if prompts_per_step < world:
+        raise RecipeError(
+            "train.prompts_per_step",
+            f"{prompts_per_step} prompt per step cannot be shared by {world} ranks; "
+            f"use at least {world} (one group per rank)",
+        )
