@@ -226,7 +226,7 @@ def _main(argv: list[str] | None) -> int:
         exit_, usage, abort = _click_exceptions()
         if isinstance(exc, exit_):
             return exc.exit_code
-        if isinstance(exc, usage):  # one line, as every other error (click's took four)
+        if isinstance(exc, usage):  # one line, as every other error (click's own takes four)
             if not exc.format_message().strip():  # the help, printed already (no arguments)
                 return 2
             ctx = getattr(exc, "ctx", None)

@@ -2,7 +2,7 @@
 
 Everything here is a no-op in a single process, so the training code reads the same for one
 rank and for many. Collectives must be entered by every rank in the same order; the training
-step is arranged so that they are (see `train.py`).
+step is arranged so that they are (see `trainer/step.py`).
 """
 
 from __future__ import annotations

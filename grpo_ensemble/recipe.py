@@ -29,13 +29,13 @@ from .types import POLICY
 
 
 class _Config(BaseModel):
-    # no NaN or infinity in any number: `lr: .inf` trained a model of NaNs
+    # no NaN or infinity in any number: `lr: .inf` would train a model of NaNs
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML's `true` is not a number (pydantic took `steps: true` as 1 step)."""
+        """YAML's `true` is not a number (pydantic would take `steps: true` as 1 step)."""
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and _numeric(annotation):
             raise ValueError(f"give a number, not {str(value).lower()}")
@@ -56,7 +56,7 @@ def _numeric(annotation: Any) -> bool:
 
 def _file_or_mapping(value: Any) -> Any:
     """A DeepSpeed config given as a file path or a mapping; anything else is one clear error
-    (the union's own error named its branch, e.g. `train.deepspeed.str`)."""
+    (the union's own error names its branch, e.g. `train.deepspeed.str`)."""
     if value is None or isinstance(value, dict) or (isinstance(value, str) and value.strip()):
         return value
     raise ValueError(f"give a .json/.yaml file path or a mapping, not {value!r}")
@@ -429,7 +429,7 @@ def recipe_from_dict(
 
 class _UniqueKeys(yaml.SafeLoader):
     """YAML's safe loader, except that a key given twice in one mapping is an error (the
-    safe loader keeps the last silently: a second `train:` section dropped the first)."""
+    safe loader keeps the last silently: a second `train:` section would drop the first)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()

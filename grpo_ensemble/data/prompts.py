@@ -79,7 +79,8 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     """CSV rows with a header, decoded line by line, so that a line that is not UTF-8 is a bad
-    row at its own line (decoding the file in blocks found it thousands of lines early) and
+    row at its own line (decoding the file in blocks would report it up to thousands of lines
+    early) and
     the others are read on; no limit on a field's length (a long prompt is then checked
     against the model's context, like any other)."""
     undecodable: list[int] = []

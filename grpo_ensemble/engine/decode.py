@@ -23,7 +23,7 @@ through the modules one by one would wait on each other for good. The lean step 
 runs under ZeRO-3 only where it calls no module (`hook_free`: plain embedding, projections
 and RMS norms, computed from their weights, and the weights gathered whole, as with
 `generation_weights: gather`); otherwise such a model decodes through its own forward.
-tests/test_decode.py checks both against the model's `forward`.
+tests/engine/test_decode.py checks both against the model's `forward`.
 """
 
 from __future__ import annotations
@@ -44,21 +44,21 @@ LLAMA_FAMILY = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 # LeanDecoder stacks each layer's q/k/v and gate/up weights into one product (fewer, larger
 # operations: what matters where a token's time is mostly per-operation overhead). The stacked
 # copy costs memory (about three quarters of the model) while sampling, so on a CPU only for
-# models up to FUSE_MAX_BYTES (measured there); on a GPU, where decoding waits on kernel
-# launches (an H200, 0.63B parameters: sampling 10-15% faster fused, fp32 and bf16), wherever
-# the model is at most FUSE_GPU_SHARE of the device's memory
+# models up to FUSE_MAX_BYTES, whose tokens are mostly that overhead; on a GPU, where decoding
+# waits on kernel launches, wherever the model is at most FUSE_GPU_SHARE of the device's
+# memory (see docs/performance.md)
 FUSE_MAX_BYTES = 256 * 2**20
 FUSE_GPU_SHARE = 0.1
 
-# On a GPU the lean step's kernels are short and the GPU waits on their launches (an H200, a
-# 0.63B model: busy 20-46% of `sample`, about 40 launches a layer and token). There the step
-# runs as a CUDA graph, captured once per `sample` (whose cache and recording buffers it
-# writes) and replayed for every token after the first. A graph replays fixed shapes and
-# addresses, so the captured step is the "static" one (`LeanDecoder`, `static=True`): it writes
-# the cache and the recording at positions held in device tensors, and attends over the
-# cache's whole room with the positions not written yet masked (zeros there, so they weigh
-# exactly nothing). Devices where the sampling loop asks for the static step, and from how many
-# new tokens (a capture costs about one step's launches and the graph's instantiation):
+# On a GPU the lean step's kernels are short and the GPU waits on their launches (see
+# docs/performance.md). There the step runs as a CUDA graph, captured once per `sample` (whose
+# cache and recording buffers it writes) and replayed for every token after the first. A graph
+# replays fixed shapes and addresses, so the captured step is the "static" one (`LeanDecoder`,
+# `static=True`): it writes the cache and the recording at positions held in device tensors,
+# and attends over the cache's whole room with the positions not written yet masked (zeros
+# there, so they weigh exactly nothing). Devices where the sampling loop asks for the static
+# step, and from how many new tokens (a capture costs about one step's launches and the graph's
+# instantiation):
 STATIC_DEVICES = {"cuda"}
 STATIC_MIN_TOKENS = 16
 
@@ -84,13 +84,12 @@ class LeanDecoder:
 
     Layout. In column layout the hidden states are (hidden, B) and every projection is
     `W @ h`, the weight on the left; in row layout they are (B, hidden) and a projection is
-    `h @ Wᵀ`, as `Linear` computes it. A CPU's matrix-product routine (MKL, 2 threads) runs
-    `W @ h` 1.4–1.8× faster than `h @ Wᵀ` for tens of rows and a width of a few hundred, and
-    slower for products of under about 10⁵ multiply-adds (8 rows of width 64), hence
-    `COLUMNS_MIN`. Both layouts run the same operations (norms, rotary embedding, MLP, the
-    attention as transformers' `eager` attention); in columns the sums of the norm and of the
-    products may round in another order, so the logits agree with the model's forward to float
-    rounding, not bit for bit.
+    `h @ Wᵀ`, as `Linear` computes it. A CPU's matrix-product routine (MKL) runs `W @ h`
+    faster than `h @ Wᵀ` for tens of rows and a width of a few hundred, and slower for small
+    products, hence `COLUMNS_MIN` (see docs/performance.md). Both layouts run the same
+    operations (norms, rotary embedding, MLP, the attention as transformers' `eager`
+    attention); in columns the sums of the norm and of the products may round in another
+    order, so the logits agree with the model's forward to float rounding, not bit for bit.
     """
 
     def __init__(

@@ -10,11 +10,10 @@ import weakref
 import torch
 
 # a Recording is kept, and replayed, only where the products it saves, rows × tokens × the
-# decoder layers' parameters (multiply-adds), reach this: the replay's own fixed costs (a
-# forward call for the prompt, the layer loop) are a few ms on a CPU, more than the products of
-# a tiny model (the tiny benchmark, 8 rows × 31 tokens of 2 × 64: 2·10⁷, 3 ms slower with it;
-# medium, 32 × 63 tokens of 6 × 256: 10¹⁰, 110 ms faster). The same bound on a GPU, where
-# it is not measured (the replay launches fewer kernels than the forward it replaces)
+# decoder layers' parameters (multiply-adds), reach this: below it the replay's own fixed costs
+# (a forward call for the prompt, the layer loop) exceed the products it saves, see
+# docs/performance.md. The same bound on a GPU, where it is not tuned (the replay launches
+# fewer kernels than the forward it replaces)
 REPLAY_MIN = 1e9
 
 
@@ -26,13 +25,13 @@ def replay_pays(model: torch.nn.Module, rows: int, tokens: int) -> bool:
 
 class BufferPool:
     """Buffers of recordings that ended, for the next ones of the same shape. A fresh buffer's
-    pages are mapped and zeroed by the OS at first touch (medium's 160 MB of products: about
-    50 ms of every step's sampling); a buffer used before costs none of that. A recording
+    pages are mapped and zeroed by the OS at first touch, in every step's sampling (see
+    docs/performance.md); a buffer used before costs none of that. A recording
     ends (and gives its buffers back) when nothing refers to it any more: in training, once
     the update's first pass has run its forward; the next sampling, which takes them again,
     comes after that pass's backward. Only the buffers that pass's graph keeps until its
     backward anyway are kept (the MLP's gate and up products, which its activation's backward
-    needs): the others, kept here, would add to the update's peak memory (on medium 62 MB).
+    needs): the others, kept here, would add to the update's peak memory.
     With μ > 1 the update frees them before its second pass, which computes its own forward:
     kept beside its activations they would raise the peak."""
 
@@ -71,9 +70,9 @@ class Recording:
     the completion's tokens but the last). Either way a buffer's first t tokens are an
     (out, t·B) or (t·B, out) matrix without a copy, tokens in the order (token, row), which
     is the layout the replay computes in. A product writes into its place directly (in column
-    layout with a row stride: about 10% more time for the products than contiguous, far less
-    than a copy afterwards). `version` is the model's `weights_version` when it was filled:
-    an optimizer step since makes it stale.
+    layout with a row stride: slower products than contiguous ones, but far less time than a
+    copy afterwards, see docs/performance.md). `version` is the model's `weights_version` when
+    it was filled: an optimizer step since makes it stale.
     """
 
     def __init__(self, steps_max: int, pool: BufferPool | None = None):

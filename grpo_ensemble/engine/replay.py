@@ -11,7 +11,7 @@ Everything else runs as in the model's forward: the prompt (through the model, w
 gradients), the norms, the rotary embedding, the attention over the prompt's and the
 completion's keys and values, the MLP's activation and the LM head. The log-probs and the
 gradient equal those of `logprobs.completion_logprobs` to float rounding
-(tests/test_replay.py).
+(tests/engine/test_replay.py).
 
 It applies where the lean decode step recorded (Llama, Mistral, Qwen2 with plain projections,
 a rotary embedding that depends on the position only, not ZeRO-3) and only while no optimizer

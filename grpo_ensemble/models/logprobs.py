@@ -19,9 +19,9 @@ from .kvcache import cache_name, cache_of, distinct_rows, full_attention_only, r
 from .zero import zero3_managed
 
 # the prompt runs once per distinct prompt when (rows − distinct prompts) × prompt columns ×
-# parameters is at least this: the second forward call must cost less than the arithmetic it
-# saves (a few ms of call overhead: 10^8 is ~0.6 GFLOP, a few ms on a CPU; a GPU computes
-# far faster than it launches a forward's kernels)
+# parameters is at least this: the second forward call's fixed cost must be less than the
+# arithmetic it saves (higher on a GPU, which computes far faster than it launches a forward's
+# kernels; see docs/performance.md)
 SHARE_MIN = {"cpu": 1e8, "cuda": 1e11}
 
 

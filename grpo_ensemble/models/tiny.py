@@ -3,8 +3,8 @@
 Each model is a small Llama with a character-level tokenizer, warmed up with a few hundred
 supervised steps on *noisy* labels: it learns addition but keeps part of its probability on
 wrong answers, so it is partly competent and GRPO with an exact-match reward can improve it.
-`ensure_builtin_model(name)` builds a model once (10-30 s on a 2-core CPU), saves it in Hugging
-Face format under a cache directory and returns that directory for `from_pretrained`.
+`ensure_builtin_model(name)` builds a model once (its supervised warm-up, on the CPU), saves it
+in Hugging Face format under a cache directory and returns that directory for `from_pretrained`.
 
 Prompts are encoded with `add_special_tokens=True` (the tokenizer prepends `<bos>`); the model
 answers with the digits of the sum followed by `<eos>`.
@@ -174,7 +174,7 @@ def build_model(spec: TinySpec) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFa
     # any CUDA generators of the caller alone (torch.manual_seed would reseed them too).
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(spec.seed)  # weight init draws from it
-        # Two threads is what the build was tuned and timed with; more barely helps such
+        # Two threads, the setting the warm-up recipe is tuned for; more barely helps such
         # small matrices, and one more thread than cores makes every op wait on the scheduler.
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         try:

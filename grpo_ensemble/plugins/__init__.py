@@ -1,5 +1,5 @@
 """Plugins: the hooks (`hookspecs`), the registry that finds them through entry points
-(`registry`), the component interfaces they implement (`components`) and the built-in plugins
+(`registry`), the component interfaces they implement (`interfaces`) and the built-in plugins
 (`builtin`), which are ordinary plugins of the same hooks."""
 
 from .registry import (

@@ -36,7 +36,7 @@ class Scores:
         """Scorer name → how many groups it failed on."""
         return {name: len(groups) for name, groups in self.failed.items()}
 
-    def __iter__(self):  # `combined, per_scorer = score_groups(...)` keeps working
+    def __iter__(self):  # unpacks as `combined, per_scorer = score_groups(...)`
         return iter((self.combined, self.per_scorer))
 
 

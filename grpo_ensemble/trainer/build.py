@@ -163,8 +163,8 @@ def load_data(
 ) -> tuple[list[Prompt], list[Prompt] | None]:
     """Training and held-out prompts; each source's DataReport is appended to `reports`. The
     fields the training scorers read are required of the training rows, the one the
-    evaluation's scorer reads of the held-out rows (a row without it was found only by the
-    evaluation after training)."""
+    evaluation's scorer reads of the held-out rows (so that a row without it is reported at
+    load time, not by the evaluation after training)."""
     d = recipe.data
     how = cleaning_of(recipe, scorers)
     reports = reports if reports is not None else []
@@ -261,6 +261,11 @@ def build_eval_scorer(recipe: Recipe) -> RewardScorer:
     return construct("reward_scorer", e.scorer, e.params, "eval.scorer")
 
 
+def eval_max_new_tokens(recipe: Recipe) -> int:
+    """The longest completion the evaluation decodes: `eval.max_new_tokens`, or the policy's."""
+    return recipe.eval.max_new_tokens or recipe.policy.sampling.max_new_tokens
+
+
 def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> tuple[int | None, int | None]:
     """The longest prompt, in tokens, that leaves room in the policy's context for the longest
     completion: for training prompts, any member may write; for held-out prompts, the
@@ -275,7 +280,7 @@ def prompt_token_limit(recipe: Recipe, model: torch.nn.Module) -> tuple[int | No
     e = recipe.eval
     held_out = longest  # held-out prompts that are never evaluated: as the training prompts
     if recipe.data.eval and (e.before or e.after):
-        held_out = e.max_new_tokens or recipe.policy.sampling.max_new_tokens
+        held_out = eval_max_new_tokens(recipe)
         if e.max_new_tokens:
             fields["eval.max_new_tokens"] = e.max_new_tokens
     for name, tokens in fields.items():

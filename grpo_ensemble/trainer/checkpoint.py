@@ -214,8 +214,7 @@ def _get(data: dict, dotted: str) -> Any:
     return data
 
 
-# fields added after checkpoints were first written: absent from an older checkpoint's recipe,
-# where they had this value
+# fields an older checkpoint's recipe may lack, with the value such a checkpoint ran with
 BEFORE_THE_FIELD = {"train.adam_eps": 1e-8}
 
 

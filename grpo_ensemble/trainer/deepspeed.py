@@ -121,9 +121,10 @@ def _unlink_shm_workspace() -> None:
     """Remove this rank's name of DeepSpeed's all-reduce workspace.
 
     When the ranks run on one machine under DeepSpeed's launcher (it sets LOCAL_SIZE; a lone
-    rank included), each rank creates a 66 MB shared memory file while joining the process
-    group, maps every other rank's, and never removes its own: each such run left 66 MB per
-    rank in /dev/shm, which is memory, until the machine restarts. Once every rank has passed
+    rank included), each rank creates a shared memory file while joining the process group,
+    maps every other rank's, and never removes its own: left alone, each such run would leave
+    one file per rank in /dev/shm, which is memory, until the machine restarts (see
+    docs/distributed.md). Once every rank has passed
     this barrier, all of them have mapped all the files (inside `deepspeed.init_distributed`),
     so the names are no longer needed; the memory stays mapped and goes when the last rank
     exits, however it exits."""
@@ -151,7 +152,7 @@ def _let_collectives_finish() -> None:
     the collective ends, and takes the GIL to do so; once the interpreter is finalizing, that
     kills the thread and the process ends with SIGABRT ("terminate called without an active
     exception") instead of its exit code. A rank that exits right after a collective (an error
-    every rank agreed on, raised out of `train`) met that; exit handlers run before
+    every rank agreed on, raised out of `train`) meets that; exit handlers run before
     finalization, so the threads finish here. (The `grpo-ensemble` command also leaves with
     `os._exit`, see `cli._exit_rank`.)"""
     time.sleep(EXIT_GRACE_S)
@@ -372,8 +373,8 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
 def fresh_optimizer_state(engine) -> None:
     """Undo the optimizer step DeepSpeed's bf16 optimizer without ZeRO (`FP16_UnfusedOptimizer`)
     takes with zero gradients when it is built, to create AdamW's state: that step leaves
-    AdamW's step count at 1, so bias correction made the first real updates about 0.74× as
-    large as fp32's, and weight decay had shrunk the fp32 master weights once. AdamW starts
+    AdamW's step count at 1, so bias correction would make the first real updates about 0.74×
+    as large as fp32's, and weight decay would shrink the fp32 master weights once. AdamW starts
     again from no state (it creates it at its first step) and the master weights from the
     model's."""
     masters, weights = (getattr(engine.optimizer, k, None) for k in ("fp32_groups", "fp16_groups"))

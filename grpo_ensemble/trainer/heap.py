@@ -5,8 +5,7 @@ A GRPO step on a CPU allocates the same activations, gradients and sampling buff
 mmap threshold (128 KB, raised as such blocks are freed, up to 32 MB) with a fresh mapping and
 unmaps them when freed, and returns the top of its heap to the OS above its trim threshold; so
 the next step's blocks are fresh pages, which the kernel maps and zeroes one 4 KB page at a
-time at first touch. On the benchmark's medium configuration that was about 21 000 page faults
-and 65 ms of system time a step (see docs/performance.md).
+time at first touch: page faults and system time in every step (see docs/performance.md).
 
 `keep_freed_memory` sets the mmap threshold to its maximum (32 MB; larger blocks are still
 mapped and unmapped) and trims the heap only above 1 GiB, so a step reuses the pages the step

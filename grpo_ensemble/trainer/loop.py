@@ -1,7 +1,7 @@
 """A run from start to end: resume, the steps, checkpoints, interruption, evaluation, final model.
 
 `train()` is the public entry point (the CLI's `train` calls it). The step itself is
-`train.grpo_step`; this module is what happens around it over hours or days.
+`step.grpo_step`; this module is what happens around it over hours or days.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..plugins import registry as plugins
 from ..plugins.interfaces import Generator, GroupEvaluator
 from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ..rundir import MetricsWriter, StepProgress, prepare_run_dir, write_recipe
+from .build import eval_max_new_tokens
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_aside_later
 from .deepspeed import init_distributed
 from .evaluation import EvalResult, accuracy_of, heldout_scores
@@ -50,7 +51,7 @@ def evaluate_policy(run: Run) -> EvalResult | None:
     if not run.held_out:
         return None
     e = run.recipe.eval
-    max_new = e.max_new_tokens or run.recipe.policy.sampling.max_new_tokens
+    max_new = eval_max_new_tokens(run.recipe)
     gen = run.policy_generator
     prompts = run.held_out[: e.max_prompts]
     mine = [prompts[i] for i in dist.shard(len(prompts))]
@@ -175,8 +176,7 @@ def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:
 @contextlib.contextmanager
 def _stop_at_once(during: str, state: str):
     """SIGINT and SIGTERM stop an evaluation at once, with one line that says what it leaves
-    (`Interrupted`, exit code 128 + signal): an evaluation has nothing to save. (Before, SIGTERM
-    killed the process without a word and SIGINT printed only "interrupted".)"""
+    (`Interrupted`, exit code 128 + signal): an evaluation has nothing to save."""
 
     def stop(signum, frame):
         name = signal.Signals(signum).name

@@ -29,12 +29,10 @@ class StepSettings:
     update: UpdateSettings
 
 
-def resolve(recipe: Recipe, members: list[Member], train_is_eval: bool) -> StepSettings:
-    """The step's settings from the recipe and the ensemble's members (whose sampling
-    parameters are the ones their generators are handed). `train_is_eval`: the policy's model
-    computes the same in training as in eval mode."""
-    lo, t, g = recipe.loss, recipe.train, recipe.group
-    loss = LossSettings(
+def loss_settings(recipe: Recipe) -> LossSettings:
+    """The loss's settings; its beta also decides whether a reference model is loaded."""
+    lo = recipe.loss
+    return LossSettings(
         clip_low=lo.clip_low,
         clip_high=lo.clip_high,
         beta=lo.beta,
@@ -43,6 +41,15 @@ def resolve(recipe: Recipe, members: list[Member], train_is_eval: bool) -> StepS
         tis_low=lo.tis_low,
         tis_high=lo.tis_high,
     )
+
+
+def resolve(
+    recipe: Recipe, members: list[Member], loss: LossSettings, train_is_eval: bool
+) -> StepSettings:
+    """The step's settings from the recipe, the ensemble's members (whose sampling
+    parameters are the ones their generators are handed) and the loss's settings.
+    `train_is_eval`: the policy's model computes the same in training as in eval mode."""
+    lo, t, g = recipe.loss, recipe.train, recipe.group
     return StepSettings(
         seed=recipe.seed,
         prompts_per_step=t.prompts_per_step,

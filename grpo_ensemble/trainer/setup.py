@@ -45,7 +45,7 @@ from .build import (
     sampling_of,
 )
 from .deepspeed import build_engine, init_distributed, resolve_dtype, shard_frozen
-from .settings import StepSettings, resolve
+from .settings import StepSettings, loss_settings, resolve
 from .update import train_mode_is_eval_mode
 
 
@@ -110,9 +110,13 @@ def build_run(
     init_distributed(recipe.train.dist_timeout_s)
     dtype = resolve_dtype(recipe)
     gather = recipe.train.generation_weights == "gather"
+    loss = loss_settings(recipe)
+    reference = loss.beta > 0  # no reference model at all when the KL term is off
     reports: list[DataReport] = []
     loaded = dist.agree(  # every rank checks and loads; a failure on any rank stops all
-        lambda: _load(recipe, dtype, gather, generators, reward_scorers, group_evaluator, reports)
+        lambda: _load(
+            recipe, dtype, gather, reference, generators, reward_scorers, group_evaluator, reports
+        )
     )
     check_world(recipe.train.prompts_per_step, dist.world_size())
     engine = build_engine(recipe, loaded.policy, dtype)
@@ -136,7 +140,7 @@ def build_run(
     same = train_mode_is_eval_mode(engine.module)
     return Run(
         recipe=recipe,
-        settings=resolve(recipe, members, same),
+        settings=resolve(recipe, members, loss, same),
         engine=engine,
         tokenizer=loaded.tokenizer,
         ref_model=ref,
@@ -179,9 +183,17 @@ def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]
 
 
 def _load(
-    recipe: Recipe, dtype, gather: bool, generators: dict, reward_scorers, group_evaluator, reports
+    recipe: Recipe,
+    dtype,
+    gather: bool,
+    reference: bool,
+    generators: dict,
+    reward_scorers,
+    group_evaluator,
+    reports,
 ) -> Loaded:
-    """Components, data, the policy (and reference) and the peers, checked and loaded."""
+    """Components, data, the policy (and, with `reference`, its frozen copy) and the peers,
+    checked and loaded."""
     scorers = build_scorers(recipe, reward_scorers)
     evaluator = build_evaluator(recipe, group_evaluator)
     eval_scorer = build_eval_scorer(recipe)
@@ -198,7 +210,7 @@ def _load(
             budget = "eval.max_new_tokens" if recipe.eval.max_new_tokens else None
             held_out = too_long(held_out, tok, held_out_limit, how, reports[1], budget)
     ref = None
-    if recipe.loss.beta > 0:  # no reference model at all when the KL term is off
+    if reference:
         ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
         ref.requires_grad_(False).eval()
     peers = {

@@ -35,7 +35,7 @@ def grpo_advantages(
     (rewards all equal, or one candidate) the std of the whole group scales: the statistics
     candidates' advantages are 0 then anyway, and a candidate outside them (a peer's, with
     `group.stats: policy`) is measured against their mean on the group's scale, not divided
-    by `eps` (which made it about 10⁴ where on-failure injection had given the policy's
+    by `eps` (which would make it about 10⁴ where on-failure injection gives the policy's
     candidates equal rewards). A group whose rewards are all equal gets 0."""
     mean, _ = _group_mean(rewards, stats)
     std = _std(rewards, stats)
