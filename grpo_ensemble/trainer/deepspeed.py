@@ -17,12 +17,14 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from .. import dist
 from ..errors import InputFileError, RecipeError
 from ..recipe import Recipe, read_yaml
 
@@ -169,12 +171,27 @@ def quiet_deepspeed() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+BF16_ON_CPU = (
+    "warning: train.precision: bf16 without a GPU: matrix products run far slower than in fp32 "
+    "on most CPUs, and the final model is saved in bf16; use auto or fp32 for a CPU run\n"
+)
+
+
 def resolve_dtype(recipe: Recipe) -> torch.dtype:
+    """The precision the run's models take. bf16 asked for on a machine without a GPU is
+    honoured (a test of a bf16 path may want it) but said on stderr, once, by rank 0."""
     want = recipe.train.precision
     if want == "auto":
         use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else torch.float32
+    if want == "bf16" and not torch.cuda.is_available() and not _said["bf16"]:
+        _said["bf16"] = True
+        if dist.is_main():
+            sys.stderr.write(BF16_ON_CPU)
     return torch.bfloat16 if want == "bf16" else torch.float32
+
+
+_said = {"bf16": False}  # warnings already written by this process
 
 
 def deepspeed_config(recipe: Recipe, micro_batch: int, dtype: torch.dtype) -> dict:

@@ -41,10 +41,21 @@ def test_deepspeed_config_from_recipe(small_recipe):
     assert cfg["train_micro_batch_size_per_gpu"] == 8
 
 
-def test_precision_auto_is_fp32_on_cpu(small_recipe):
+def test_precision_auto_is_fp32_on_cpu_and_bf16_there_is_said(small_recipe, capsys, monkeypatch):
+    import grpo_ensemble.trainer.deepspeed as deepspeed_module
+
+    monkeypatch.setitem(deepspeed_module._said, "bf16", False)  # as in a fresh process
     assert not torch.cuda.is_available()
     assert resolve_dtype(small_recipe()) == torch.float32
+    assert capsys.readouterr().err == ""
     assert resolve_dtype(small_recipe(train__precision="bf16")) == torch.bfloat16
+    assert capsys.readouterr().err == (
+        "warning: train.precision: bf16 without a GPU: matrix products run far slower than in "
+        "fp32 on most CPUs, and the final model is saved in bf16; use auto or fp32 for a CPU "
+        "run\n"
+    )
+    assert resolve_dtype(small_recipe(train__precision="bf16")) == torch.bfloat16
+    assert capsys.readouterr().err == ""  # once per process
 
 
 def test_every_model_of_a_run_takes_its_precision(small_recipe, tmp_path):
