@@ -33,8 +33,9 @@ def register_generators(register: Register) -> None:
 def register_reward_scorers(register: Register) -> None:
     """Register reward scorer classes: call ``register(MyScorer)`` for each.
 
-    A reward scorer returns one float per candidate (see `grpo_ensemble.RewardScorer`). A recipe
-    picks it by its `name` in ``rewards[i].name`` and weights it with ``rewards[i].weight``.
+    A reward scorer returns one float (or None: no score) per candidate (see
+    `grpo_ensemble.RewardScorer`). A recipe picks it by its `name` in ``rewards[i].name`` and
+    weights it with ``rewards[i].weight``.
     """
 
 

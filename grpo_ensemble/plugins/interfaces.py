@@ -120,7 +120,9 @@ class ReplaysForward(Protocol):
 
 
 class RewardScorer:
-    """Scores each candidate. Returns one float per sample, in order."""
+    """Scores each candidate. Returns one float per sample, in order, or None for a sample it
+    cannot score (left out of the combined reward; a candidate no scorer scored leaves its
+    group's statistics and gets no gradient)."""
 
     name: ClassVar[str] = ""
 

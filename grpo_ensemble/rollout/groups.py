@@ -40,6 +40,15 @@ class Rollout:
     equal_groups: int
     skipped_groups: int = 0  # left out: a plugin failed on them (on_error: skip_group)
     scorer_faults: dict[str, int] = field(default_factory=dict)  # scorer → groups failed
+    # (n_candidates,) bool per scorer: it gave a score (None: every scorer scored every one)
+    scored: dict[str, torch.Tensor] | None = None
+
+    @property
+    def any_scored(self) -> torch.Tensor:
+        """(n_candidates,) bool: some scorer scored the candidate."""
+        if not self.scored:
+            return torch.ones(len(self.rewards), dtype=torch.bool)
+        return torch.stack(list(self.scored.values())).any(dim=0)
 
     @property
     def candidate_prompt(self) -> list[Prompt]:
@@ -51,23 +60,28 @@ def evaluate_groups(
     groups: list[Group], scores: Scores, evaluator: GroupEvaluator, how: GroupSettings
 ) -> Rollout:
     """Turn each group's rewards (`scores`, in candidate order) into advantages. Groups that a
-    scorer or the evaluator failed on leave the step where the recipe says so (counted)."""
+    scorer or the evaluator failed on leave the step where the recipe says so (counted). A
+    candidate no scorer scored is, for the evaluator, not there: out of the statistics, no
+    advantage, no gradient."""
     n_groups = len(groups)
-    groups, rewards, per_scorer = _drop(groups, scores.skip, scores.combined, scores.per_scorer)
-    layout, adv, bad = group_advantages(groups, rewards, evaluator, how)
+    faults = scores.faults
+    groups, scores = _drop(groups, scores.skip, scores)
+    layout, adv, bad = group_advantages(groups, scores, evaluator, how)
     while any(bad):  # group.on_error = skip_group: evaluate the others again without them
-        groups, rewards, per_scorer = _drop(groups, bad, rewards, per_scorer)
-        layout, adv, bad = group_advantages(groups, rewards, evaluator, how)
+        groups, scores = _drop(groups, bad, scores)
+        layout, adv, bad = group_advantages(groups, scores, evaluator, how)
+    rewards = scores.combined
+    real = layout.valid & layout.to_grid(scores.any_scored, fill=False)  # (n_prompts, size)
     grid = layout.to_grid(rewards)  # (n_prompts, group_size)
     if groups:
-        lo = grid.masked_fill(~layout.valid, float("inf")).min(dim=1).values
-        hi = grid.masked_fill(~layout.valid, float("-inf")).max(dim=1).values
+        lo = grid.masked_fill(~real, float("inf")).min(dim=1).values
+        hi = grid.masked_fill(~real, float("-inf")).max(dim=1).values
         equal = lo == hi  # (n_prompts,) groups with no learning signal
     else:  # every group left the step
         equal = torch.zeros(0, dtype=torch.bool)
     candidates = [c for g in groups for c in g.candidates]
     trained = [how.modes[c.source] != "baseline_only" for c in candidates]
-    keep = layout.valid & layout.to_grid(torch.tensor(trained, dtype=torch.bool), fill=False)
+    keep = real & layout.to_grid(torch.tensor(trained, dtype=torch.bool), fill=False)
     if how.drop_equal_reward_groups:
         keep &= ~equal.unsqueeze(1)
     return Rollout(
@@ -75,38 +89,41 @@ def evaluate_groups(
         layout,
         candidates,
         rewards,
-        per_scorer,
+        scores.per_scorer,
         layout.to_flat(adv),
         layout.to_flat(keep),
         int(equal.sum()),
         skipped_groups=n_groups - len(groups),
-        scorer_faults=scores.faults,
+        scorer_faults=faults,
+        scored={k: scores.scored_by(k) for k in scores.per_scorer},
     )
 
 
-def _drop(groups: list[Group], drop: list[bool], rewards, per_scorer):
-    """The groups not marked in `drop`, with their candidates' rewards."""
+def _drop(groups: list[Group], drop: list[bool], scores: Scores) -> tuple[list[Group], Scores]:
+    """The groups not marked in `drop`, with their candidates' scores."""
     if not any(drop):
-        return groups, rewards, per_scorer
+        return groups, scores
     keep = torch.tensor([not d for g, d in zip(groups, drop, strict=True) for _ in g.candidates])
     kept = [g for g, d in zip(groups, drop, strict=True) if not d]
-    return kept, rewards[keep], {k: v[keep] for k, v in per_scorer.items()}
+    return kept, scores.select(keep)
 
 
 def group_advantages(
-    groups: list[Group], rewards: torch.Tensor, evaluator: GroupEvaluator, how: GroupSettings
+    groups: list[Group], scores: Scores, evaluator: GroupEvaluator, how: GroupSettings
 ) -> tuple[GroupLayout, torch.Tensor, list[bool]]:
     """The evaluator's advantages (n_prompts, group_size) and, per group, whether it failed
-    there (only with group.on_error = skip_group; with fail, a failure stops the run)."""
+    there (only with group.on_error = skip_group; with fail, a failure stops the run). The
+    evaluator sees the unscored candidates as padding: not `valid`, not in `stats`."""
     layout = GroupLayout.from_groups(groups)
-    grid = layout.to_grid(rewards)  # (n_prompts, group_size)
+    grid = layout.to_grid(scores.combined)  # (n_prompts, group_size)
     if not groups:
         return layout, grid, []
-    stats = stats_mask(groups, layout, how.stats)
+    valid = layout.valid & layout.to_grid(scores.any_scored, fill=False)
+    stats = stats_mask(groups, layout, how.stats) & valid
     name = getattr(evaluator, "name", "") or type(evaluator).__name__
     skip = how.on_error == "skip_group"
     try:
-        adv = _advantages(evaluator, grid, layout.valid, stats)
+        adv = _advantages(evaluator, grid, valid, stats)
     except _EvalFault as exc:
         if not skip:
             raise PluginError(name, str(exc)) from exc.__cause__
@@ -114,18 +131,18 @@ def group_advantages(
         for i in range(len(groups)):  # one group at a time, to find where it fails
             rows = slice(i, i + 1)
             try:
-                one = _advantages(evaluator, grid[rows], layout.valid[rows], stats[rows])
+                one = _advantages(evaluator, grid[rows], valid[rows], stats[rows])
             except _EvalFault:
                 bad[i] = True
                 continue
-            bad[i] = not bool(torch.isfinite(one[layout.valid[rows]]).all())
-            adv[rows] = torch.where(layout.valid[rows], one, 0.0) if not bad[i] else 0.0
+            bad[i] = not bool(torch.isfinite(one[valid[rows]]).all())
+            adv[rows] = torch.where(valid[rows], one, 0.0) if not bad[i] else 0.0
         return layout, adv, bad
-    finite = torch.isfinite(adv).logical_or(~layout.valid).all(dim=1)  # (n_prompts,)
+    finite = torch.isfinite(adv).logical_or(~valid).all(dim=1)  # (n_prompts,)
     if not bool(finite.all()) and not skip:
         i = int((~finite).nonzero()[0])
         raise PluginError(name, f"advantages are not finite for prompt {groups[i].prompt.text!r}")
-    return layout, torch.where(layout.valid & finite.unsqueeze(1), adv, 0.0), (~finite).tolist()
+    return layout, torch.where(valid & finite.unsqueeze(1), adv, 0.0), (~finite).tolist()
 
 
 class _EvalFault(Exception):

@@ -14,15 +14,18 @@ def peers_wanted(
 ) -> list[bool]:
     """Per group: True where the peers sample. `scores` are those of the groups' (policy's)
     candidates, needed for `on_failure` only. A group a skip_group scorer failed on leaves
-    the step anyway: it gets no peers."""
+    the step anyway: it gets no peers. One whose candidates no scorer could score has shown
+    no success: it gets them."""
     if inject == "always":
         return [True] * len(groups)
     if scores is None:
         raise ValueError("on_failure injection needs the policy's scores")
+    scored = scores.any_scored
     out, k = [], 0
     for g, leaves in zip(groups, scores.skip, strict=True):
         n = len(g.candidates)
-        best = float(scores.combined[k : k + n].max()) if n else None
+        mine = scores.combined[k : k + n][scored[k : k + n]]  # the candidates some scorer scored
+        best = float(mine.max()) if len(mine) else None
         out.append(not leaves and (best is None or best < success_reward))
         k += n
     return out

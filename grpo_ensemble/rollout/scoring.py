@@ -5,6 +5,9 @@ return NaN, or hang. Each scorer's recipe entry says what then happens (`rewards
 - `fail`: the run stops; the message names the scorer and the prompt;
 - `skip_group`: the groups it failed on leave the step (counted in `skipped_groups`);
 - `zero`: its score is 0 where it failed (counted in `scorer_faults/NAME`).
+A scorer may return None for a sample it cannot score (a TRL reward function's convention):
+that is no fault, and its weight is left out of that candidate's combined reward. A candidate
+no scorer scored is `unscored`: it leaves the group statistics and gets no gradient.
 A failure of a whole call is localised by scoring group by group, so one bad prompt costs one
 group. A call that runs past `rewards[i].timeout_s` counts as failed for every group of the
 step (it is not retried: it would hang again); its thread is abandoned, never waited for.
@@ -26,10 +29,35 @@ from ..types import Group, Sample
 
 @dataclass
 class Scores:
-    combined: torch.Tensor  # (n_candidates,) Σ wᵢ·rᵢ
-    per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,)
+    combined: torch.Tensor  # (n_candidates,) Σ wᵢ·rᵢ over the scorers that scored each
+    per_scorer: dict[str, torch.Tensor]  # name → (n_candidates,), 0 where it gave no score
     skip: list[bool]  # per group: leave the step (a skip_group scorer failed on it)
     failed: dict[str, set[int]] = field(default_factory=dict)  # name → groups it failed on
+    # name → (n_candidates,) bool: the scorer gave a score (not None); absent: every one
+    scored: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def any_scored(self) -> torch.Tensor:
+        """(n_candidates,) bool: some scorer scored the candidate."""
+        out = torch.zeros(len(self.combined), dtype=torch.bool)
+        for name in self.per_scorer:
+            out |= self.scored_by(name)
+        return out if self.per_scorer else ~out
+
+    def scored_by(self, name: str) -> torch.Tensor:
+        """(n_candidates,) bool: `name` gave the candidate a score."""
+        mask = self.scored.get(name)
+        return mask if mask is not None else torch.ones(len(self.combined), dtype=torch.bool)
+
+    def select(self, rows: torch.Tensor) -> Scores:
+        """The candidates `rows` (a bool mask) of these scores (group facts dropped)."""
+        return Scores(
+            self.combined[rows],
+            {k: v[rows] for k, v in self.per_scorer.items()},
+            [],
+            {},
+            {k: self.scored_by(k)[rows] for k in self.per_scorer},
+        )
 
     @property
     def faults(self) -> dict[str, int]:
@@ -80,8 +108,9 @@ def call_with_timeout(fn, timeout: float | None, what: str):
     return box["value"]
 
 
-def _call(ws: WeightedScorer, samples: list[Sample]) -> torch.Tensor:
-    """(len(samples),) scores from one call, or _Fault. Non-finite values are returned as is."""
+def _call(ws: WeightedScorer, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(samples),) scores from one call (0 where None) and (len(samples),) bool: not None;
+    or _Fault. Non-finite values are returned as is."""
     try:
         raw = list(call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name))
     except (UserError, Interrupted, _Fault):  # (Interrupted: a signal during an evaluation)
@@ -91,17 +120,20 @@ def _call(ws: WeightedScorer, samples: list[Sample]) -> torch.Tensor:
     if len(raw) != len(samples):
         raise _Fault(f"returned {len(raw)} scores for {len(samples)} candidates")
     try:
-        return torch.tensor([float(x) for x in raw], dtype=torch.float32)
+        values = [0.0 if x is None else float(x) for x in raw]
     except (TypeError, ValueError) as exc:
         raise _Fault(f"returned a score that is not a number: {exc}") from None
+    scored = torch.tensor([x is not None for x in raw], dtype=torch.bool)
+    return torch.tensor(values, dtype=torch.float32), scored
 
 
 def checked_scores(scorer: RewardScorer, samples: list[Sample], what: str) -> list[float]:
     """One call of `scorer` for `samples`, checked as the training's scorers are: a raise, a
-    wrong count, or a value that is not a finite number is a `PluginError` naming `what`."""
+    wrong count, or a value that is not a finite number is a `PluginError` naming `what`.
+    None (no score) counts as 0: a held-out completion it cannot judge is not solved."""
     name = getattr(scorer, "name", type(scorer).__name__)
     try:
-        values = _call(WeightedScorer(what, scorer, 1.0), samples).tolist()
+        values = _call(WeightedScorer(what, scorer, 1.0), samples)[0].tolist()
     except _Fault as exc:
         raise PluginError(name, f"{what}: {exc}") from None
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
@@ -113,22 +145,24 @@ def checked_scores(scorer: RewardScorer, samples: list[Sample], what: str) -> li
 
 def _score_one(
     ws: WeightedScorer, groups: Sequence[Group], samples: list[Sample]
-) -> tuple[torch.Tensor, dict[int, str]]:
-    """One scorer's values (n_candidates,) and {group index: what went wrong}."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+    """One scorer's values (n_candidates,), where it gave a score (n_candidates,) bool, and
+    {group index: what went wrong}. A failed group counts as scored (0, or it leaves)."""
     bounds, k = [], 0
     for g in groups:
         bounds.append((k, k + len(g.candidates)))
         k += len(g.candidates)
     values = torch.zeros(len(samples), dtype=torch.float32)
+    scored = torch.ones(len(samples), dtype=torch.bool)
     faults: dict[int, str] = {}
     try:
-        values = _call(ws, samples)
+        values, scored = _call(ws, samples)
     except _Timeout as exc:
-        return values, {i: str(exc) for i in range(len(groups))}
+        return values, scored, {i: str(exc) for i in range(len(groups))}
     except _Fault:  # find the groups it fails on
         for i, (a, b) in enumerate(bounds):
             try:
-                values[a:b] = _call(ws, samples[a:b])
+                values[a:b], scored[a:b] = _call(ws, samples[a:b])
             except _Fault as exc:
                 faults[i] = str(exc)
     for i, (a, b) in enumerate(bounds):
@@ -137,7 +171,7 @@ def _score_one(
             faults[i] = f"returned {values[a:b][bad][0].item()}"
     # a failed call left its group at 0; a NaN or inf score becomes 0 (zero policy), and a
     # skipped group's values are never used
-    return torch.where(torch.isfinite(values), values, 0.0), faults
+    return torch.where(torch.isfinite(values), values, 0.0), scored, faults
 
 
 @dataclass
@@ -173,6 +207,7 @@ def _merge(known: Known, fresh: Scores | None, todo: list[int], extra: list[int]
     old = known.scores
     names = list(old.per_scorer)
     pieces: dict[str, list[torch.Tensor]] = {n: [] for n in ["", *names]}
+    masks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     skip = list(old.skip)
     failed = {n: set(old.failed.get(n, ())) for n in names}
     at_old = at_new = 0
@@ -188,18 +223,20 @@ def _merge(known: Known, fresh: Scores | None, todo: list[int], extra: list[int]
             pieces[""].append(src.combined[a : a + k])
             for name in names:
                 pieces[name].append(src.per_scorer[name][a : a + k])
+                masks[name].append(src.scored_by(name)[a : a + k])
     if fresh is not None:
         for name in names:
             failed[name] |= {todo[j] for j in fresh.failed.get(name, ())}
 
-    def cat(xs):
-        return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32)
+    def cat(xs, dtype=torch.float32):
+        return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)
 
     return Scores(
         cat(pieces[""]),
         {name: cat(pieces[name]) for name in names},
         skip,
         failed,
+        {name: cat(masks[name], torch.bool) for name in names},
     )
 
 
@@ -209,8 +246,9 @@ def _score_all(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Sc
     per_scorer: dict[str, torch.Tensor] = {}
     skip = [False] * len(groups)
     failed: dict[str, set[int]] = {}
+    scored: dict[str, torch.Tensor] = {}
     for ws in scorers:
-        values, faults = _score_one(ws, groups, samples)
+        values, scored[ws.name], faults = _score_one(ws, groups, samples)
         failed[ws.name] = set(faults)
         if faults and ws.on_error == "fail":
             i = min(faults)
@@ -219,5 +257,5 @@ def _score_all(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Sc
             for i in faults:
                 skip[i] = True
         per_scorer[ws.name] = values
-        combined += ws.weight * values
-    return Scores(combined, per_scorer, skip, failed)
+        combined += ws.weight * values  # 0 where it gave no score: its weight drops out
+    return Scores(combined, per_scorer, skip, failed, scored)

@@ -15,6 +15,7 @@ from ..data.prompts import Cleaning, DataReport, load_prompts
 from ..errors import RecipeError, UserError
 from ..models.loading import load_field_tokenizer, resolve_model, same_tokenizer
 from ..plugins import registry as plugins
+from ..plugins.builtin.rewards import TrlFunction, trl_style
 from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from ..recipe import MemberConfig, Recipe
 from ..rollout.scoring import WeightedScorer
@@ -72,6 +73,10 @@ def _given_scorer(i: int, item) -> WeightedScorer:
     if not isinstance(item, tuple | list) or len(item) not in (2, 3):
         raise UserError(f"{where}: give (scorer, weight) or (scorer, weight, options)")
     scorer, weight, options = (*item, {}) if len(item) == 2 else item
+    if not hasattr(scorer, "score"):  # a plain function: TRL's convention or the project's
+        if not callable(scorer):
+            raise UserError(f"{where}: give a reward scorer or a function, not {scorer!r}")
+        scorer = TrlFunction(scorer) if trl_style(scorer) else _SamplesFunction(scorer)
     if not isinstance(options, Mapping):
         raise UserError(f"{where}: options must be a mapping of on_error and timeout_s")
     unknown = sorted(set(options) - {"on_error", "timeout_s"})
@@ -85,6 +90,16 @@ def _given_scorer(i: int, item) -> WeightedScorer:
         field = ".".join(str(x) for x in err["loc"])
         raise UserError(f"{where}.{field}: {err['msg']}") from None
     return WeightedScorer(name, scorer, c.weight, c.on_error, c.timeout_s)
+
+
+class _SamplesFunction(RewardScorer):
+    """A plain function of the list of samples, as a reward scorer named after it."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, samples):
+        return list(self.fn(list(samples)))
 
 
 def build_evaluator(recipe: Recipe, given: GroupEvaluator | None = None) -> GroupEvaluator:

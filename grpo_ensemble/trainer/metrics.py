@@ -22,10 +22,11 @@ from .loss import MODES
 
 
 def best_candidates(ro: Rollout) -> torch.Tensor:
-    """(n_candidates,) bool: the candidates that tie for their group's highest reward."""
-    grid = ro.layout.to_grid(ro.rewards, fill=float("-inf"))  # (n_prompts, group_size)
+    """(n_candidates,) bool: the scored candidates that tie for their group's highest reward."""
+    rewards = ro.rewards.masked_fill(~ro.any_scored, float("-inf"))
+    grid = ro.layout.to_grid(rewards, fill=float("-inf"))  # (n_prompts, group_size)
     top = grid.max(dim=1, keepdim=True).values
-    return ro.layout.to_flat(grid == top)
+    return ro.layout.to_flat((grid == top) & (grid > float("-inf")))
 
 
 def rollout_sums(
@@ -34,9 +35,11 @@ def rollout_sums(
     """This rank's sums over its candidates, keyed by the metric they feed. `faults`: the
     generator calls per member that failed and were skipped."""
     lengths = torch.tensor([len(c.token_ids) for c in ro.candidates], dtype=torch.float64)
-    rewards = ro.rewards.double()
+    scored = ro.any_scored  # rewards average over the candidates some scorer scored
+    rewards = ro.rewards.double() * scored
     s = {
         "n": float(len(ro.candidates)),
+        "n_scored": float(scored.sum()),
         "reward": float(rewards.sum()),
         "reward_sq": float((rewards**2).sum()),
         "advantage_abs": float(ro.advantages.abs().sum()),
@@ -48,7 +51,9 @@ def rollout_sums(
     for name in scorers:  # every scorer a key, as the reduction needs
         s[f"scorer_faults/{name}"] = float(ro.scorer_faults.get(name, 0))
     for k, v in ro.per_scorer.items():
-        s[f"reward/{k}"] = float(v.double().sum())
+        by = ro.scored[k] if ro.scored else torch.ones(len(v), dtype=torch.bool)
+        s[f"reward/{k}"] = float((v.double() * by).sum())
+        s[f"scored/{k}"] = float(by.sum())
     sources = [c.source for c in ro.candidates]
     best = best_candidates(ro) if ro.candidates else torch.zeros(0, dtype=torch.bool)
     s["best"] = float(best.sum())
@@ -56,6 +61,7 @@ def rollout_sums(
         idx = [i for i, src in enumerate(sources) if src == member]
         p = f"member/{member}"
         s[f"{p}/candidates"] = float(len(idx))
+        s[f"{p}/scored"] = float(scored[idx].sum())
         s[f"{p}/reward"] = float(rewards[idx].sum())
         s[f"{p}/completion_len"] = float(lengths[idx].sum())
         s[f"{p}/best"] = float(best[idx].sum())
@@ -78,12 +84,17 @@ def step_metrics(
     (and `generate/<member>` per member that sampled)."""
     s = dist.sum_dict(rollout_sums(ro, scorers, members, faults))
     n = max(s["n"], 1.0)
-    var = (s["reward_sq"] - s["reward"] ** 2 / n) / max(n - 1, 1.0)
+    scored = max(s["n_scored"], 1.0)
+    var = (s["reward_sq"] - s["reward"] ** 2 / scored) / max(scored - 1, 1.0)
     m: dict[str, Any] = {
         "step": step,
-        "reward": s["reward"] / n,
-        "reward_std": math.sqrt(max(var, 0.0)) if n > 1 else 0.0,
-        **{k: v / n for k, v in s.items() if k.startswith("reward/")},
+        "reward": s["reward"] / scored,
+        "reward_std": math.sqrt(max(var, 0.0)) if scored > 1 else 0.0,
+        **{
+            k: v / max(s[f"scored/{k.removeprefix('reward/')}"], 1.0)
+            for k, v in s.items()
+            if k.startswith("reward/")
+        },
         "advantage_abs_mean": s["advantage_abs"] / n,
         "equal_reward_groups": int(s["equal_reward_groups"]),
         "candidates": int(s["n"]),
@@ -96,6 +107,8 @@ def step_metrics(
         "lr": lr,
         **upd,
     }
+    if s["n"] > s["n_scored"]:  # candidates no scorer scored (all returned None)
+        m["unscored_candidates"] = int(s["n"] - s["n_scored"])
     for member in members:
         p = f"member/{member}"
         if s[f"{p}/generator_faults"]:
@@ -103,7 +116,8 @@ def step_metrics(
         count = s[f"{p}/candidates"]
         if count:
             m[f"{p}/best_share"] = s[f"{p}/best"] / max(s["best"], 1.0)
-            m[f"{p}/reward"] = s[f"{p}/reward"] / count
+            if s[f"{p}/scored"]:  # a member no scorer could score has no mean reward
+                m[f"{p}/reward"] = s[f"{p}/reward"] / s[f"{p}/scored"]
             m[f"{p}/candidates"] = int(count)
             m[f"{p}/completion_len"] = s[f"{p}/completion_len"] / count
     m.update(step_times(times, members))

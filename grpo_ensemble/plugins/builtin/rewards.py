@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import re
@@ -102,8 +103,63 @@ class LengthPenalty(RewardScorer):
         ]
 
 
+# what TRL hands a reward function besides the data set's other columns
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def trl_style(fn) -> bool:
+    """True when `fn` takes TRL's reward arguments (`completions`, `prompts`, or any keyword
+    via **kwargs) rather than the project's one list of samples."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the project's own convention
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD or p.name in TRL_ARGUMENTS[:2] for p in params
+    )
+
+
+class TrlFunction(RewardScorer):
+    """A reward function with TRL's signature, `fn(prompts, completions, **kwargs)`, as TRL's
+    GRPOTrainer calls it: one list entry per candidate for `prompts`, `completions`,
+    `completion_ids` (in the policy's tokenizer) and every other field of the prompt's row
+    (e.g. `answer`), and `trainer_state` (None: there is no transformers Trainer). A function
+    without **kwargs gets only the arguments it names. It returns a float, or None for a
+    sample it cannot score, per candidate."""
+
+    name = "trl_function"
+
+    def __init__(self, fn, name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        params = inspect.signature(fn).parameters
+        any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.accepts = None if any_keyword else set(params)  # None: every keyword
+
+    def score(self, samples: Sequence[Sample]) -> list:
+        columns: dict[str, list] = {}
+        for s in samples:  # the rows' fields, in order of first appearance
+            for key in s.row:
+                if key not in TRL_ARGUMENTS and key not in ("prompt", "completion"):
+                    columns.setdefault(key, [])
+        for key, values in columns.items():
+            values.extend(s.row.get(key) for s in samples)
+        kwargs = {
+            "prompts": [s.prompt.text for s in samples],
+            "completions": [s.completion for s in samples],
+            "completion_ids": [list(s.candidate.token_ids) for s in samples],
+            "trainer_state": None,
+            **columns,
+        }
+        if self.accepts is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
+        return list(self.fn(**kwargs))
+
+
 class PythonFunction(RewardScorer):
-    """Calls `function: "module:name"`, which takes the list of samples and returns floats.
+    """Calls `function: "module:name"`. Either the project's convention, a function of the
+    list of samples, or TRL's, `fn(prompts, completions, **kwargs)` (see `TrlFunction`); each
+    returns one float (or None: no score) per sample.
 
     The module is imported by name (from the current directory or an installed package); the
     recipe's text is never evaluated.
@@ -132,9 +188,12 @@ class PythonFunction(RewardScorer):
         self.fn = getattr(module, attr, None)
         if not callable(self.fn):
             raise UserError(f"python reward: {module_name!r} has no function {attr!r}")
+        self.trl = TrlFunction(self.fn) if trl_style(self.fn) else None
 
-    def score(self, samples: Sequence[Sample]) -> list[float]:
-        return [float(x) for x in self.fn(list(samples))]
+    def score(self, samples: Sequence[Sample]) -> list:
+        if self.trl is not None:
+            return self.trl.score(samples)
+        return list(self.fn(list(samples)))
 
 
 @hookimpl

@@ -1,0 +1,218 @@
+"""Reward functions written for TRL's GRPOTrainer, `fn(prompts, completions, **kwargs)`, run
+unchanged: from a recipe (`python` scorer, `function: "module:name"`) and from the Python API
+(a plain function in `reward_scorers`). None means no score for that sample."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from grpo_ensemble import Candidate, Group, PluginError, Prompt, train
+from grpo_ensemble.plugins.builtin.evaluators import DrGRPO
+from grpo_ensemble.plugins.builtin.rewards import PythonFunction, TrlFunction, trl_style
+from grpo_ensemble.rollout.groups import GroupSettings, evaluate_groups
+from grpo_ensemble.rollout.scoring import WeightedScorer, score_groups
+from grpo_ensemble.trainer.build import build_scorers
+
+# From TRL's GRPO documentation, as written there (the quickstart's length reward, the
+# "standard format" example and a ground-truth reward)
+TRL_DOCS = '''
+import re
+
+
+def reward_len(completions, **kwargs):
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def format_reward_func(completions, **kwargs):
+    """Reward function that checks if the completion has a specific format."""
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    matches = [re.match(pattern, content) for content in completions]
+    return [1.0 if match else 0.0 for match in matches]
+
+
+def reward_func(completions, ground_truth, **kwargs):
+    # Regular expression to capture content inside \\\\boxed{}
+    matches = [re.search(r"\\\\boxed\\{(.*?)\\}", completion) for completion in completions]
+    contents = [match.group(1) if match else "" for match in matches]
+    # Reward 1 if the content is the same as the ground truth, 0 otherwise
+    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+'''
+
+
+@pytest.fixture
+def trl_module(tmp_path, monkeypatch):
+    """TRL's documented reward functions as a module `trl_docs` in the current directory."""
+    (tmp_path / "trl_docs.py").write_text(textwrap.dedent(TRL_DOCS))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    return importlib.import_module("trl_docs")
+
+
+def _samples(texts, rows):
+    return [
+        (Prompt(f"q{i}", row, index=i), Candidate(t, [7] * (i + 1), "policy"))
+        for i, (t, row) in enumerate(zip(texts, rows, strict=True))
+    ]
+
+
+def _score(scorer, pairs):
+    from grpo_ensemble import Sample
+
+    return scorer.score([Sample(p, c) for p, c in pairs])
+
+
+def test_trl_documented_functions_score_unchanged(trl_module):
+    pairs = _samples(
+        ["<think>a</think><answer>b</answer>", "x" * 25, "so \\boxed{42}", "\\boxed{41}"],
+        [
+            {"ground_truth": "1"},
+            {"ground_truth": "2"},
+            {"ground_truth": "42"},
+            {"ground_truth": "4"},
+        ],
+    )
+    assert trl_style(trl_module.reward_len) and trl_style(trl_module.reward_func)
+    # lengths 34, 25, 13, 10
+    assert _score(TrlFunction(trl_module.reward_len), pairs) == [-14, -5, -7, -10]
+    assert _score(TrlFunction(trl_module.format_reward_func), pairs) == [1.0, 0.0, 0.0, 0.0]
+    assert _score(TrlFunction(trl_module.reward_func), pairs) == [0.0, 0.0, 1.0, 0.0]
+    # from a recipe entry, by module:name
+    assert _score(PythonFunction("trl_docs:reward_func"), pairs) == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_trl_arguments_are_lists_per_candidate():
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, trainer_state, answer, extra, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids)
+        seen.update(state=trainer_state, answer=answer, extra=extra, rest=kwargs)
+        return [None, 0.5]
+
+    pairs = _samples(["7", "8"], [{"answer": "7", "extra": 1}, {"answer": "9"}])
+    assert _score(TrlFunction(spy), pairs) == [None, 0.5]
+    assert seen == {
+        "prompts": ["q0", "q1"],
+        "completions": ["7", "8"],
+        "ids": [[7], [7, 7]],
+        "state": None,
+        "answer": ["7", "9"],
+        "extra": [1, None],  # a column a row lacks: None there
+        "rest": {},
+    }
+
+    def named_only(completions, answer):  # no **kwargs: only what it names
+        return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+    assert _score(TrlFunction(named_only), pairs) == [1.0, 0.0]
+
+
+def test_the_projects_own_function_convention_stays():
+    def samples_only(samples):
+        return [float(len(s.completion)) for s in samples]
+
+    assert not trl_style(samples_only)
+    given = build_scorers(None, [(samples_only, 1.0), (lambda completions, **kw: [1.0] * 2, 2.0)])
+    assert [(w.name, w.weight) for w in given] == [("samples_only", 1.0), ("<lambda>", 2.0)]
+    pairs = _samples(["ab", "c"], [{}, {}])
+    assert _score(given[0].scorer, pairs) == [2.0, 1.0]
+    assert _score(given[1].scorer, pairs) == [1.0, 1.0]
+
+
+def _group(texts):
+    p = Prompt("1+1=", {"answer": "2"})
+    return Group(p, [Candidate(t, [5], "policy") for t in texts])
+
+
+def test_none_means_no_score_left_out_of_the_group_statistics():
+    # rewards by hand: a function scores "2" as 1, "3" as 0, and cannot score "?" (None)
+    def judge(completions, **kwargs):
+        return [None if c == "?" else float(c == "2") for c in completions]
+
+    def length(completions, **kwargs):  # scores everything: 0.5 per character
+        return [0.5 * len(c) for c in completions]
+
+    groups = [_group(["2", "3", "?", "3"]), _group(["?", "?"])]
+    how = GroupSettings(modes={"policy": "on_policy"})
+    only = [WeightedScorer("judge", TrlFunction(judge), 1.0)]
+    scores = score_groups(groups, only)
+    ro = evaluate_groups(groups, scores, DrGRPO(), how)
+    # group 1: mean over the 3 scored (1, 0, 0) = 1/3; "?" has no advantage and no gradient
+    assert ro.advantages.tolist() == pytest.approx([2 / 3, -1 / 3, 0.0, -1 / 3, 0.0, 0.0])
+    assert ro.keep.tolist() == [True, True, False, True, False, False]
+    assert ro.any_scored.tolist() == [True, True, False, True, False, False]
+    assert ro.equal_groups == 0  # group 2 has nothing to compare, it is not "equal"
+    # two scorers: a None drops that scorer's weight only (TRL sums what was scored)
+    both = [*only, WeightedScorer("length", TrlFunction(length), 2.0)]
+    scores = score_groups(groups, both)
+    assert scores.combined.tolist() == [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert scores.any_scored.all()
+
+
+def test_a_trl_function_that_misbehaves_is_named():
+    def words(completions, **kwargs):
+        return ["high" for _ in completions]
+
+    groups = [_group(["2", "3"])]
+    with pytest.raises(PluginError, match=r"words.*returned a score that is not a number"):
+        score_groups(groups, [WeightedScorer("words", TrlFunction(words), 1.0)])
+
+    def short(completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(PluginError, match=r"short.*returned 1 scores for 2 candidates"):
+        score_groups(groups, [WeightedScorer("short", TrlFunction(short), 1.0)])
+
+
+def test_trains_with_trl_functions_from_a_recipe_and_the_api(trl_module, small_recipe):
+    # the recipe names a TRL function by module:name; the Python API passes another as is;
+    # each step's reward metric is the mean of what the function returned that step
+    returned: list[list[float]] = []
+
+    def correct(prompts, completions, answer, **kwargs):
+        out = [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer, strict=True)]
+        returned.append(out)
+        return out
+
+    recipe = small_recipe(
+        rewards=[{"name": "python", "params": {"function": "trl_docs:reward_len"}}],
+        eval__before=False,
+        eval__after=False,
+    )
+    lengths = train(recipe).metrics
+    assert all(m["reward/python"] <= -15 for m in lengths)  # completions of at most 5 tokens
+    result = train(
+        small_recipe(
+            eval__before=False, eval__after=False, output_dir=str(recipe.output_dir) + "2"
+        ),
+        reward_scorers=[(correct, 1.0)],
+    )
+    assert len(returned) == 4  # per step: the policy's candidates, then the peer's
+    for step, m in enumerate(result.metrics):
+        values = returned[2 * step] + returned[2 * step + 1]
+        assert m["reward/correct"] == pytest.approx(sum(values) / len(values), abs=1e-7)
+        assert "unscored_candidates" not in m
+    assert torch.tensor([m["reward"] for m in result.metrics]).ge(0).all()
+
+
+def test_a_step_counts_the_candidates_no_scorer_scored(small_recipe):
+    # the peer's candidates get None from the only scorer: they leave the statistics and the
+    # loss, the step says how many, and the rewards are the policy's alone
+    def policy_only(samples):
+        return [
+            float(s.completion.strip() == s.row["answer"])
+            if s.candidate.source == "policy"
+            else None
+            for s in samples
+        ]
+
+    recipe = small_recipe(eval__before=False, eval__after=False)
+    for m in train(recipe, reward_scorers=[(policy_only, 1.0)]).metrics:
+        assert m["unscored_candidates"] == 8 and m["candidates"] == 16
+        assert "member/strong/reward" not in m and m["member/strong/candidates"] == 8
+        assert m["reward"] == m["member/policy/reward"] == m["reward/policy_only"]
+        assert m["trained_candidates"] <= 8  # the policy's, less any of equal-reward groups
