@@ -115,12 +115,22 @@ class PeerConfig(MemberConfig):
 class DataConfig(_Config):
     train: str = Field(
         "builtin:arithmetic/train",
-        description="Training prompts: a .jsonl/.json/.csv/.parquet file or `builtin:TASK/SPLIT`.",
+        description="Training prompts: a .jsonl/.json/.csv/.parquet file, a folder written by "
+        "`datasets`' `save_to_disk`, or `builtin:TASK/SPLIT`.",
     )
     eval: str | None = Field(
         "builtin:arithmetic/test", description="Held-out prompts for accuracy (null: none)."
     )
+    train_split: str | None = Field(
+        None, description="The split of a `save_to_disk` folder holding several (a DatasetDict)."
+    )
+    eval_split: str | None = Field(None, description="The same for `data.eval`.")
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    rename: dict[str, str] = Field(
+        {},
+        description="Columns read under other names, `{column: field}`: e.g. `{question: "
+        "prompt, solution: answer}` for the prompt and the field the scorers read.",
+    )
     shuffle: bool = Field(True, description="Shuffle the prompts each epoch (seeded).")
     on_bad_row: Literal["fail", "skip"] = Field(
         "fail",

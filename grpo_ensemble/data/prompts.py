@@ -1,4 +1,6 @@
-"""Prompt sources: .jsonl/.json/.csv/.parquet files and built-in tasks (`builtin:TASK/SPLIT`).
+"""Prompt sources: .jsonl/.json/.csv/.parquet files, folders written by `datasets`'
+`save_to_disk`, built-in tasks (`builtin:TASK/SPLIT`), and from Python a `datasets.Dataset` or
+a list of dicts.
 
 Every bad row is reported with its file and line. The step sampler walks seeded, shuffled
 epochs so that a run sees every prompt once before it sees any twice.
@@ -12,7 +14,7 @@ import json
 import random
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,45 @@ def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for i, row in enumerate(ds, start=1):  # row number (parquet has no lines)
             yield i, dict(row)
     else:
-        raise InputFileError(str(path), "unsupported prompt file type (use jsonl, csv or parquet)")
+        raise InputFileError(
+            str(path),
+            "unsupported prompt file type (use jsonl, json, csv, parquet or a save_to_disk folder)",
+        )
+
+
+def _folder_rows(path: Path, split: str | None, field: str) -> Iterator[tuple[int, dict]]:
+    """The rows of a folder written by `Dataset.save_to_disk` (or a `DatasetDict`'s, whose
+    `split` the recipe names), numbered from 1."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise RecipeError(
+            field, f"{str(path)!r} is a directory but not one written by save_to_disk"
+        ) from None
+    except Exception as exc:  # a damaged folder: arrow raises many types
+        raise InputFileError(str(path), f"cannot read the saved dataset: {exc}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = ", ".join(sorted(ds))
+        if split is None or split not in ds:
+            what = "name one" if split is None else f"it has no split {split!r}"
+            raise RecipeError(f"{field}_split", f"{str(path)!r} holds the splits {splits}: {what}")
+        ds = ds[split]
+    yield from _object_rows(ds, str(path))
+
+
+def _object_rows(rows: Iterable, source: str) -> Iterator[tuple[int, dict | BadRow]]:
+    """The rows of a `datasets.Dataset` or an iterable of mappings, numbered from 1."""
+    for i, row in enumerate(rows, start=1):
+        yield i, dict(row) if isinstance(row, Mapping) else BadRow("malformed", "not a mapping")
+
+
+def _renamed(row: dict | BadRow, rename: Mapping[str, str]) -> dict | BadRow:
+    """The row with its columns renamed (`data.rename`: column → field)."""
+    if not rename or isinstance(row, BadRow):
+        return row
+    return {rename.get(k, k): v for k, v in row.items()}
 
 
 @dataclass(frozen=True)
@@ -137,6 +177,7 @@ class Cleaning:
     normalize: str = "none"  # none | NFC | NFKC
     strip_control: bool = False
     dedupe: bool = False
+    rename: tuple[tuple[str, str], ...] = ()  # (column, field): read the column as the field
 
 
 @dataclass
@@ -171,29 +212,30 @@ def clean_text(text: str, how: Cleaning) -> str:
 
 
 def load_prompts(
-    source: str,
+    source: str | Iterable,
     prompt_field: str,
     field: str = "data.train",
     how: Cleaning = Cleaning(),
     report: DataReport | None = None,
+    split: str | None = None,
 ) -> list[Prompt]:
-    """Read prompts from a file or built-in task. A bad row (malformed, not UTF-8, empty
-    prompt, missing required field) stops with its file and line, or with
-    `on_bad_row: skip` is counted in `report` and left out."""
-    report = report if report is not None else DataReport(source)
-    if source.startswith(BUILTIN):
-        rows: list = list(enumerate(_builtin_rows(source, field), start=1))
+    """Read prompts from a file, a `save_to_disk` folder (`split`: of a DatasetDict's), a
+    built-in task, or a Python object (a `datasets.Dataset` or an iterable of mappings, named
+    `field` in messages). A bad row (malformed, not UTF-8, empty prompt, missing required
+    field) stops with its file and line, or with `on_bad_row: skip` is counted in `report`
+    and left out."""
+    if not isinstance(source, str):
+        rows: list = list(_object_rows(source, field))
+        source = field
+    elif source.startswith(BUILTIN):
+        rows = list(enumerate(_builtin_rows(source, field), start=1))
     else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            what = "is a directory, not a file" if path.is_dir() else "does not exist"
-            raise RecipeError(field, f"prompt file {source!r} {what}")
-        try:
-            rows = list(_file_rows(path))
-        except OSError as exc:
-            raise InputFileError(source, f"cannot read: {exc.strerror or exc}") from None
+        rows = _path_rows(source, split, field)
+    report = report if report is not None else DataReport(source)
+    rename = dict(how.rename)
     prompts, seen = [], set()
     for line, row in rows:
+        row = _renamed(row, rename)
         try:
             text = _checked(row, prompt_field, how)
         except BadRow as bad:
@@ -212,6 +254,18 @@ def load_prompts(
     if not prompts:
         raise InputFileError(source, "no prompts" + (f" ({report.summary()})" if rows else ""))
     return prompts
+
+
+def _path_rows(source: str, split: str | None, field: str) -> list:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise RecipeError(field, f"prompt file {source!r} does not exist")
+    try:
+        if path.is_dir():
+            return list(_folder_rows(path, split, field))
+        return list(_file_rows(path))
+    except OSError as exc:
+        raise InputFileError(source, f"cannot read: {exc.strerror or exc}") from None
 
 
 def _checked(row: dict | BadRow, prompt_field: str, how: Cleaning) -> str:

@@ -167,7 +167,14 @@ def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Clean
     d = recipe.data
     read = [getattr(ws.scorer, "field", None) for ws in scorers]
     required = dict.fromkeys([*d.required_fields, *(f for f in read if isinstance(f, str))])
-    return Cleaning(d.on_bad_row, tuple(required), d.normalize, d.strip_control, d.dedupe)
+    return Cleaning(
+        d.on_bad_row,
+        tuple(required),
+        d.normalize,
+        d.strip_control,
+        d.dedupe,
+        tuple(d.rename.items()),
+    )
 
 
 def load_data(
@@ -175,25 +182,42 @@ def load_data(
     scorers: Sequence[WeightedScorer] = (),
     reports: list | None = None,
     eval_scorer: RewardScorer | None = None,
+    given: Mapping | None = None,
 ) -> tuple[list[Prompt], list[Prompt] | None]:
     """Training and held-out prompts; each source's DataReport is appended to `reports`. The
     fields the training scorers read are required of the training rows, the one the
     evaluation's scorer reads of the held-out rows (so that a row without it is reported at
-    load time, not by the evaluation after training)."""
+    load time, not by the evaluation after training). `given`: Python objects (a
+    `datasets.Dataset` or a list of dicts) under "train" and "eval", which replace the
+    recipe's sources."""
     d = recipe.data
+    given = given or {}
     how = cleaning_of(recipe, scorers)
     reports = reports if reports is not None else []
-    reports.append(DataReport(d.train))
-    train = load_prompts(d.train, d.prompt_field, "data.train", how, reports[-1])
+    train_source, train_field = _source(given, "train", d.train)
+    reports.append(DataReport(train_source if isinstance(train_source, str) else train_field))
+    train = load_prompts(
+        train_source, d.prompt_field, train_field, how, reports[-1], split=d.train_split
+    )
     held_out = None
-    if d.eval:  # scored by the evaluation's scorer alone
+    eval_source, eval_field = _source(given, "eval", d.eval)
+    if eval_source is not None:  # scored by the evaluation's scorer alone
         how = cleaning_of(recipe)
         field = getattr(eval_scorer, "field", None)
         if isinstance(field, str) and field not in how.required_fields:
             how = dataclasses.replace(how, required_fields=(*how.required_fields, field))
-        reports.append(DataReport(d.eval))
-        held_out = load_prompts(d.eval, d.prompt_field, "data.eval", how, reports[-1])
+        reports.append(DataReport(eval_source if isinstance(eval_source, str) else eval_field))
+        held_out = load_prompts(
+            eval_source, d.prompt_field, eval_field, how, reports[-1], split=d.eval_split
+        )
     return train, held_out
+
+
+def _source(given: Mapping, which: str, recipe_source):
+    """(source, the name messages give it): the caller's object, else the recipe's field."""
+    if given.get(which) is not None:
+        return given[which], f"{which}_data"
+    return recipe_source, f"data.{which}"
 
 
 def check_recipe(recipe: Recipe) -> None:

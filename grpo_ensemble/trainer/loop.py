@@ -106,6 +106,8 @@ def train(
     generators: Mapping[str, Generator] | None = None,
     reward_scorers: Sequence[tuple] | None = None,
     group_evaluator: GroupEvaluator | None = None,
+    train_data=None,
+    eval_data=None,
     overrides: Sequence[str] = (),
     resume: str | None = None,
     console=None,
@@ -114,7 +116,9 @@ def train(
     """Run a recipe end to end. Components given as objects replace the recipe's named ones:
     `generators` maps member names ("policy" or a peer's name) to Generator instances,
     `reward_scorers` is a list of (scorer, weight) or (scorer, weight, {"on_error": …,
-    "timeout_s": …}), `group_evaluator` an evaluator instance.
+    "timeout_s": …}) where a scorer may be a plain function (TRL's signature or a function of
+    the samples), `group_evaluator` an evaluator instance; `train_data` and `eval_data` (a
+    `datasets.Dataset` or a list of dicts) replace `data.train` and `data.eval`.
     `resume` is "auto" (the newest checkpoint in the run directory, if any) or a checkpoint
     directory. `source`: the file a `Recipe` object was read from, if any.
 
@@ -138,7 +142,8 @@ def train(
     run_dir = dist.agree(
         lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None, source=source)
     )
-    run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator)
+    data = {"train": train_data, "eval": eval_data}
+    run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator, data)
     console = console if main else None
     if main:
         write_data_report(run, console)

@@ -97,15 +97,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Given:
+    """The caller's Python objects, which replace what the recipe names."""
+
+    generators: dict[str, Generator] = field(default_factory=dict)  # member name → generator
+    reward_scorers: Sequence[tuple] | None = None  # (scorer or function, weight[, options])
+    group_evaluator: GroupEvaluator | None = None
+    data: Mapping = field(default_factory=dict)  # "train" / "eval" → Dataset or list of dicts
+
+
 def build_run(
     recipe: Recipe,
     run_dir: Path,
     generators: Mapping[str, Generator] | None = None,
     reward_scorers: Sequence[tuple] | None = None,
     group_evaluator: GroupEvaluator | None = None,
+    data: Mapping | None = None,
 ) -> Run:
-    """Load models, build components and the DeepSpeed engine. Python objects win over names."""
-    generators = dict(generators or {})
+    """Load models, build components and the DeepSpeed engine. Python objects win over names:
+    `data` maps "train" and "eval" to a `datasets.Dataset` or a list of dicts."""
+    objects = Given(dict(generators or {}), reward_scorers, group_evaluator, dict(data or {}))
+    generators = objects.generators
     given = set(generators)  # generator objects from the caller stay where they are
     init_distributed(recipe.train.dist_timeout_s)
     dtype = resolve_dtype(recipe)
@@ -114,9 +127,7 @@ def build_run(
     reference = loss.beta > 0  # no reference model at all when the KL term is off
     reports: list[DataReport] = []
     loaded = dist.agree(  # every rank checks and loads; a failure on any rank stops all
-        lambda: _load(
-            recipe, dtype, gather, reference, generators, reward_scorers, group_evaluator, reports
-        )
+        lambda: _load(recipe, dtype, gather, reference, objects, reports)
     )
     check_world(recipe.train.prompts_per_step, dist.world_size())
     engine = build_engine(recipe, loaded.policy, dtype)
@@ -183,23 +194,17 @@ def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]
 
 
 def _load(
-    recipe: Recipe,
-    dtype,
-    gather: bool,
-    reference: bool,
-    generators: dict,
-    reward_scorers,
-    group_evaluator,
-    reports,
+    recipe: Recipe, dtype, gather: bool, reference: bool, objects: Given, reports: list
 ) -> Loaded:
     """Components, data, the policy (and, with `reference`, its frozen copy) and the peers,
-    checked and loaded."""
-    scorers = build_scorers(recipe, reward_scorers)
-    evaluator = build_evaluator(recipe, group_evaluator)
+    checked and loaded; the caller's `objects` win over the recipe's names."""
+    scorers = build_scorers(recipe, objects.reward_scorers)
+    evaluator = build_evaluator(recipe, objects.group_evaluator)
     eval_scorer = build_eval_scorer(recipe)
+    generators = objects.generators
     if POLICY not in generators:
         check_policy_generator(recipe)
-    train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer)
+    train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer, objects.data)
     p = recipe.policy
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
     how = cleaning_of(recipe, scorers)

@@ -149,11 +149,11 @@ def test_csv_line_that_is_not_utf8_is_a_bad_row_at_its_own_line(tmp_path):
     assert [p.index for p in kept[2000:2001]] == [2003]  # line numbers of the rows after it
 
 
-def test_a_directory_given_as_prompt_file(tmp_path):
+def test_a_directory_not_written_by_save_to_disk(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_prompts(str(tmp_path), "prompt")
-    assert (
-        str(info.value) == f"data.train: prompt file {str(tmp_path)!r} is a directory, not a file"
+    assert str(info.value) == (
+        f"data.train: {str(tmp_path)!r} is a directory but not one written by save_to_disk"
     )
 
 
