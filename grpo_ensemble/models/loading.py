@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -49,9 +50,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 def load_model(
     spec: str, field: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; a missing or unloadable model is a recipe error."""
+    """Load a causal LM and its tokenizer; a missing or unloadable model is a recipe error.
+    `trust_remote_code` (only where the member's recipe entry sets it) is said on stderr."""
     path = resolve_model(spec, field)
     hf_logging.disable_progress_bar()  # one bar per tiny shard is noise in a training log
+    if trust_remote_code:
+        warn_remote_code(field, path)
     try:
         tok = load_tokenizer(path, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -60,6 +64,23 @@ def load_model(
     except LOAD_ERRORS as exc:
         raise load_error(spec, field, exc) from None
     return model, tok
+
+
+_warned: set[str] = set()  # fields already warned about by this process
+
+
+def warn_remote_code(field: str, path: str) -> None:
+    """One line on stderr (rank 0, once per field): the model's own code will run."""
+    from .. import dist
+
+    if field in _warned or not dist.is_main():
+        return
+    _warned.add(field)
+    member = field.rsplit(".", 1)[0]
+    sys.stderr.write(
+        f"warning: {member}.trust_remote_code: Python code shipped with {path!r} runs in this "
+        "process; only load models whose code you trust\n"
+    )
 
 
 # what loading a model folder raises for missing or damaged files, or a config transformers
