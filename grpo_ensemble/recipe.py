@@ -91,7 +91,10 @@ class MemberConfig(_Config):
     params: dict[str, Any] = Field({}, description="Keyword arguments for the generator.")
     n: int = Field(4, ge=0, description="Candidates this member adds to each prompt's group.")
     sampling: SamplingConfig = Field(SamplingConfig(), description="Sampling settings.")
-    trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model repository's own code (said by a warning on stderr when set).",
+    )
 
 
 class PolicyConfig(MemberConfig):
@@ -136,6 +139,12 @@ class DataConfig(_Config):
         "fail",
         description="A malformed, non-UTF-8, empty, too long or incomplete row: stop with its "
         "file and line, or leave it out (counted).",
+    )
+    on_long_prompt: Literal["skip", "truncate_left", "fail"] | None = Field(
+        None,
+        description="A prompt too long for the model's context beside the longest completion: "
+        "leave it out (counted), cut it from the left to fit, or stop naming its file and line "
+        "(null: as data.on_bad_row).",
     )
     required_fields: list[str] = Field(
         [], description="Fields every row must have, besides those the scorers read."

@@ -178,6 +178,8 @@ class Cleaning:
     strip_control: bool = False
     dedupe: bool = False
     rename: tuple[tuple[str, str], ...] = ()  # (column, field): read the column as the field
+    # a prompt too long for the context: None (a bad row), skip, truncate_left or fail
+    on_long_prompt: str | None = None
 
 
 @dataclass
@@ -189,6 +191,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)  # reason → rows
     first: dict[str, str] = field(default_factory=dict)  # reason → "file:line: message"
     duplicates: int = 0
+    truncated: int = 0  # prompts cut to fit the context (data.on_long_prompt: truncate_left)
 
     def summary(self) -> str:
         parts = [f"{self.source}: {self.kept} prompts"]
@@ -200,6 +203,8 @@ class DataReport:
             )
         if self.duplicates:
             parts.append(f"dropped {self.duplicates} duplicates")
+        if self.truncated:
+            parts.append(f"cut {self.truncated} long prompts from the left")
         return "; ".join(parts)
 
 
@@ -292,20 +297,27 @@ def too_long(
     report: DataReport,
     budget: str | None = None,
 ):
-    """Drop (or, with on_bad_row: fail, reject) prompts with more than `limit` tokens: with
-    `max_new_tokens` more they would not fit the model's context. `budget` names the field
-    that sets the completion's length, for the message."""
+    """Prompts with more than `limit` tokens would not fit the model's context with
+    `max_new_tokens` more: by `how.on_long_prompt`, cut from the left to fit (the end of a
+    prompt is what the completion continues), left out (counted), or refused; None treats them
+    as bad rows (`on_bad_row`). `budget` names the field that sets the completion's length,
+    for the message."""
     out = []
+    policy = how.on_long_prompt or ("fail" if how.on_bad_row == "fail" else "skip")
     for p in prompts:
         n = len(tokenizer(p.text, verbose=False)["input_ids"])  # no warning: we say it
         if n <= limit:
             out.append(p)
             continue
+        if policy == "truncate_left":
+            out.append(_cut_left(p, tokenizer, limit))
+            report.truncated += 1
+            continue
         message = (
             f"prompt has {n} tokens; the model's context leaves room for {limit} beside the "
             f"longest completion ({budget or 'sampling.max_new_tokens'})"
         )
-        if how.on_bad_row == "fail":
+        if policy == "fail":
             raise InputFileError(report.source, message, line=p.index)
         report.skipped["too long"] += 1
         report.first.setdefault("too long", f"{report.source}:{p.index}: {message}")
@@ -313,6 +325,24 @@ def too_long(
     if not out:
         raise InputFileError(report.source, f"no prompts ({report.summary()})")
     return out
+
+
+def _cut_left(p: Prompt, tokenizer, limit: int) -> Prompt:
+    """The prompt's last tokens that fit `limit` (special tokens such as BOS included) as
+    text. Decoding and encoding again may merge tokens differently: cut until it fits."""
+    special = len(tokenizer("", verbose=False)["input_ids"])  # what encoding adds (BOS, …)
+    ids = tokenizer(p.text, add_special_tokens=False, verbose=False)["input_ids"]
+    keep = max(limit - special, 0)
+    while True:
+        text = tokenizer.decode(ids[len(ids) - keep :] if keep else [], skip_special_tokens=True)
+        if keep == 0 or len(tokenizer(text, verbose=False)["input_ids"]) <= limit:
+            break
+        keep -= 1
+    fields = dict(p.fields)
+    for key, value in p.fields.items():  # the prompt's own column holds the cut text too
+        if value == p.text:
+            fields[key] = text
+    return Prompt(text=text, fields=fields, index=p.index)
 
 
 def _plain(value: Any) -> Any:

@@ -174,6 +174,7 @@ def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Clean
         d.strip_control,
         d.dedupe,
         tuple(d.rename.items()),
+        d.on_long_prompt,
     )
 
 

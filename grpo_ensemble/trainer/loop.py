@@ -297,7 +297,7 @@ def check_disk_space(run: Run) -> None:
 
 def write_data_report(run: Run, console) -> None:
     """`data_report.json` in the run directory; a line on the console for each source that
-    lost rows (skipped bad rows, dropped duplicates)."""
+    lost or changed rows (skipped bad rows, dropped duplicates, prompts cut to fit)."""
     rows = []
     for r in run.data_reports:
         rows.append(
@@ -307,9 +307,10 @@ def write_data_report(run: Run, console) -> None:
                 "skipped": dict(r.skipped),
                 "first_skipped": r.first,
                 "duplicates": r.duplicates,
+                "truncated": r.truncated,
             }
         )
-        if r.skipped or r.duplicates:
+        if r.skipped or r.duplicates or r.truncated:
             _say_text(console, f"data: {r.summary()}")
     (run.run_dir / "data_report.json").write_text(json.dumps(rows, indent=1) + "\n")
 

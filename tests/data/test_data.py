@@ -254,3 +254,40 @@ def test_held_out_rows_need_the_field_the_eval_scorer_reads(tmp_path, capsys):
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {held}:2: missing 'solution' field", err
+
+
+def test_on_long_prompt_cuts_skips_or_refuses_whatever_on_bad_row_says(tmp_path):
+    from grpo_ensemble.models.loading import load_model
+
+    _, tok = load_model("builtin:tiny-arith-small", "policy.model")  # one token a character
+    long = Prompt("123456789+987654321=", {"prompt": "123456789+987654321=", "answer": "1"}, 2)
+    prompts = [Prompt("1+1=", {"prompt": "1+1="}, 1), long]
+    report = DataReport("p.jsonl")
+    cut = too_long(prompts, tok, 10, Cleaning(on_long_prompt="truncate_left"), report)
+    # <bos> and the last 9 characters: the end of a prompt is what the completion continues
+    assert [(p.text, p.index) for p in cut] == [("1+1=", 1), ("87654321=", 2)]
+    assert cut[1].fields == {"prompt": "87654321=", "answer": "1"}
+    assert len(tok(cut[1].text)["input_ids"]) == 10 and tok(cut[1].text)["input_ids"][0] == 1
+    assert (report.truncated, report.kept, dict(report.skipped)) == (1, 2, {})
+    assert report.summary() == "p.jsonl: 2 prompts; cut 1 long prompts from the left"
+    # skip despite on_bad_row: fail, and fail despite on_bad_row: skip
+    skip = Cleaning(on_bad_row="fail", on_long_prompt="skip")
+    assert [p.index for p in too_long(prompts, tok, 10, skip, DataReport("p.jsonl"))] == [1]
+    refuse = Cleaning(on_bad_row="skip", on_long_prompt="fail")
+    with pytest.raises(InputFileError, match=r"^p\.jsonl:2: prompt has 21 tokens"):
+        too_long(prompts, tok, 10, refuse, DataReport("p.jsonl"))
+
+
+def test_a_run_cuts_long_prompts_and_reports_it(tmp_path, small_recipe):
+    import json
+
+    from grpo_ensemble.trainer.loop import train
+
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "0" * 80 + f"{a}+{a}=", "answer": str(2 * a)} for a in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = small_recipe(data__train=str(path), data__on_long_prompt="truncate_left", data__eval=None)
+    result = train(r)  # the tiny models' context is 64 positions: 5 new tokens leave 59
+    (report,) = json.loads((result.run_dir / "data_report.json").read_text())
+    assert (report["kept"], report["truncated"]) == (4, 4)
+    assert len(result.metrics) == 2
