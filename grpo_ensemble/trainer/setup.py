@@ -132,6 +132,7 @@ def build_run(
     check_world(recipe.train.prompts_per_step, dist.world_size())
     engine = build_engine(recipe, loaded.policy, dtype)
     ref = _place_frozen(recipe, engine, dtype, loaded, given)
+    _place_scorers(loaded.scorers, engine, dtype)
     policy_gen = generators.pop(POLICY, None)
     if policy_gen is None:  # shares the module being trained
         policy_gen = build_policy_generator(recipe, engine.module, loaded.tokenizer, gather)
@@ -191,6 +192,15 @@ def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]
         if isinstance(gen, PlacesModel) and name not in given:
             gen.place_model(lambda m: m.to(engine.device, dtype))
     return ref.to(engine.device) if ref is not None else None
+
+
+def _place_scorers(scorers: list[WeightedScorer], engine, dtype) -> None:
+    """A scorer holding a model (a reward model) goes where the run keeps its frozen models:
+    whole, on the policy's device and in its precision. (Each rank scores its own candidates,
+    so a sharded scorer would need every rank in each of its forwards: not offered.)"""
+    for ws in scorers:
+        if isinstance(ws.scorer, PlacesModel):
+            ws.scorer.place_model(lambda m: m.to(engine.device, dtype))
 
 
 def _load(

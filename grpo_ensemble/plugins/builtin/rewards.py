@@ -198,5 +198,7 @@ class PythonFunction(RewardScorer):
 
 @hookimpl
 def register_reward_scorers(register):
-    for cls in (ExactMatch, NumericMatch, RegexFormat, LengthPenalty, PythonFunction):
+    from .reward_model import RewardModel
+
+    for cls in (ExactMatch, NumericMatch, RegexFormat, LengthPenalty, PythonFunction, RewardModel):
         register(cls)
