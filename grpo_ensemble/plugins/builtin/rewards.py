@@ -198,7 +198,10 @@ class PythonFunction(RewardScorer):
 
 @hookimpl
 def register_reward_scorers(register):
+    from .answer_check import MathVerify
     from .reward_model import RewardModel
 
-    for cls in (ExactMatch, NumericMatch, RegexFormat, LengthPenalty, PythonFunction, RewardModel):
+    for cls in (ExactMatch, NumericMatch, RegexFormat, LengthPenalty, PythonFunction):
         register(cls)
+    register(RewardModel)
+    register(MathVerify)
