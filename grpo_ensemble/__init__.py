@@ -1,6 +1,7 @@
 """grpo-ensemble: GRPO with groups pooled from an ensemble of language models."""
 
 from .errors import GrpoEnsembleError, InputFileError, PluginError, RecipeError, RunError, UserError
+from .models.chat import render_prompt
 from .plugins.hookspecs import hookimpl
 from .plugins.interfaces import (
     Generator,
@@ -34,5 +35,6 @@ __all__ = [
     "candidate_seed",
     "hookimpl",
     "load_recipe",
+    "render_prompt",
     "train",
 ]

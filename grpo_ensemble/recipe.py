@@ -95,6 +95,11 @@ class MemberConfig(_Config):
         False,
         description="Run the model repository's own code (said by a warning on stderr when set).",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template this member renders conversations with: inline Jinja, or "
+        "the path of a file holding one (null: its tokenizer's own).",
+    )
 
 
 class PolicyConfig(MemberConfig):
@@ -133,6 +138,11 @@ class DataConfig(_Config):
         {},
         description="Columns read under other names, `{column: field}`: e.g. `{question: "
         "prompt, solution: answer}` for the prompt and the field the scorers read.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="A system message put first in every conversation without one; a string "
+        "prompt then becomes a conversation of one user message.",
     )
     shuffle: bool = Field(True, description="Shuffle the prompts each epoch (seeded).")
     on_bad_row: Literal["fail", "skip"] = Field(

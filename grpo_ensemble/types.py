@@ -18,11 +18,18 @@ POLICY = "policy"  # the member name of the policy being trained
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt row: the text given to the generators plus every other field (e.g. `answer`)."""
+    """One prompt row: a string or a conversation, plus every other field (e.g. `answer`).
+
+    A conversation is `messages`, a sequence of `{"role": ..., "content": ...}` that the model
+    completes with the next assistant turn; each member renders it with its own tokenizer's
+    chat template (`grpo_ensemble.render_prompt`). Its `text` is then the messages as
+    canonical JSON: one string per conversation, for messages, deduplication and caches.
+    """
 
     text: str
     fields: Mapping[str, Any] = field(default_factory=dict)
     index: int = -1  # position in the data set, for error messages
+    messages: tuple[Mapping[str, str], ...] | None = None
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Candidate:
     source: str  # member name: "policy" or a peer's name
     behaviour_logprobs: list[float] | None = None  # per token, from the sampling model
     finished: bool = True  # stopped at EOS (False: cut at max_new_tokens)
+    prompt_text: str | None = None  # the prompt as its generator rendered it, where it says
 
 
 @dataclass

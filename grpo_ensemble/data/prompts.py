@@ -180,6 +180,7 @@ class Cleaning:
     rename: tuple[tuple[str, str], ...] = ()  # (column, field): read the column as the field
     # a prompt too long for the context: None (a bad row), skip, truncate_left or fail
     on_long_prompt: str | None = None
+    system_prompt: str | None = None  # a system message before each conversation without one
 
 
 @dataclass
@@ -242,7 +243,7 @@ def load_prompts(
     for line, row in rows:
         row = _renamed(row, rename)
         try:
-            text = _checked(row, prompt_field, how)
+            text, messages = _checked(row, prompt_field, how)
         except BadRow as bad:
             if how.on_bad_row == "fail":
                 raise InputFileError(source, str(bad), line=line) from None
@@ -254,7 +255,9 @@ def load_prompts(
                 report.duplicates += 1
                 continue
             seen.add(text)
-        prompts.append(Prompt(text=text, fields={**row, prompt_field: text}, index=line))
+        value = list(messages) if messages is not None else text
+        fields = {**row, prompt_field: value}
+        prompts.append(Prompt(text=text, fields=fields, index=line, messages=messages))
     report.kept = len(prompts)
     if not prompts:
         raise InputFileError(source, "no prompts" + (f" ({report.summary()})" if rows else ""))
@@ -273,11 +276,14 @@ def _path_rows(source: str, split: str | None, field: str) -> list:
         raise InputFileError(source, f"cannot read: {exc.strerror or exc}") from None
 
 
-def _checked(row: dict | BadRow, prompt_field: str, how: Cleaning) -> str:
-    """The row's cleaned prompt text, or BadRow."""
+def _checked(row: dict | BadRow, prompt_field: str, how: Cleaning):
+    """The row's cleaned prompt: (text, None) for a string, (canonical text, messages) for a
+    conversation; or BadRow."""
     if isinstance(row, BadRow):
         raise row
     text = row.get(prompt_field)
+    if isinstance(text, list | tuple) or (how.system_prompt and isinstance(text, str)):
+        return _conversation(row, text, prompt_field, how)
     if not isinstance(text, str) or not text.strip():
         raise BadRow("empty prompt", f"missing or empty {prompt_field!r} field")
     missing = [f for f in how.required_fields if row.get(f) in (None, "")]
@@ -286,7 +292,28 @@ def _checked(row: dict | BadRow, prompt_field: str, how: Cleaning) -> str:
     text = clean_text(text, how)
     if not text.strip():
         raise BadRow("empty prompt", f"{prompt_field!r} is empty after cleaning")
-    return text
+    return text, None
+
+
+def _conversation(row: dict, value, prompt_field: str, how: Cleaning):
+    """A prompt given as messages (or a string made one by `data.system_prompt`), checked,
+    each content cleaned, the system prompt put first where the conversation has none."""
+    from ..models.chat import conversation_problem, conversation_text
+
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow("empty prompt", f"missing or empty {prompt_field!r} field")
+        value = [{"role": "user", "content": value}]
+    problem = conversation_problem(value)
+    if problem:
+        raise BadRow("bad conversation", f"{prompt_field!r}: {problem}")
+    messages = [{"role": m["role"], "content": clean_text(m["content"], how)} for m in value]
+    if how.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": how.system_prompt})
+    missing = [f for f in how.required_fields if row.get(f) in (None, "")]
+    if missing:
+        raise BadRow(f"no {missing[0]}", f"missing {missing[0]!r} field")
+    return conversation_text(messages), tuple(messages)
 
 
 def too_long(
@@ -300,16 +327,19 @@ def too_long(
     """Prompts with more than `limit` tokens would not fit the model's context with
     `max_new_tokens` more: by `how.on_long_prompt`, cut from the left to fit (the end of a
     prompt is what the completion continues), left out (counted), or refused; None treats them
-    as bad rows (`on_bad_row`). `budget` names the field that sets the completion's length,
-    for the message."""
+    as bad rows (`on_bad_row`); a conversation is not cut (which turns to drop is the
+    user's call): it is left out. `budget` names the field that sets the completion's
+    length, for the message."""
+    from ..models.chat import prompt_token_ids
+
     out = []
     policy = how.on_long_prompt or ("fail" if how.on_bad_row == "fail" else "skip")
     for p in prompts:
-        n = len(tokenizer(p.text, verbose=False)["input_ids"])  # no warning: we say it
+        n = len(prompt_token_ids(p, tokenizer))  # as the policy is given it
         if n <= limit:
             out.append(p)
             continue
-        if policy == "truncate_left":
+        if policy == "truncate_left" and p.messages is None:
             out.append(_cut_left(p, tokenizer, limit))
             report.truncated += 1
             continue
@@ -319,6 +349,8 @@ def too_long(
         )
         if policy == "fail":
             raise InputFileError(report.source, message, line=p.index)
+        if policy == "truncate_left":
+            message += "; a conversation is not cut: left out"
         report.skipped["too long"] += 1
         report.first.setdefault("too long", f"{report.source}:{p.index}: {message}")
     report.kept = len(out)

@@ -37,4 +37,18 @@ def arithmetic_rows(split: str) -> list[dict[str, str]]:
     return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in chosen]
 
 
-TASKS: dict[str, Callable[[str], list[dict[str, str]]]] = {"arithmetic": arithmetic_rows}
+def arithmetic_chat_rows(split: str) -> list[dict]:
+    """The `arithmetic` rows as conversations (TRL's conversational format): a system message
+    and the sum as the user's turn, e.g. `{"prompt": [{"role": "system", ...}, {"role":
+    "user", "content": "37+45="}], "answer": "82"}`."""
+    system = {"role": "system", "content": "Complete the sum with its value."}
+    return [
+        {"prompt": [system, {"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+        for r in arithmetic_rows(split)
+    ]
+
+
+TASKS: dict[str, Callable[[str], list[dict]]] = {
+    "arithmetic": arithmetic_rows,
+    "arithmetic-chat": arithmetic_chat_rows,
+}

@@ -14,6 +14,7 @@ import torch
 
 from .. import dist
 from ..errors import UserError
+from ..models.chat import render_prompt
 from ..models.loading import load_model
 from ..models.zero import gathered_params, zero3_managed
 from ..plugins.interfaces import Generator, SamplingParams, candidate_seed
@@ -32,6 +33,11 @@ def eval_mode(model: torch.nn.Module):
         yield
     finally:
         model.train(was_training)
+
+
+def _adds(special: set[bool]) -> dict:
+    """The tokenizer's add_special_tokens keyword where it is off (its default is on)."""
+    return {} if True in special else {"add_special_tokens": False}
 
 
 class HFGenerator(Generator):
@@ -135,7 +141,8 @@ class HFGenerator(Generator):
     def generate(
         self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams
     ) -> list[list[Candidate]]:
-        texts = [p.text for p in prompts for _ in range(n)]  # each prompt n times, in order
+        rendered = [(render_prompt(p, self.tokenizer), p.messages is None) for p in prompts]
+        texts = [r for r in rendered for _ in range(n)]  # each prompt n times, in order
         seeds = None
         if sampling.seeds is not None:
             seeds = [candidate_seed(s, j) for s in sampling.seeds for j in range(n)]
@@ -149,7 +156,8 @@ class HFGenerator(Generator):
         with eval_mode(self.model), context:
             for start in starts:
                 if start < 0:  # a batch only to keep this rank in step with the others
-                    self._batch([self.tokenizer.eos_token or "0"], sampling, None, lockstep)
+                    dummy = (self.tokenizer.eos_token or "0", True)
+                    self._batch([dummy], sampling, None, lockstep)
                     continue
                 end = start + self.batch_size
                 flat.extend(
@@ -157,9 +165,18 @@ class HFGenerator(Generator):
                 )
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
+    def _encode(self, texts: list[tuple[str, bool]]):
+        """Left-padded ids of (text, add special tokens?) pairs: a rendered conversation
+        holds its template's special tokens already."""
+        tok, special = self.tokenizer, {s for _, s in texts}
+        if len(special) == 1:
+            return tok([t for t, _ in texts], return_tensors="pt", padding=True, **_adds(special))
+        ids = [tok(t, add_special_tokens=s)["input_ids"] for t, s in texts]
+        return tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+
     def _batch(self, texts, sampling: SamplingParams, seeds, lockstep: bool) -> list[Candidate]:
         tok = self.tokenizer
-        enc = tok(texts, return_tensors="pt", padding=True).to(self.model.device)
+        enc = self._encode(texts).to(self.model.device)
         recording = None
         if self.record:
             recording = Recording(max(sampling.max_new_tokens - 1, 0), self.buffers)
@@ -184,6 +201,8 @@ class HFGenerator(Generator):
         out = [
             self._candidate(seqs[i], None if logps is None else logps[i]) for i in range(len(texts))
         ]
+        for cand, (text, _) in zip(out, texts, strict=True):
+            cand.prompt_text = text
         if filled:
             for i, cand in enumerate(out):
                 self._traces[id(cand)] = (weakref.ref(cand), Trace(recording, i))

@@ -48,6 +48,7 @@ class TinySpec:
     batch_size: int
     noise_p: float  # probability that a warm-up label is replaced by a wrong answer
     seed: int = 0
+    chat_template: str = ""  # saved with the tokenizer; the weights do not depend on it
 
     def version(self) -> str:
         """Short stable hash of the spec, so that changing the spec rebuilds the model."""
@@ -55,18 +56,31 @@ class TinySpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+# The built-in models learned prompts as plain text ("<bos>37+45="), so their chat templates
+# render a conversation as its user turns' text after BOS. The two are written differently,
+# as two model families' templates are, and render the same text, so that a conversational
+# run of the built-in task shows each member rendering with its own.
+SMALL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ message['content'] }}{% endif %}{% endfor %}"
+)
+BASE_TEMPLATE = (
+    "{{ bos_token }}{{ messages | selectattr('role', 'equalto', 'user') "
+    "| map(attribute='content') | join('') }}"
+)
+
 BUILTIN_MODELS: dict[str, TinySpec] = {
     # The weaker model, stopped soon after addition starts to click: greedy decoding is right
     # on about a third of test prompts, a temperature-1 sample on about a fifth.
     "tiny-arith-small": TinySpec(
         num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256,
-        steps=380, lr=3e-3, batch_size=128, noise_p=0.2,
+        steps=380, lr=3e-3, batch_size=128, noise_p=0.2, chat_template=SMALL_TEMPLATE,
     ),
     # The stronger model: greedy right on about two thirds of test prompts; the noisy labels
     # keep samples right only about 40% of the time, which leaves GRPO room to improve.
     "tiny-arith-base": TinySpec(
         num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512,
-        steps=500, lr=3e-3, batch_size=128, noise_p=0.2,
+        steps=500, lr=3e-3, batch_size=128, noise_p=0.2, chat_template=BASE_TEMPLATE,
     ),
 }  # fmt: skip
 
@@ -183,6 +197,7 @@ def build_model(spec: TinySpec) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFa
         finally:
             torch.set_num_threads(threads)
     tokenizer.padding_side = "left"
+    tokenizer.chat_template = spec.chat_template or None
     return model, tokenizer
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PluginError
+from ..models.chat import prompt_token_ids
 from ..models.logprobs import TokenBatch
 from ..rollout.groups import Rollout
 from ..types import Prompt
@@ -72,8 +73,8 @@ class PromptIds:
 
     def __call__(self, prompt: Prompt) -> list[int]:
         text = prompt.text
-        if text not in self.cache:
-            self.cache[text] = self.tokenizer(text)["input_ids"]
+        if text not in self.cache:  # a conversation through the policy's chat template
+            self.cache[text] = prompt_token_ids(prompt, self.tokenizer)
         return self.cache[text]
 
 

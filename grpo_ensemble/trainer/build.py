@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.prompts import Cleaning, DataReport, load_prompts
@@ -175,6 +176,7 @@ def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Clean
         d.dedupe,
         tuple(d.rename.items()),
         d.on_long_prompt,
+        d.system_prompt,
     )
 
 
@@ -221,6 +223,47 @@ def _source(given: Mapping, which: str, recipe_source):
     return recipe_source, f"data.{which}"
 
 
+def chat_template_of(member: MemberConfig, prefix: str) -> str | None:
+    """The member's `chat_template`: inline Jinja, or read from the file it names."""
+    value = member.chat_template
+    if value is None or "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RecipeError(
+            f"{prefix}.chat_template", f"neither Jinja nor a readable file: {value!r} ({why})"
+        ) from None
+
+
+def check_chat_templates(members: Sequence[tuple[str, object]], sources: Sequence) -> None:
+    """Where the prompts hold conversations, every member with a tokenizer renders each of
+    them: one without a template, or whose template fails on a prompt, is named here, before
+    any model trains. `members`: (recipe prefix, tokenizer or None); `sources`: (name, prompts)."""
+    from ..errors import InputFileError
+    from ..models.chat import render_prompt
+
+    talks = [(name, p) for name, prompts in sources for p in prompts or () if p.messages]
+    if not talks:
+        return
+    for prefix, tok in members:
+        if tok is None:  # a text-only generator renders as it likes
+            continue
+        if not getattr(tok, "chat_template", None):
+            raise RecipeError(
+                f"{prefix}.chat_template",
+                "the prompts are conversations and this member's tokenizer has no chat "
+                "template: give one (inline Jinja or a file)",
+            )
+        for name, p in talks:
+            try:
+                render_prompt(p, tok)
+            except UserError as exc:
+                raise InputFileError(name, f"{prefix}: {exc}", line=p.index) from None
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Everything `validate` checks beyond the schema: plugins, parameters, models, data."""
     build_scorers(recipe)
@@ -235,7 +278,18 @@ def check_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{prefix}.model", f"{m.generator!r} needs a model")
         check_params(cls, m.params, f"{prefix}.params", **extra)
     check_tis_tokenizers(recipe)
-    load_data(recipe, build_scorers(recipe), eval_scorer=eval_scorer)
+    reports: list = []
+    train, held_out = load_data(recipe, build_scorers(recipe), reports, eval_scorer=eval_scorer)
+    if any(p.messages for p in train) or any(p.messages for p in held_out or ()):
+        tokenizers = []
+        for _, prefix, m in member_fields(recipe):
+            tok = load_field_tokenizer(m.model, f"{prefix}.model") if m.model else None
+            template = chat_template_of(m, prefix)
+            if tok is not None and template:
+                tok.chat_template = template
+            tokenizers.append((prefix, tok))
+        sources = [(r.source, ps) for r, ps in zip(reports, (train, held_out), strict=False)]
+        check_chat_templates(tokenizers, sources)
     if recipe.train.deepspeed is not None:  # the merged config: conflicts are recipe errors
         from .deepspeed import deepspeed_config, resolve_dtype
 

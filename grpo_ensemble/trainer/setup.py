@@ -37,6 +37,8 @@ from .build import (
     build_peer_generator,
     build_policy_generator,
     build_scorers,
+    chat_template_of,
+    check_chat_templates,
     check_policy_generator,
     cleaning_of,
     load_data,
@@ -146,6 +148,7 @@ def build_run(
         mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
         members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
     ensemble = Ensemble(members, loaded.tokenizer)
+    _check_templates(recipe, members, reports, loaded)
     for i, peer in enumerate(recipe.peers):
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
@@ -173,6 +176,15 @@ NO_SYNC = (
     "the policy's generator must take the trained weights after each update: give it a "
     "sync_weights(model) method"
 )
+
+
+def _check_templates(recipe: Recipe, members: list[Member], reports: list, loaded: Loaded):
+    """Every member that renders conversations can render every prompt (see build)."""
+    prompts = (loaded.train_prompts, loaded.held_out)
+    sources = [(r.source, ps) for r, ps in zip(reports, prompts, strict=False)]
+    prefixes = [prefix for _, prefix, _ in member_fields(recipe)]
+    named = [(x, m.generator.tokenizer) for x, m in zip(prefixes, members, strict=True)]
+    check_chat_templates(named, sources)
 
 
 def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]):
@@ -217,6 +229,7 @@ def _load(
     train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer, objects.data)
     p = recipe.policy
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+    tok.chat_template = chat_template_of(p, "policy") or tok.chat_template
     how = cleaning_of(recipe, scorers)
     limit, held_out_limit = prompt_token_limit(recipe, policy)
     if limit is not None:  # prompts that cannot fit the context with their completion
@@ -238,6 +251,11 @@ def _load(
     if set(generators) - {POLICY}:
         extra = sorted(set(generators) - {POLICY})
         raise UserError(f"generators given for members not in the recipe: {extra}")
+    for name, prefix, m in member_fields(recipe):  # a member's own template wins
+        template = chat_template_of(m, prefix)
+        gen_tok = getattr(peers.get(name), "tokenizer", None)
+        if template and gen_tok is not None:
+            gen_tok.chat_template = template
     return Loaded(scorers, evaluator, eval_scorer, train_prompts, held_out, policy, tok, ref, peers)
 
 

@@ -121,7 +121,8 @@ def trl_style(fn) -> bool:
 
 class TrlFunction(RewardScorer):
     """A reward function with TRL's signature, `fn(prompts, completions, **kwargs)`, as TRL's
-    GRPOTrainer calls it: one list entry per candidate for `prompts`, `completions`,
+    GRPOTrainer calls it: one list entry per candidate for `prompts` (a conversation's
+    messages), `completions` (for a conversation, `[{"role": "assistant", "content": ...}]`),
     `completion_ids` (in the policy's tokenizer) and every other field of the prompt's row
     (e.g. `answer`), and `trainer_state` (None: there is no transformers Trainer). A function
     without **kwargs gets only the arguments it names. It returns a float, or None for a
@@ -144,9 +145,14 @@ class TrlFunction(RewardScorer):
                     columns.setdefault(key, [])
         for key, values in columns.items():
             values.extend(s.row.get(key) for s in samples)
-        kwargs = {
-            "prompts": [s.prompt.text for s in samples],
-            "completions": [s.completion for s in samples],
+        kwargs = {  # conversations in TRL's shapes: messages, and the reply as one message
+            "prompts": [list(s.prompt.messages or ()) or s.prompt.text for s in samples],
+            "completions": [
+                [{"role": "assistant", "content": s.completion}]
+                if s.prompt.messages
+                else s.completion
+                for s in samples
+            ],
             "completion_ids": [list(s.candidate.token_ids) for s in samples],
             "trainer_state": None,
             **columns,

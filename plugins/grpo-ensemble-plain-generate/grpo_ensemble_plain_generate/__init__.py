@@ -49,6 +49,7 @@ from grpo_ensemble import (
     UserError,
     candidate_seed,
     hookimpl,
+    render_prompt,
 )
 
 # Settings that a checkpoint's generation_config.json may set and that would change the
@@ -92,6 +93,7 @@ class PlainGenerate(Generator):
             raise UserError(
                 f"plain_generate: batch_size must be a positive integer: {batch_size!r}"
             )
+        self._special = True  # add the tokenizer's special tokens (a string prompt)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -111,15 +113,21 @@ class PlainGenerate(Generator):
         if sampling.max_new_tokens <= 0:
             return [[Candidate("", [], "", [], finished=False) for _ in range(n)] for _ in prompts]
         bs = self.batch_size
+        # a conversation through this model's chat template, which writes its special tokens
+        self._special = prompts[0].messages is None
+
+        def render(p: Prompt) -> str:
+            return render_prompt(p, self.tokenizer)
+
         # (texts, seed or None) of each call of `generate`
         batches: list[tuple[list[str], int | None]] = []
         if sampling.seeds is not None:  # each prompt's rows alone, seeded by the prompt
             for p, seed in zip(prompts, sampling.seeds, strict=True):
                 for j in range(0, n, bs):
                     rows = min(bs, n - j)
-                    batches.append(([p.text] * rows, candidate_seed(seed, j) % 2**63))
+                    batches.append(([render(p)] * rows, candidate_seed(seed, j) % 2**63))
         else:
-            texts = [p.text for p in prompts for _ in range(n)]  # each prompt n times, in order
+            texts = [render(p) for p in prompts for _ in range(n)]  # each prompt n times, in order
             batches = [(texts[i : i + bs], None) for i in range(0, len(texts), bs)]
         flat: list[Candidate] = []
         with self._ready():
@@ -154,7 +162,7 @@ class PlainGenerate(Generator):
     def _batch(self, texts: list[str], sampling: SamplingParams, seed: int | None):
         tok = self.tokenizer
         device = self._device()
-        enc = tok(texts, return_tensors="pt", padding=True)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=self._special)
         kwargs = {
             **NEUTRAL,
             "input_ids": enc["input_ids"].to(device),
