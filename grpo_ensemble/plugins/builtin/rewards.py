@@ -205,9 +205,11 @@ class PythonFunction(RewardScorer):
 @hookimpl
 def register_reward_scorers(register):
     from .answer_check import MathVerify
+    from .evaluate_metric import EvaluateMetric
     from .reward_model import RewardModel
 
     for cls in (ExactMatch, NumericMatch, RegexFormat, LengthPenalty, PythonFunction):
         register(cls)
     register(RewardModel)
     register(MathVerify)
+    register(EvaluateMetric)

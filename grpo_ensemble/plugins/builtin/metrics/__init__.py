@@ -1,0 +1,1 @@
+"""Metric scripts shipped with the project, for `evaluate.load(path)` without a hub."""
