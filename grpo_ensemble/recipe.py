@@ -124,7 +124,8 @@ class DataConfig(_Config):
     train: str = Field(
         "builtin:arithmetic/train",
         description="Training prompts: a .jsonl/.json/.csv/.parquet file, a folder written by "
-        "`datasets`' `save_to_disk`, or `builtin:TASK/SPLIT`.",
+        "`datasets`' `save_to_disk`, `builtin:TASK/SPLIT`, or a hub data set id (where the "
+        "network allows).",
     )
     eval: str | None = Field(
         "builtin:arithmetic/test", description="Held-out prompts for accuracy (null: none)."
@@ -133,6 +134,10 @@ class DataConfig(_Config):
         None, description="The split of a `save_to_disk` folder holding several (a DatasetDict)."
     )
     eval_split: str | None = Field(None, description="The same for `data.eval`.")
+    train_config: str | None = Field(
+        None, description="The configuration of a hub data set named in `data.train`."
+    )
+    eval_config: str | None = Field(None, description="The same for `data.eval`.")
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     rename: dict[str, str] = Field(
         {},

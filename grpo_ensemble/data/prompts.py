@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -146,13 +147,45 @@ def _folder_rows(path: Path, split: str | None, field: str) -> Iterator[tuple[in
         ) from None
     except Exception as exc:  # a damaged folder: arrow raises many types
         raise InputFileError(str(path), f"cannot read the saved dataset: {exc}") from None
+    yield from _split_rows(ds, split, field, str(path))
+
+
+def _split_rows(ds, split: str | None, field: str, source: str) -> Iterator[tuple[int, dict]]:
+    """The rows of a Dataset, or of the `split` of a DatasetDict (named by the recipe)."""
+    import datasets
+
     if isinstance(ds, datasets.DatasetDict):
         splits = ", ".join(sorted(ds))
         if split is None or split not in ds:
             what = "name one" if split is None else f"it has no split {split!r}"
-            raise RecipeError(f"{field}_split", f"{str(path)!r} holds the splits {splits}: {what}")
+            raise RecipeError(f"{field}_split", f"{source!r} holds the splits {splits}: {what}")
         ds = ds[split]
-    yield from _object_rows(ds, str(path))
+    yield from _object_rows(ds, source)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _hub_rows(source: str, config: str | None, split: str | None, field: str) -> list:
+    """The rows of a data set on the Hugging Face hub (`datasets.load_dataset`); without a
+    network (or with HF_DATASETS_OFFLINE=1) a recipe error before anything trains."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except (ConnectionError, OSError) as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise RecipeError(
+            field,
+            f"{source!r} is no local file or folder, and the hub cannot be reached for it "
+            f"({why}); download it where the network allows (save_to_disk) and give that folder",
+        ) from None
+    except ValueError as exc:  # an unknown config or split
+        raise RecipeError(
+            field, f"data set {source!r}: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    return list(_split_rows(ds, split, field, source))
 
 
 def _object_rows(rows: Iterable, source: str) -> Iterator[tuple[int, dict | BadRow]]:
@@ -224,19 +257,21 @@ def load_prompts(
     how: Cleaning = Cleaning(),
     report: DataReport | None = None,
     split: str | None = None,
+    config: str | None = None,
 ) -> list[Prompt]:
     """Read prompts from a file, a `save_to_disk` folder (`split`: of a DatasetDict's), a
     built-in task, or a Python object (a `datasets.Dataset` or an iterable of mappings, named
     `field` in messages). A bad row (malformed, not UTF-8, empty prompt, missing required
     field) stops with its file and line, or with `on_bad_row: skip` is counted in `report`
-    and left out."""
+    and left out. A source that is no local path but a hub id (`org/name`) is loaded with
+    `datasets.load_dataset(source, config, split=split)` where a network allows."""
     if not isinstance(source, str):
         rows: list = list(_object_rows(source, field))
         source = field
     elif source.startswith(BUILTIN):
         rows = list(enumerate(_builtin_rows(source, field), start=1))
     else:
-        rows = _path_rows(source, split, field)
+        rows = _path_rows(source, split, field, config)
     report = report if report is not None else DataReport(source)
     rename = dict(how.rename)
     prompts, seen = [], set()
@@ -264,10 +299,13 @@ def load_prompts(
     return prompts
 
 
-def _path_rows(source: str, split: str | None, field: str) -> list:
+def _path_rows(source: str, split: str | None, field: str, config: str | None = None) -> list:
     path = Path(source).expanduser()
     if not path.exists():
-        raise RecipeError(field, f"prompt file {source!r} does not exist")
+        local = source.lower().endswith(_FILE_SUFFIXES) or source.startswith((".", "/", "~"))
+        if local or not _HUB_ID.fullmatch(source):
+            raise RecipeError(field, f"prompt file {source!r} does not exist")
+        return _hub_rows(source, config, split, field)
     try:
         if path.is_dir():
             return list(_folder_rows(path, split, field))

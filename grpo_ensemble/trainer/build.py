@@ -200,7 +200,7 @@ def load_data(
     train_source, train_field = _source(given, "train", d.train)
     reports.append(DataReport(train_source if isinstance(train_source, str) else train_field))
     train = load_prompts(
-        train_source, d.prompt_field, train_field, how, reports[-1], split=d.train_split
+        train_source, d.prompt_field, train_field, how, reports[-1], d.train_split, d.train_config
     )
     held_out = None
     eval_source, eval_field = _source(given, "eval", d.eval)
@@ -211,7 +211,7 @@ def load_data(
             how = dataclasses.replace(how, required_fields=(*how.required_fields, field))
         reports.append(DataReport(eval_source if isinstance(eval_source, str) else eval_field))
         held_out = load_prompts(
-            eval_source, d.prompt_field, eval_field, how, reports[-1], split=d.eval_split
+            eval_source, d.prompt_field, eval_field, how, reports[-1], d.eval_split, d.eval_config
         )
     return train, held_out
 

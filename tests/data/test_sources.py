@@ -87,3 +87,32 @@ def test_validate_and_train_from_a_saved_folder_and_from_objects(tmp_path, small
     assert len(result.metrics) == 2 and result.before.n == result.after.n == 5
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert [(r["source"], r["kept"]) for r in report] == [("train_data", 12), ("eval_data", 5)]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """The hub unreachable at once, as HF_HUB_OFFLINE=1 makes it (read when imported)."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.usefixtures("offline")
+def test_a_hub_data_set_without_a_network_is_a_recipe_error(tmp_path, capsys):
+    with pytest.raises(RecipeError) as info:
+        load_prompts("trl-lib/tldr", "prompt", "data.train", split="train")
+    assert str(info.value).startswith(
+        "data.train: 'trl-lib/tldr' is no local file or folder, and the hub cannot be reached "
+        "for it (Couldn't reach 'trl-lib/tldr' on the Hub (OfflineModeIsEnabled)); download it"
+    )
+    with pytest.raises(RecipeError, match=r"prompt file 'data/p.jsonl' does not exist"):
+        load_prompts("data/p.jsonl", "prompt")  # a file name is never taken for a hub id
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "policy: {model: 'builtin:tiny-arith-small'}\n"
+        "data: {train: trl-lib/tldr, train_config: default, train_split: train}\n"
+    )
+    assert main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {recipe}:2: data.train: 'trl-lib/tldr'")
