@@ -16,7 +16,7 @@ from ..data.prompts import Cleaning, DataReport, load_prompts
 from ..errors import RecipeError, UserError
 from ..models.loading import load_field_tokenizer, resolve_model, same_tokenizer
 from ..plugins import registry as plugins
-from ..plugins.builtin.rewards import TrlFunction, trl_style
+from ..plugins.builtin.rewards import PythonFunction, TrlFunction, trl_style
 from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from ..recipe import MemberConfig, Recipe
 from ..rollout.scoring import WeightedScorer
@@ -101,6 +101,39 @@ class _SamplesFunction(RewardScorer):
 
     def score(self, samples):
         return list(self.fn(list(samples)))
+
+
+def probe_functions(scorers: Sequence[WeightedScorer], first: Prompt, given: bool) -> None:
+    """Call each reward *function* (the `python` scorer's, or a function given from Python)
+    once, on the first training row with an empty completion, so that a signature that does
+    not fit (a TRL function asking for a column the data lacks), a raise, a wrong count or a
+    value that is not a number is named before any model trains."""
+    import math
+
+    from ..types import Candidate, Sample
+
+    sample = Sample(first, Candidate("", [], POLICY))
+    for i, ws in enumerate(scorers):
+        if not isinstance(ws.scorer, PythonFunction | TrlFunction | _SamplesFunction):
+            continue
+        where = f"reward_scorers[{i}]" if given else f"rewards.{i}"
+        row = f"the first training row (line {first.index})"
+        try:
+            out = list(ws.scorer.score([sample]))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — the user's function, named
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise UserError(f"{where}: {ws.name!r} failed on {row}: {msg}") from None
+        if len(out) != 1:
+            raise UserError(f"{where}: {ws.name!r} returned {len(out)} scores for 1 sample")
+        value = out[0]
+        try:  # as the run reads a score: anything float() takes, or None
+            ok = value is None or math.isfinite(float(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{where}: {ws.name!r} returned {value!r}, not a number or None")
 
 
 def build_evaluator(recipe: Recipe, given: GroupEvaluator | None = None) -> GroupEvaluator:
@@ -279,7 +312,9 @@ def check_recipe(recipe: Recipe) -> None:
         check_params(cls, m.params, f"{prefix}.params", **extra)
     check_tis_tokenizers(recipe)
     reports: list = []
-    train, held_out = load_data(recipe, build_scorers(recipe), reports, eval_scorer=eval_scorer)
+    scorers = build_scorers(recipe)
+    train, held_out = load_data(recipe, scorers, reports, eval_scorer=eval_scorer)
+    probe_functions(scorers, train[0], given=False)
     if any(p.messages for p in train) or any(p.messages for p in held_out or ()):
         tokenizers = []
         for _, prefix, m in member_fields(recipe):

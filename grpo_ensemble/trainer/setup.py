@@ -43,6 +43,7 @@ from .build import (
     cleaning_of,
     load_data,
     member_fields,
+    probe_functions,
     prompt_token_limit,
     sampling_of,
 )
@@ -227,6 +228,7 @@ def _load(
     if POLICY not in generators:
         check_policy_generator(recipe)
     train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer, objects.data)
+    probe_functions(scorers, train_prompts[0], given=objects.reward_scorers is not None)
     p = recipe.policy
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
     tok.chat_template = chat_template_of(p, "policy") or tok.chat_template

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from grpo_ensemble import Candidate, Group, PluginError, Prompt, train
+from grpo_ensemble import Candidate, Group, PluginError, Prompt, UserError, train
 from grpo_ensemble.plugins.builtin.evaluators import DrGRPO
 from grpo_ensemble.plugins.builtin.rewards import PythonFunction, TrlFunction, trl_style
 from grpo_ensemble.rollout.groups import GroupSettings, evaluate_groups
@@ -191,9 +191,10 @@ def test_trains_with_trl_functions_from_a_recipe_and_the_api(trl_module, small_r
         ),
         reward_scorers=[(correct, 1.0)],
     )
-    assert len(returned) == 4  # per step: the policy's candidates, then the peer's
+    probe, *steps = returned  # first, one call on the first row before anything trains
+    assert probe == [0.0] and len(steps) == 4  # a step: the policy's candidates, the peer's
     for step, m in enumerate(result.metrics):
-        values = returned[2 * step] + returned[2 * step + 1]
+        values = steps[2 * step] + steps[2 * step + 1]
         assert m["reward/correct"] == pytest.approx(sum(values) / len(values), abs=1e-7)
         assert "unscored_candidates" not in m
     assert torch.tensor([m["reward"] for m in result.metrics]).ge(0).all()
@@ -216,3 +217,29 @@ def test_a_step_counts_the_candidates_no_scorer_scored(small_recipe):
         assert "member/strong/reward" not in m and m["member/strong/candidates"] == 8
         assert m["reward"] == m["member/policy/reward"] == m["reward/policy_only"]
         assert m["trained_candidates"] <= 8  # the policy's, less any of equal-reward groups
+
+
+def test_a_function_that_does_not_fit_is_named_before_training(small_recipe, trl_module):
+    # a TRL function asking for a column the data lacks, and one returning words: named when
+    # the run is built (and by validate), not at the first step
+    def needs_ground_truth(completions, ground_truth, **kwargs):
+        return [float(c == g) for c, g in zip(completions, ground_truth, strict=True)]
+
+    with pytest.raises(UserError) as info:
+        train(small_recipe(), reward_scorers=[(needs_ground_truth, 1.0)])
+    assert str(info.value).startswith(
+        "reward_scorers[0]: 'needs_ground_truth' failed on the first training row (line 1): "
+        "TypeError:"
+    )
+    def words(completions, **kwargs):
+        return ["high" for _ in completions]
+
+    with pytest.raises(UserError, match=r"^reward_scorers\[0\]: 'words' returned 'high', not a"):
+        train(small_recipe(), reward_scorers=[(words, 1.0)])
+    from grpo_ensemble.trainer.build import check_recipe
+
+    recipe = small_recipe(
+        rewards=[{"name": "python", "params": {"function": "trl_docs:reward_func"}}]
+    )
+    with pytest.raises(UserError, match=r"^rewards\.0: 'python' failed on the first training row"):
+        check_recipe(recipe)
