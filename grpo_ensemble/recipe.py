@@ -100,6 +100,11 @@ class MemberConfig(_Config):
         description="Chat template this member renders conversations with: inline Jinja, or "
         "the path of a file holding one (null: its tokenizer's own).",
     )
+    dtype: Literal["fp32", "bf16"] | None = Field(
+        None,
+        description="Precision of this member's frozen weights: a peer's model, or the "
+        "policy's reference model (null: train.precision; the policy trains in that).",
+    )
 
 
 class PolicyConfig(MemberConfig):

@@ -195,16 +195,22 @@ def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]
     through `place_model`; a peer object the caller gave keeps its own placement unless
     sharding was asked for. Returns the reference model."""
     ref = loaded.ref
+    frozen = {name: frozen_dtype(m, dtype) for name, _, m in member_fields(recipe)}
     if recipe.train.frozen_models == "shard":
-        ref = shard_frozen(ref, dtype) if ref is not None else None
-        for gen in loaded.peers.values():
+        ref = shard_frozen(ref, frozen[POLICY]) if ref is not None else None
+        for name, gen in loaded.peers.items():
             if isinstance(gen, PlacesModel):
-                gen.place_model(lambda m: shard_frozen(m, dtype))
+                gen.place_model(lambda m, d=frozen[name]: shard_frozen(m, d))
         return ref
     for name, gen in loaded.peers.items():
         if isinstance(gen, PlacesModel) and name not in given:
-            gen.place_model(lambda m: m.to(engine.device, dtype))
+            gen.place_model(lambda m, d=frozen[name]: m.to(engine.device, d))
     return ref.to(engine.device) if ref is not None else None
+
+
+def frozen_dtype(member, run_dtype: torch.dtype) -> torch.dtype:
+    """The precision of a member's frozen weights: its own `dtype`, else the run's."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(member.dtype, run_dtype)
 
 
 def _place_scorers(scorers: list[WeightedScorer], engine, dtype) -> None:
@@ -241,7 +247,7 @@ def _load(
             held_out = too_long(held_out, tok, held_out_limit, how, reports[1], budget)
     ref = None
     if reference:
-        ref, _ = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        ref, _ = load_model(p.model, "policy.model", frozen_dtype(p, dtype), p.trust_remote_code)
         ref.requires_grad_(False).eval()
     peers = {
         name: generators.pop(name)

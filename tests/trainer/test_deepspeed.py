@@ -169,3 +169,20 @@ def test_rendezvous_folders_of_processes_gone_are_removed(tmp_path):
         (folder / "store").mkdir(parents=True)
     assert remove_stale_stores(tmp_path) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
+
+
+def test_frozen_members_take_their_own_precision(small_recipe, tmp_path):
+    # an fp32 policy beside a bf16 reference (policy.dtype) and a bf16 peer (peers[i].dtype)
+    import math
+
+    from grpo_ensemble.trainer.setup import build_run
+    from grpo_ensemble.trainer.step import grpo_step
+
+    recipe = small_recipe(loss__beta=0.05, policy__dtype="bf16", peers__0__dtype="bf16")
+    run = build_run(recipe, tmp_path)
+    peer = next(m.generator for m in run.ensemble.members if m.name == "strong")
+    assert {p.dtype for p in run.engine.module.parameters()} == {torch.float32}
+    assert {p.dtype for p in run.ref_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in peer.model.parameters()} == {torch.bfloat16}
+    row = grpo_step(run, 1)
+    assert math.isfinite(row["loss"]) and row["kl"] >= 0 and row["member/strong/candidates"] == 8
