@@ -73,8 +73,15 @@ def test_cli_bad_recipe_is_exit_2_without_traceback(tmp_path):
 
 
 def test_cli_run_failure_is_exit_1(tmp_path):
-    # a reward function that raises: the run fails (1), the message names the scorer
-    (tmp_path / "boom.py").write_text("def reward(samples):\n    raise RuntimeError('kaput')\n")
+    # a reward function that raises once the run has begun (on a completion that is not
+    # empty: the check before training, on an empty one, passes): the run fails (1), the
+    # message names the scorer
+    (tmp_path / "boom.py").write_text(
+        "def reward(samples):\n"
+        "    if any(s.completion for s in samples):\n"
+        "        raise RuntimeError('kaput')\n"
+        "    return [0.0] * len(samples)\n"
+    )
     proc = subprocess.run(
         [
             sys.executable,
