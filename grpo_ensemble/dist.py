@@ -46,6 +46,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# warnings this process has written (`warn_once`)
+warned: set[str] = set()
+
+
+def warn_once(key: str, line: str) -> None:
+    """`line` on stderr by rank 0, once per process for `key`: a setting the user should
+    know about, said where every rank would otherwise repeat it at every load."""
+    import sys
+
+    if key in warned:
+        return
+    warned.add(key)
+    if is_main():
+        sys.stderr.write(f"warning: {line}\n")
+
+
 def shard(n: int, world: int | None = None, r: int | None = None) -> range:
     """This rank's contiguous slice of `n` items; the first `n % world` ranks get one more.
     Concatenating the slices of ranks 0…world-1 gives 0…n-1 in order."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -66,20 +65,15 @@ def load_model(
     return model, tok
 
 
-_warned: set[str] = set()  # fields already warned about by this process
-
-
 def warn_remote_code(field: str, path: str) -> None:
     """One line on stderr (rank 0, once per field): the model's own code will run."""
     from .. import dist
 
-    if field in _warned or not dist.is_main():
-        return
-    _warned.add(field)
     member = field.rsplit(".", 1)[0]
-    sys.stderr.write(
-        f"warning: {member}.trust_remote_code: Python code shipped with {path!r} runs in this "
-        "process; only load models whose code you trust\n"
+    dist.warn_once(
+        f"remote code {field}",
+        f"{member}.trust_remote_code: Python code shipped with {path!r} runs in this process; "
+        "only load models whose code you trust",
     )
 
 

@@ -16,7 +16,7 @@ from ..data.prompts import Cleaning, DataReport, load_prompts
 from ..errors import RecipeError, UserError
 from ..models.loading import load_field_tokenizer, resolve_model, same_tokenizer
 from ..plugins import registry as plugins
-from ..plugins.builtin.rewards import PythonFunction, TrlFunction, trl_style
+from ..plugins.builtin.rewards import PythonFunction, SamplesFunction, TrlFunction, function_scorer
 from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from ..recipe import MemberConfig, Recipe
 from ..rollout.scoring import WeightedScorer
@@ -77,7 +77,7 @@ def _given_scorer(i: int, item) -> WeightedScorer:
     if not hasattr(scorer, "score"):  # a plain function: TRL's convention or the project's
         if not callable(scorer):
             raise UserError(f"{where}: give a reward scorer or a function, not {scorer!r}")
-        scorer = TrlFunction(scorer) if trl_style(scorer) else _SamplesFunction(scorer)
+        scorer = function_scorer(scorer)
     if not isinstance(options, Mapping):
         raise UserError(f"{where}: options must be a mapping of on_error and timeout_s")
     unknown = sorted(set(options) - {"on_error", "timeout_s"})
@@ -93,16 +93,6 @@ def _given_scorer(i: int, item) -> WeightedScorer:
     return WeightedScorer(name, scorer, c.weight, c.on_error, c.timeout_s)
 
 
-class _SamplesFunction(RewardScorer):
-    """A plain function of the list of samples, as a reward scorer named after it."""
-
-    def __init__(self, fn):
-        self.fn, self.name = fn, getattr(fn, "__name__", type(fn).__name__)
-
-    def score(self, samples):
-        return list(self.fn(list(samples)))
-
-
 def probe_functions(scorers: Sequence[WeightedScorer], first: Prompt, given: bool) -> None:
     """Call each reward *function* (the `python` scorer's, or a function given from Python)
     once, on the first training row with an empty completion, so that a signature that does
@@ -114,7 +104,7 @@ def probe_functions(scorers: Sequence[WeightedScorer], first: Prompt, given: boo
 
     sample = Sample(first, Candidate("", [], POLICY))
     for i, ws in enumerate(scorers):
-        if not isinstance(ws.scorer, PythonFunction | TrlFunction | _SamplesFunction):
+        if not isinstance(ws.scorer, PythonFunction | TrlFunction | SamplesFunction):
             continue
         where = f"reward_scorers[{i}]" if given else f"rewards.{i}"
         row = f"the first training row (line {first.index})"
@@ -271,6 +261,14 @@ def chat_template_of(member: MemberConfig, prefix: str) -> str | None:
         ) from None
 
 
+def set_chat_template(tokenizer, member: MemberConfig, prefix: str) -> None:
+    """Give `tokenizer` the member's recipe `chat_template`, where it has one (it wins over
+    the tokenizer's own). A text-only generator's None tokenizer is left alone."""
+    template = chat_template_of(member, prefix)
+    if template and tokenizer is not None:
+        tokenizer.chat_template = template
+
+
 def check_chat_templates(members: Sequence[tuple[str, object]], sources: Sequence) -> None:
     """Where the prompts hold conversations, every member with a tokenizer renders each of
     them: one without a template, or whose template fails on a prompt, is named here, before
@@ -319,9 +317,7 @@ def check_recipe(recipe: Recipe) -> None:
         tokenizers = []
         for _, prefix, m in member_fields(recipe):
             tok = load_field_tokenizer(m.model, f"{prefix}.model") if m.model else None
-            template = chat_template_of(m, prefix)
-            if tok is not None and template:
-                tok.chat_template = template
+            set_chat_template(tok, m, prefix)
             tokenizers.append((prefix, tok))
         sources = [(r.source, ps) for r, ps in zip(reports, (train, held_out), strict=False)]
         check_chat_templates(tokenizers, sources)

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -172,8 +171,8 @@ def quiet_deepspeed() -> None:
 
 
 BF16_ON_CPU = (
-    "warning: train.precision: bf16 without a GPU: matrix products run far slower than in fp32 "
-    "on most CPUs, and the final model is saved in bf16; use auto or fp32 for a CPU run\n"
+    "train.precision: bf16 without a GPU: matrix products run far slower than in fp32 "
+    "on most CPUs, and the final model is saved in bf16; use auto or fp32 for a CPU run"
 )
 
 
@@ -184,14 +183,9 @@ def resolve_dtype(recipe: Recipe) -> torch.dtype:
     if want == "auto":
         use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else torch.float32
-    if want == "bf16" and not torch.cuda.is_available() and not _said["bf16"]:
-        _said["bf16"] = True
-        if dist.is_main():
-            sys.stderr.write(BF16_ON_CPU)
+    if want == "bf16" and not torch.cuda.is_available():
+        dist.warn_once("bf16 without a GPU", BF16_ON_CPU)
     return torch.bfloat16 if want == "bf16" else torch.float32
-
-
-_said = {"bf16": False}  # warnings already written by this process
 
 
 def deepspeed_config(recipe: Recipe, micro_batch: int, dtype: torch.dtype) -> dict:

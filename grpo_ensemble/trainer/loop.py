@@ -126,13 +126,7 @@ def train(
     writes the run directory, the progress bar and the final model. Every rank returns the
     same (global) metrics.
     """
-    if not isinstance(recipe, Recipe):  # the recipe file (the run directory never replaces it)
-        source = recipe
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides))
-    elif overrides:
-        data = recipe.model_dump(mode="json")
-        recipe = recipe_from_dict(data, overridden=apply_overrides(data, list(overrides)))
+    recipe, source = _resolved(recipe, overrides, source)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
@@ -162,6 +156,17 @@ def train(
     if recipe.eval.after:
         result.after = _evaluate_after(run, result.model_dir, console)
     return result
+
+
+def _resolved(recipe: Recipe | str | Path, overrides: Sequence[str], source):
+    """The Recipe to run, `overrides` applied, and the file it was read from (the run
+    directory's copy never replaces it)."""
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, list(overrides)), recipe
+    if overrides:
+        data = recipe.model_dump(mode="json")
+        recipe = recipe_from_dict(data, overridden=apply_overrides(data, list(overrides)))
+    return recipe, source
 
 
 def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:

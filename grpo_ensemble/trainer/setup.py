@@ -37,7 +37,6 @@ from .build import (
     build_peer_generator,
     build_policy_generator,
     build_scorers,
-    chat_template_of,
     check_chat_templates,
     check_policy_generator,
     cleaning_of,
@@ -46,6 +45,7 @@ from .build import (
     probe_functions,
     prompt_token_limit,
     sampling_of,
+    set_chat_template,
 )
 from .deepspeed import build_engine, init_distributed, resolve_dtype, shard_frozen
 from .settings import StepSettings, loss_settings, resolve
@@ -136,13 +136,9 @@ def build_run(
     engine = build_engine(recipe, loaded.policy, dtype)
     ref = _place_frozen(recipe, engine, dtype, loaded, given)
     _place_scorers(loaded.scorers, engine, dtype)
-    policy_gen = generators.pop(POLICY, None)
-    if policy_gen is None:  # shares the module being trained
-        policy_gen = build_policy_generator(recipe, engine.module, loaded.tokenizer, gather)
-    elif not isinstance(policy_gen, SyncsWeights):
-        raise UserError(f"generators['policy']: {NO_SYNC}")
-    else:  # the caller's object may hold its own copy of the weights
-        policy_gen.sync_weights(engine.module)
+    policy_gen = _policy_generator(
+        recipe, engine, loaded.tokenizer, gather, generators.pop(POLICY, None)
+    )
     members = []
     for name, _, m in member_fields(recipe):
         gen = policy_gen if name == POLICY else loaded.peers[name]
@@ -171,6 +167,19 @@ def build_run(
         data_reports=reports,
         replay=policy_gen if reuse_applies(recipe, engine, members, same) else None,
     )
+
+
+def _policy_generator(
+    recipe: Recipe, engine, tokenizer, gather: bool, given: Generator | None
+) -> Generator:
+    """The recipe's policy generator, built over the module being trained, or the caller's,
+    which must take the trained weights (it is handed them now: it may hold its own copy)."""
+    if given is None:
+        return build_policy_generator(recipe, engine.module, tokenizer, gather)
+    if not isinstance(given, SyncsWeights):
+        raise UserError(f"generators['policy']: {NO_SYNC}")
+    given.sync_weights(engine.module)
+    return given
 
 
 NO_SYNC = (
@@ -237,7 +246,7 @@ def _load(
     probe_functions(scorers, train_prompts[0], given=objects.reward_scorers is not None)
     p = recipe.policy
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
-    tok.chat_template = chat_template_of(p, "policy") or tok.chat_template
+    set_chat_template(tok, p, "policy")
     how = cleaning_of(recipe, scorers)
     limit, held_out_limit = prompt_token_limit(recipe, policy)
     if limit is not None:  # prompts that cannot fit the context with their completion
@@ -260,10 +269,7 @@ def _load(
         extra = sorted(set(generators) - {POLICY})
         raise UserError(f"generators given for members not in the recipe: {extra}")
     for name, prefix, m in member_fields(recipe):  # a member's own template wins
-        template = chat_template_of(m, prefix)
-        gen_tok = getattr(peers.get(name), "tokenizer", None)
-        if template and gen_tok is not None:
-            gen_tok.chat_template = template
+        set_chat_template(getattr(peers.get(name), "tokenizer", None), m, prefix)
     return Loaded(scorers, evaluator, eval_scorer, train_prompts, held_out, policy, tok, ref, peers)
 
 

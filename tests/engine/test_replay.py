@@ -5,7 +5,7 @@ no replay where it would not be the same computation."""
 
 import pytest
 import torch
-from test_decode import LowRank, build, left_padded, use_columns
+from tiny_llms import LowRank, build, left_padded, use_columns
 
 import grpo_ensemble.engine.decode as decode_module
 import grpo_ensemble.engine.recording as recording_module

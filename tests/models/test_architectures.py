@@ -107,9 +107,9 @@ def test_any_causal_lm_trains_as_policy_beside_a_peer_of_another(
 
 
 def test_trust_remote_code_is_said(model_dirs, capsys, monkeypatch):
-    import grpo_ensemble.models.loading as loading
+    from grpo_ensemble import dist
 
-    monkeypatch.setattr(loading, "_warned", set())
+    monkeypatch.setattr(dist, "warned", set())
     model, _ = load_model(str(model_dirs["gpt2"]), "peers.0.model", trust_remote_code=True)
     assert isinstance(model, GPT2LMHeadModel)
     assert capsys.readouterr().err == (

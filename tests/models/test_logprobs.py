@@ -3,7 +3,7 @@ for the group's rows) against the plain batch of whole rows: values and gradient
 
 import pytest
 import torch
-from test_decode import build
+from tiny_llms import build
 
 import grpo_ensemble.models.logprobs as logprobs_module
 from grpo_ensemble.models.logprobs import TokenBatch, completion_logprobs, shared_prompt_plan

@@ -231,6 +231,7 @@ def test_a_function_that_does_not_fit_is_named_before_training(small_recipe, trl
         "reward_scorers[0]: 'needs_ground_truth' failed on the first training row (line 1): "
         "TypeError:"
     )
+
     def words(completions, **kwargs):
         return ["high" for _ in completions]
 

@@ -42,9 +42,9 @@ def test_deepspeed_config_from_recipe(small_recipe):
 
 
 def test_precision_auto_is_fp32_on_cpu_and_bf16_there_is_said(small_recipe, capsys, monkeypatch):
-    import grpo_ensemble.trainer.deepspeed as deepspeed_module
+    from grpo_ensemble import dist
 
-    monkeypatch.setitem(deepspeed_module._said, "bf16", False)  # as in a fresh process
+    monkeypatch.setattr(dist, "warned", set())  # as in a fresh process
     assert not torch.cuda.is_available()
     assert resolve_dtype(small_recipe()) == torch.float32
     assert capsys.readouterr().err == ""

@@ -162,6 +162,21 @@ class TrlFunction(RewardScorer):
         return list(self.fn(**kwargs))
 
 
+class SamplesFunction(RewardScorer):
+    """A function of the list of samples (the project's convention), named after it."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, samples: Sequence[Sample]) -> list:
+        return list(self.fn(list(samples)))
+
+
+def function_scorer(fn) -> RewardScorer:
+    """A plain reward function as a scorer, by its signature: TRL's or the project's."""
+    return TrlFunction(fn) if trl_style(fn) else SamplesFunction(fn)
+
+
 class PythonFunction(RewardScorer):
     """Calls `function: "module:name"`. Either the project's convention, a function of the
     list of samples, or TRL's, `fn(prompts, completions, **kwargs)` (see `TrlFunction`); each
@@ -194,12 +209,10 @@ class PythonFunction(RewardScorer):
         self.fn = getattr(module, attr, None)
         if not callable(self.fn):
             raise UserError(f"python reward: {module_name!r} has no function {attr!r}")
-        self.trl = TrlFunction(self.fn) if trl_style(self.fn) else None
+        self.scorer = function_scorer(self.fn)
 
     def score(self, samples: Sequence[Sample]) -> list:
-        if self.trl is not None:
-            return self.trl.score(samples)
-        return list(self.fn(list(samples)))
+        return self.scorer.score(samples)
 
 
 @hookimpl

@@ -1,0 +1,46 @@
+"""The recipe: its schema (`schema`) and how a YAML file and `--set` overrides become one
+(`reading`)."""
+
+from .reading import (
+    _line_of,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    read_yaml,
+    recipe_from_dict,
+)
+from .schema import (
+    DataConfig,
+    EvalConfig,
+    GroupConfig,
+    LogConfig,
+    LossConfig,
+    MemberConfig,
+    PeerConfig,
+    PolicyConfig,
+    Recipe,
+    RewardConfig,
+    SamplingConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "GroupConfig",
+    "LogConfig",
+    "LossConfig",
+    "MemberConfig",
+    "PeerConfig",
+    "PolicyConfig",
+    "Recipe",
+    "RewardConfig",
+    "SamplingConfig",
+    "TrainConfig",
+    "_line_of",
+    "apply_overrides",
+    "dump_recipe",
+    "load_recipe",
+    "read_yaml",
+    "recipe_from_dict",
+]
