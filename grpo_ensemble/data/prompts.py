@@ -2,13 +2,13 @@
 `save_to_disk`, built-in tasks (`builtin:TASK/SPLIT`), and from Python a `datasets.Dataset` or
 a list of dicts.
 
-Every bad row is reported with its file and line. The step sampler walks seeded, shuffled
+Every bad row is reported with its file and line (files are read in `rows`, within the
+limits `Cleaning` sets: a row's bytes and nesting). The step sampler walks seeded, shuffled
 epochs so that a run sees every prompt once before it sees any twice.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import random
@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import InputFileError, RecipeError
 from ..types import Prompt
+from .rows import ROW_BYTES, ROW_DEPTH, BadRow, checked, file_rows
 
 BUILTIN = "builtin:"
 
@@ -37,101 +38,6 @@ def _builtin_rows(source: str, field: str) -> list[dict[str, Any]]:
         return TASKS[task](split or "train")
     except ValueError as exc:
         raise RecipeError(field, str(exc)) from None
-
-
-class BadRow(Exception):
-    """A row that cannot be used; `reason` is a short category for the counts."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(message)
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield line_no, BadRow("not UTF-8", "not valid UTF-8")
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line_no, BadRow("invalid JSON", f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict):
-                yield line_no, BadRow("not an object", "expected a JSON object")
-                continue
-            yield line_no, row
-
-
-def _json_array_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """A .json file holding one array of objects; rows are numbered from 1."""
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputFileError(str(path), "not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise InputFileError(str(path), f"invalid JSON: {exc.msg}", line=exc.lineno) from None
-    for i, row in enumerate(rows, start=1):
-        yield i, row if isinstance(row, dict) else BadRow("not an object", "not a JSON object")
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
-    """CSV rows with a header, decoded line by line, so that a line that is not UTF-8 is a bad
-    row at its own line (decoding the file in blocks would report it up to thousands of lines
-    early) and
-    the others are read on; no limit on a field's length (a long prompt is then checked
-    against the model's context, like any other)."""
-    undecodable: list[int] = []
-
-    def lines() -> Iterator[str]:
-        with path.open("rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    undecodable.append(line_no)
-                    yield "\n"  # a blank line: the reader skips it
-
-    csv.field_size_limit(2**31 - 1)
-    reader = csv.DictReader(lines())
-    try:
-        for row in reader:
-            while undecodable:
-                yield undecodable.pop(0), BadRow("not UTF-8", "not valid UTF-8")
-            yield reader.line_num, row
-    except csv.Error as exc:
-        raise InputFileError(str(path), f"bad CSV: {exc}", line=reader.line_num) from None
-    while undecodable:
-        yield undecodable.pop(0), BadRow("not UTF-8", "not valid UTF-8")
-
-
-def _file_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    suffix = path.suffix.lower()
-    if suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
-        yield from _json_array_rows(path)
-    elif suffix in (".jsonl", ".json"):
-        yield from _jsonl_rows(path)
-    elif suffix == ".csv":
-        yield from _csv_rows(path)
-    elif suffix == ".parquet":
-        from datasets import Dataset
-
-        try:
-            ds = Dataset.from_parquet(str(path))
-        except Exception as exc:  # pyarrow raises many types for a corrupt file
-            raise InputFileError(str(path), f"cannot read parquet: {exc}") from None
-        for i, row in enumerate(ds, start=1):  # row number (parquet has no lines)
-            yield i, dict(row)
-    else:
-        raise InputFileError(
-            str(path),
-            "unsupported prompt file type (use jsonl, json, csv, parquet or a save_to_disk folder)",
-        )
 
 
 def _folder_rows(path: Path, split: str | None, field: str) -> Iterator[tuple[int, dict]]:
@@ -214,6 +120,8 @@ class Cleaning:
     # a prompt too long for the context: None (a bad row), skip, truncate_left or fail
     on_long_prompt: str | None = None
     system_prompt: str | None = None  # a system message before each conversation without one
+    row_bytes: int = ROW_BYTES  # a longer row is a bad row (the recipe's limits.row_bytes)
+    row_depth: int = ROW_DEPTH  # a row nested deeper is a bad row (limits.row_depth)
 
 
 @dataclass
@@ -261,17 +169,18 @@ def load_prompts(
 ) -> list[Prompt]:
     """Read prompts from a file, a `save_to_disk` folder (`split`: of a DatasetDict's), a
     built-in task, or a Python object (a `datasets.Dataset` or an iterable of mappings, named
-    `field` in messages). A bad row (malformed, not UTF-8, empty prompt, missing required
-    field) stops with its file and line, or with `on_bad_row: skip` is counted in `report`
-    and left out. A source that is no local path but a hub id (`org/name`) is loaded with
-    `datasets.load_dataset(source, config, split=split)` where a network allows."""
+    `field` in messages). A bad row (malformed, not UTF-8 or Unicode, longer or nested deeper
+    than `how`'s limits, empty prompt, missing required field) stops with its file and line,
+    or with `on_bad_row: skip` is counted in `report` and left out. A source that is no local
+    path but a hub id (`org/name`) is loaded with `datasets.load_dataset(source, config,
+    split=split)` where a network allows."""
     if not isinstance(source, str):
-        rows: list = list(_object_rows(source, field))
+        rows: list = list(checked(_object_rows(source, field), how.row_bytes, how.row_depth))
         source = field
     elif source.startswith(BUILTIN):
         rows = list(enumerate(_builtin_rows(source, field), start=1))
     else:
-        rows = _path_rows(source, split, field, config)
+        rows = _path_rows(source, split, field, config, how)
     report = report if report is not None else DataReport(source)
     rename = dict(how.rename)
     prompts, seen = [], set()
@@ -299,17 +208,20 @@ def load_prompts(
     return prompts
 
 
-def _path_rows(source: str, split: str | None, field: str, config: str | None = None) -> list:
+def _path_rows(
+    source: str, split: str | None, field: str, config: str | None, how: Cleaning
+) -> list:
     path = Path(source).expanduser()
+    limits = how.row_bytes, how.row_depth
     if not path.exists():
         local = source.lower().endswith(_FILE_SUFFIXES) or source.startswith((".", "/", "~"))
         if local or not _HUB_ID.fullmatch(source):
             raise RecipeError(field, f"prompt file {source!r} does not exist")
-        return _hub_rows(source, config, split, field)
+        return list(checked(_hub_rows(source, config, split, field), *limits))
     try:
         if path.is_dir():
-            return list(_folder_rows(path, split, field))
-        return list(_file_rows(path))
+            return list(checked(_folder_rows(path, split, field), *limits))
+        return list(file_rows(path, *limits))
     except OSError as exc:
         raise InputFileError(source, f"cannot read: {exc.strerror or exc}") from None
 

@@ -18,7 +18,10 @@ from pydantic import (
     model_validator,
 )
 
+from ..data.rows import ROW_BYTES, ROW_DEPTH
 from ..types import POLICY
+
+RECIPE_NODES = 100_000  # YAML nodes, aliases expanded: thousands of times a real recipe's
 
 
 class _Config(BaseModel):
@@ -181,7 +184,9 @@ class RewardConfig(_Config):
         "run, drop the group, or score 0.",
     )
     timeout_s: float | None = Field(
-        None, gt=0, description="Seconds one call may take before it counts as failed (null: none)."
+        600.0,
+        gt=0,
+        description="Seconds one call may take before it counts as failed (null: no limit).",
     )
 
 
@@ -319,6 +324,29 @@ class LogConfig(_Config):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class LimitsConfig(_Config):
+    row_bytes: int = Field(
+        ROW_BYTES,
+        ge=1,
+        le=2**30,
+        description="Longest row of a prompt file or data set, in bytes (at most 1 GiB): a "
+        "longer one is a bad row (data.on_bad_row), never read whole into memory.",
+    )
+    row_depth: int = Field(
+        ROW_DEPTH,
+        ge=1,
+        le=500,
+        description="Deepest nesting of lists and objects in a row (the row itself is 1): a "
+        "deeper one is a bad row.",
+    )
+    recipe_nodes: int = Field(
+        RECIPE_NODES,
+        ge=1,
+        description="Most YAML values a recipe may hold once its aliases (`*name`) are "
+        "expanded; read before the rest of the recipe.",
+    )
+
+
 class Recipe(_Config):
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed of every random number generator (0 … 2³² − 1)."
@@ -335,6 +363,7 @@ class Recipe(_Config):
     train: TrainConfig = Field(TrainConfig(), description="Optimisation settings.")
     eval: EvalConfig = Field(EvalConfig(), description="Held-out evaluation.")
     log: LogConfig = Field(LogConfig(), description="Logging.")
+    limits: LimitsConfig = Field(LimitsConfig(), description="Bounds on the size of input.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:

@@ -19,7 +19,7 @@ from ..plugins import registry as plugins
 from ..plugins.builtin.rewards import PythonFunction, SamplesFunction, TrlFunction, function_scorer
 from ..plugins.interfaces import Generator, GroupEvaluator, RewardScorer, SamplingParams
 from ..recipe import MemberConfig, Recipe
-from ..rollout.scoring import WeightedScorer
+from ..rollout.scoring import ScorerFault, WeightedScorer, call_with_timeout
 from ..types import POLICY, Prompt
 
 if TYPE_CHECKING:
@@ -108,12 +108,14 @@ def probe_functions(scorers: Sequence[WeightedScorer], first: Prompt, given: boo
             continue
         where = f"reward_scorers[{i}]" if given else f"rewards.{i}"
         row = f"the first training row (line {first.index})"
-        try:
-            out = list(ws.scorer.score([sample]))
+        try:  # in a thread of its own, as the run calls it: a hang or a stop ends it
+            call = lambda f=ws.scorer: f.score([sample])  # noqa: E731
+            out = list(call_with_timeout(call, ws.timeout_s, ws.name))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 — the user's function, named
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            text = str(exc) if isinstance(exc, ScorerFault) else f"{type(exc).__name__}: {exc}"
+            msg = " ".join(text.split())[:300]
             raise UserError(f"{where}: {ws.name!r} failed on {row}: {msg}") from None
         if len(out) != 1:
             raise UserError(f"{where}: {ws.name!r} returned {len(out)} scores for 1 sample")
@@ -200,6 +202,8 @@ def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Clean
         tuple(d.rename.items()),
         d.on_long_prompt,
         d.system_prompt,
+        recipe.limits.row_bytes,
+        recipe.limits.row_depth,
     )
 
 
