@@ -48,10 +48,20 @@ ResumeOpt = Annotated[
 @app.command()
 def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> None:
     """Train the policy of a recipe; writes the run directory."""
-    from .recipe import load_recipe
-    from .trainer.loop import train as run_train
+    from . import stopping
 
-    r = load_recipe(recipe, set_ or [])
+    with stopping.handling():  # from here on a stop signal ends with its own line and code
+        try:
+            from .recipe import load_recipe
+            from .trainer.loop import train as run_train
+
+            r = load_recipe(recipe, set_ or [])
+        except stopping.Stop as stop:
+            raise Interrupted(
+                f"stopped by {stop.name} during start-up; nothing was trained",
+                exit_code=128 + stop.signum,
+                resumable=False,
+            ) from None
     console.print(f"run directory: {r.output_dir}")
     result = run_train(r, console=console, resume=resume, source=recipe)
     last = result.metrics[-1] if result.metrics else {}
@@ -203,7 +213,11 @@ def _main(argv: list[str] | None) -> int:
     argv = _launcher_args(sys.argv[1:] if argv is None else list(argv))
     try:
         _register_plugin_commands()
-        app(args=argv, prog_name="grpo-ensemble", standalone_mode=False)
+        code = app(args=argv, prog_name="grpo-ensemble", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code), or 130 for a KeyboardInterrupt
+            if code == 130:
+                err.print("interrupted")
+            return code
     except UserError as exc:
         if debug:
             raise

@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 
 from .errors import GrpoEnsembleError, RunError, UserError
+from .stopping import Stop
 
 T = TypeVar("T")
 
@@ -135,13 +136,14 @@ def agree(fn: Callable[[], T]) -> T:
     Without this, a rank whose reward scorer fails would leave the others waiting in the next
     collective. Every rank instead learns the first failing rank's message and raises it: a
     `UserError` stays one (exit code 2), anything else becomes a `RunError` (exit code 1).
-    The error is marked `agreed`, so that only rank 0 prints it.
+    The error is marked `agreed`, so that only rank 0 prints it. A stop signal's `Stop` stays
+    one on every rank.
     """
     err: BaseException | None = None
     result = None
     try:
         result = fn()
-    except Exception as exc:  # noqa: BLE001 — reported on every rank below
+    except (Exception, Stop) as exc:  # noqa: BLE001 — reported on every rank below
         err = exc
     world = world_size()
     if world == 1 or getattr(err, "agreed", False):  # an agreed error is on every rank already
@@ -152,14 +154,22 @@ def agree(fn: Callable[[], T]) -> T:
     first = int(_reduce(flag, torch.distributed.ReduceOp.MIN))
     if first == world:
         return result  # type: ignore[return-value]
-    payload = [None]
+    payload: list = [None, None]  # the same length on every rank
     if rank() == first:
-        payload = [(isinstance(err, UserError), _describe(err))]
+        payload = [_kind(err), _describe(err)]
     torch.distributed.broadcast_object_list(payload, src=first)
-    user, message = payload[0]
-    exc = (UserError if user else RunError)(f"rank {first}: {message}")
+    kind, message = payload
+    if isinstance(kind, tuple):  # a stop signal: every rank stops the same way
+        raise Stop(*kind) from err
+    exc = (UserError if kind == "user" else RunError)(f"rank {first}: {message}")
     exc.agreed = True
     raise exc from err
+
+
+def _kind(err: BaseException) -> str | tuple:
+    if isinstance(err, Stop):
+        return (err.signum, err.clean, err.waiting_on)
+    return "user" if isinstance(err, UserError) else "run"
 
 
 def _describe(err: BaseException | None) -> str:

@@ -11,6 +11,7 @@ no scorer scored is `unscored`: it leaves the group statistics and gets no gradi
 A failure of a whole call is localised by scoring group by group, so one bad prompt costs one
 group. A call that runs past `rewards[i].timeout_s` counts as failed for every group of the
 step (it is not retried: it would hang again); its thread is abandoned, never waited for.
+Every call runs in a thread of its own, so that a stop signal can abandon one that hangs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import stopping
 from ..errors import Interrupted, PluginError, UserError
 from ..plugins.interfaces import RewardScorer
 from ..types import Group, Sample
@@ -77,19 +79,18 @@ class WeightedScorer:
     timeout_s: float | None = None
 
 
-class _Fault(Exception):
+class ScorerFault(Exception):
     """One call of a scorer misbehaved; the message says how."""
 
 
-class _Timeout(_Fault):
+class ScorerTimeout(ScorerFault):
     pass
 
 
 def call_with_timeout(fn, timeout: float | None, what: str):
-    """`fn()`, or _Timeout after `timeout` seconds. The call runs in a daemon thread, which is
-    abandoned (not killed: Python cannot) if it hangs, so the run goes on."""
-    if timeout is None:
-        return fn()
+    """`fn()`, or ScorerTimeout after `timeout` seconds (None: no limit). The call runs in a daemon
+    thread, so that the run can leave it: one that runs out of time, or does not return soon
+    after a stop signal (`stopping.wait`), is abandoned (not killed: Python cannot)."""
     box: dict = {}
 
     def target():
@@ -100,29 +101,40 @@ def call_with_timeout(fn, timeout: float | None, what: str):
 
     thread = threading.Thread(target=target, daemon=True, name=f"grpo-ensemble {what}")
     thread.start()
-    thread.join(timeout)
+    stopping.wait(thread, timeout, what)
     if thread.is_alive():
-        raise _Timeout(f"timed out after {timeout:g} s")
+        raise ScorerTimeout(f"timed out after {timeout:g} s")
     if "error" in box:
+        if not isinstance(box["error"], Exception):  # KeyboardInterrupt, SystemExit of its own
+            err = box["error"]
+            raise ScorerFault(f"reward scorer raised {_named(err)}") from err
         raise box["error"]
     return box["value"]
 
 
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _call(ws: WeightedScorer, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     """(len(samples),) scores from one call (0 where None) and (len(samples),) bool: not None;
-    or _Fault. Non-finite values are returned as is."""
+    or ScorerFault. Non-finite values are returned as is."""
     try:
-        raw = list(call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name))
-    except (UserError, Interrupted, _Fault):  # (Interrupted: a signal during an evaluation)
+        raw = call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name)
+    except (UserError, Interrupted, ScorerFault):  # (Interrupted: a signal during an evaluation)
         raise
     except Exception as exc:
-        raise _Fault(f"reward scorer raised {type(exc).__name__}: {exc}") from exc
+        raise ScorerFault(f"reward scorer raised {_named(exc)}") from exc
+    if isinstance(raw, str | bytes | dict) or not hasattr(raw, "__iter__"):
+        # a string would be taken for its characters, a dict for its keys
+        raise ScorerFault(f"returned a {type(raw).__name__}, not a list of scores")
+    raw = list(raw)
     if len(raw) != len(samples):
-        raise _Fault(f"returned {len(raw)} scores for {len(samples)} candidates")
+        raise ScorerFault(f"returned {len(raw)} scores for {len(samples)} candidates")
     try:
         values = [0.0 if x is None else float(x) for x in raw]
     except (TypeError, ValueError) as exc:
-        raise _Fault(f"returned a score that is not a number: {exc}") from None
+        raise ScorerFault(f"returned a score that is not a number: {exc}") from None
     scored = torch.tensor([x is not None for x in raw], dtype=torch.bool)
     return torch.tensor(values, dtype=torch.float32), scored
 
@@ -134,7 +146,7 @@ def checked_scores(scorer: RewardScorer, samples: list[Sample], what: str) -> li
     name = getattr(scorer, "name", type(scorer).__name__)
     try:
         values = _call(WeightedScorer(what, scorer, 1.0), samples)[0].tolist()
-    except _Fault as exc:
+    except ScorerFault as exc:
         raise PluginError(name, f"{what}: {exc}") from None
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
@@ -157,13 +169,13 @@ def _score_one(
     faults: dict[int, str] = {}
     try:
         values, scored = _call(ws, samples)
-    except _Timeout as exc:
+    except ScorerTimeout as exc:
         return values, scored, {i: str(exc) for i in range(len(groups))}
-    except _Fault:  # find the groups it fails on
+    except ScorerFault:  # find the groups it fails on
         for i, (a, b) in enumerate(bounds):
             try:
                 values[a:b], scored[a:b] = _call(ws, samples[a:b])
-            except _Fault as exc:
+            except ScorerFault as exc:
                 faults[i] = str(exc)
     for i, (a, b) in enumerate(bounds):
         bad = ~torch.isfinite(values[a:b])

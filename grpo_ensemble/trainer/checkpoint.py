@@ -4,16 +4,21 @@ A checkpoint is a directory `RUN/checkpoints/step-00000012/` holding
 - `engine/`: DeepSpeed's own checkpoint (weights, optimizer, LR schedule; every rank writes
   its shards, as DeepSpeed requires);
 - `trainer_state.json`: the step, the prompt sampler's position, the recipe, the world size;
-- `rng-rank{R}.json`: each rank's Python, NumPy and torch random states.
+- `rng-rank{R}.json`: each rank's Python, NumPy and torch random states;
+- `metrics.jsonl`: the rows of metrics.jsonl up to the step (a resume restores any row a crash
+  cut from the run's own file);
+- `manifest.json`: every other file with its size and SHA-256 (`manifest.py`), written last.
 
 It is written under a temporary name and renamed when every rank has finished, so a directory
 named `step-…` is always complete: a crash while writing leaves only a `.tmp` directory, which
-the next checkpoint removes. Checkpoints are read with `torch.load(weights_only=True)`, which
-cannot run code from the file.
+the next checkpoint removes. Before loading, every file is checked against the manifest; then
+every `torch.load` (DeepSpeed's universal and elastic loaders included) runs with
+`weights_only=True`, which cannot run code from the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,6 +35,8 @@ import yaml
 from .. import dist
 from ..errors import RunError, UserError
 from ..recipe import Recipe
+from ..rundir import rows_up_to
+from . import manifest
 
 PREFIX = "step-"
 
@@ -89,7 +96,7 @@ def set_aside_later(run_dir: Path, step: int) -> list[Path]:
     return moved
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -112,9 +119,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save_checkpoint(run_dir: Path, engine, sampler, recipe: Recipe, step: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, engine, sampler_state: dict, recipe: Recipe, step: int, rng: dict | None = None
+) -> Path:
     """Write a checkpoint of the state after `step`: the DeepSpeed engine's, the prompt
-    sampler's and every rank's RNGs (every rank calls this); keep the recipe's last K."""
+    sampler's (`sampler_state`) and every rank's RNGs (`rng`: this rank's states as they were
+    after the step, when they have moved on since; every rank calls this); keep the recipe's
+    last K."""
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -137,18 +148,21 @@ def save_checkpoint(run_dir: Path, engine, sampler, recipe: Recipe, step: int) -
     dist.agree(lambda: _disk_errors(write_engine, root))
 
     def write_own():
-        (tmp / f"rng-rank{dist.rank()}.json").write_text(json.dumps(_rng_state()))
+        (tmp / f"rng-rank{dist.rank()}.json").write_text(json.dumps(rng or rng_state()))
         if dist.is_main():
             state = {
                 "step": step,
-                "sampler": sampler.state(),
+                "sampler": sampler_state,
                 "world_size": dist.world_size(),
                 "recipe": recipe.model_dump(mode="json"),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        sync_tree(tmp)  # on the disk before the rename makes the checkpoint count
+            _keep_metrics(run_dir / "metrics.jsonl", tmp / "metrics.jsonl", step)
 
     dist.agree(lambda: _disk_errors(write_own, root))
+    dist.barrier()
+    dist.agree(lambda: _disk_errors(lambda: manifest.write_manifest(tmp), root))
+    dist.agree(lambda: _disk_errors(lambda: sync_tree(tmp), root))  # before the rename
     dist.barrier()
 
     def commit():
@@ -156,10 +170,24 @@ def save_checkpoint(run_dir: Path, engine, sampler, recipe: Recipe, step: int) -
             tmp.rename(final)  # atomic: the checkpoint exists whole or not at all
             _sync(root)  # the rename itself, before older checkpoints go
             for old in complete_checkpoints(run_dir)[: -recipe.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                # out of the `step-…` names first: a crash while deleting must not leave a
+                # half-deleted folder under a name that promises a complete checkpoint
+                doomed = old.with_name(f".{old.name}.old.tmp")
+                old.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     dist.agree(lambda: _disk_errors(commit, root))
     return final
+
+
+def _keep_metrics(source: Path, target: Path, step: int) -> None:
+    """The rows of the run's metrics.jsonl up to `step`, into the checkpoint; the run's file is
+    flushed to the disk first, so that no row the checkpoint covers is only in a cache."""
+    if not source.is_file():
+        return
+    _sync(source)
+    with target.open("x", encoding="utf-8") as fh:
+        fh.writelines(rows_up_to(source, step))
 
 
 def sync_tree(path: Path) -> None:
@@ -190,11 +218,22 @@ def _disk_errors(fn, root: Path):
     try:
         return fn()
     except OSError as exc:
-        good = complete_checkpoints(root.parent)
-        last = f"the last complete checkpoint is {good[-1]}" if good else "no checkpoint was kept"
-        raise RunError(
-            f"cannot write a checkpoint in {root}: {exc.strerror or exc}; {last}"
-        ) from None
+        raise _not_written(root, exc.strerror or str(exc)) from None
+    except RuntimeError as exc:
+        # torch.save reports a failed write (a full disk, a file size limit) as a RuntimeError
+        # of its zip writer, not an OSError
+        text = str(exc)
+        if not any(k in text for k in ("PytorchStreamWriter", "inline_container", "write")):
+            raise
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+        why = "No space left on device" if free < 1 << 20 else "writing a file failed"
+        raise _not_written(root, f"{why} ({' '.join(text.split())[:160]})") from None
+
+
+def _not_written(root: Path, why: str) -> RunError:
+    good = complete_checkpoints(root.parent)
+    last = f"the last complete checkpoint is {good[-1]}" if good else "no checkpoint was kept"
+    return RunError(f"cannot write a checkpoint in {root}: {why}; {last}")
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -249,13 +288,16 @@ DAMAGED = (KeyError, TypeError, ValueError, IndexError, AssertionError, EOFError
 
 def load_checkpoint(path: Path, engine, sampler, recipe: Recipe) -> int:
     """Restore the engine, sampler and RNG states; returns the step the checkpoint ends. Every
-    rank checks its files first and agrees (a rank whose file is damaged stops every rank with
-    its message, before any of them waits in the engine's loading)."""
+    rank checks the files against the manifest and its own files' contents first, and agrees
+    (a damaged file stops every rank with its message, before any of them waits in the
+    engine's loading)."""
+    dist.agree(lambda: check_intact(path, Path(recipe.output_dir).expanduser()))
     state, rng = dist.agree(lambda: _read_checked(path, sampler, recipe))
 
     def load_engine():
         try:
-            return engine.load_checkpoint(str(path / "engine"), tag="state")[0]
+            with no_code_unpickling():
+                return engine.load_checkpoint(str(path / "engine"), tag="state")[0]
         except pickle.UnpicklingError as exc:  # weights_only refused something in the file
             raise UserError(
                 f"--resume: refused to load {path}: it holds objects other than tensors and "
@@ -278,6 +320,33 @@ def load_checkpoint(path: Path, engine, sampler, recipe: Recipe) -> int:
     return int(state["step"])
 
 
+def check_intact(path: Path, run_dir: Path) -> None:
+    """Refuse a checkpoint whose files differ from its manifest, naming the file and the
+    newest intact checkpoint of the run in `run_dir` to resume from instead."""
+    why = manifest.problem(path)
+    if why is None:
+        return
+    if why == f"no {manifest.NAME}":
+        dist.warn_once(
+            f"unverified {path}",
+            f"warning: the checkpoint {path} has no {manifest.NAME} (written by a version "
+            "without one); its files are loaded unverified",
+        )
+        return
+    intact = _newest_intact(path, run_dir)
+    instead = (
+        f"the newest intact checkpoint is {intact}: resume with --resume {intact}"
+        if intact is not None
+        else "no intact checkpoint of the run is left: start a new run in another output_dir"
+    )
+    raise _damaged(path, why, instead)
+
+
+def _newest_intact(damaged: Path, run_dir: Path) -> Path | None:
+    others = [p for p in complete_checkpoints(run_dir) if p.resolve() != damaged.resolve()]
+    return next((p for p in reversed(others) if manifest.problem(p) is None), None)
+
+
 def _read_checked(path: Path, sampler, recipe: Recipe) -> tuple[dict, dict]:
     """This rank's view of the checkpoint `path`: its trainer state and RNG states, checked
     against the run's sampler and recipe."""
@@ -286,14 +355,16 @@ def _read_checked(path: Path, sampler, recipe: Recipe) -> tuple[dict, dict]:
         rng = json.loads((path / f"rng-rank{dist.rank()}.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"--resume: cannot read the checkpoint {path}: {exc}") from None
-    wanted = {"recipe": dict, "world_size": int, "step": int, "sampler": object}
-    for name, kind in wanted.items():
-        if not isinstance(state, dict) or not isinstance(state.get(name), kind):
-            raise _damaged(path, f"trainer_state.json has no {name}")
+    why = _bad_state(state, path)
+    if why:
+        raise _damaged(path, f"trainer_state.json: {why}")
+    why = _bad_rows(path / "metrics.jsonl", state["step"])
+    if why:
+        raise _damaged(path, f"metrics.jsonl: {why}")
     if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
         raise _damaged(path, f"rng-rank{dist.rank()}.json lacks a generator's state")
     check_compatible(state, recipe.model_dump(mode="json"), path)
-    why = sampler.differs(state["sampler"]) if isinstance(state["sampler"], dict) else None
+    why = sampler.differs(state["sampler"])
     if why:  # the sampler's position would pick other prompts than the run went on with
         raise UserError(
             f"--resume: the training prompts are not those of the checkpoint {path} ({why}): "
@@ -303,29 +374,78 @@ def _read_checked(path: Path, sampler, recipe: Recipe) -> tuple[dict, dict]:
     return state, rng
 
 
-def _damaged(path: Path, what: str) -> UserError:
+def _bad_state(state, path: Path) -> str | None:
+    """What is wrong with the values of a trainer_state.json (None: nothing)."""
+
+    def count(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(state, dict):
+        return "not an object"
+    if not isinstance(state.get("recipe"), dict):
+        return "no recipe"
+    if not count(state.get("world_size"), 1):
+        return f"world_size {state.get('world_size')!r} is not a count of ranks"
+    step = state.get("step")
+    if not count(step, 0):
+        return f"step {step!r} is not a step number"
+    named = path.name.removeprefix(PREFIX)
+    if path.name.startswith(PREFIX) and named.isdigit() and int(named) != step:
+        return f"step {step} in the checkpoint of step {int(named)}"
+    sampler = state.get("sampler")
+    if not isinstance(sampler, dict):
+        return "no sampler"
+    for key in ("epoch", "pos", "prompts"):
+        if key in sampler and not count(sampler[key], 0):
+            return f"sampler.{key} {sampler[key]!r} is not a count"
+    if sampler.get("pos", 0) > sampler.get("prompts", sampler.get("pos", 0)):
+        return f"sampler.pos {sampler['pos']} is past its {sampler['prompts']} prompts"
+    return None
+
+
+def _bad_rows(path: Path, step: int) -> str | None:
+    """What is wrong with a checkpoint's copy of the metrics rows (None: nothing, or no copy:
+    a checkpoint written before it kept one)."""
+    if not path.exists():
+        return None
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot be read ({type(exc).__name__})"
+    for i, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            return f"line {i} is not a metrics row"
+        if not 1 <= row["step"] <= step:
+            return f"line {i} is a row of step {row['step']}, not of steps 1-{step}"
+    return None
+
+
+def _damaged(path: Path, what: str, instead: str = "") -> UserError:
     what = " ".join(what.split())[:300]
-    return UserError(f"--resume: the checkpoint {path} is damaged or incomplete ({what})")
+    then = f"; {instead}" if instead else ""
+    return UserError(f"--resume: the checkpoint {path} is damaged or incomplete ({what}){then}")
 
 
-def use_safe_loading(engine) -> None:
-    """Make the engine read its checkpoints with `torch.load(weights_only=True)`."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
-        TorchCheckpointEngine,
-    )
+@contextlib.contextmanager
+def no_code_unpickling():
+    """Every `torch.load` inside the block reads with `weights_only=True`, whatever its caller
+    asks: DeepSpeed's loaders (its own engine, the universal and elastic ones) call
+    `torch.load(..., weights_only=False)`, which would run code planted in a checkpoint."""
+    real = torch.load
 
-    current = getattr(engine, "checkpoint_engine", None)
-    if type(current) is not TorchCheckpointEngine:
-        return  # another engine (e.g. a fast writer) chosen in the DeepSpeed config
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kw):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return real(f, map_location=map_location, weights_only=True, mmap=mmap)
 
-    class Safe(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    safe = Safe.__new__(Safe)
-    safe.__dict__.update(current.__dict__)
-    engine.checkpoint_engine = safe
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def _safe_globals() -> list:

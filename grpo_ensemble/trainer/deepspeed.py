@@ -215,6 +215,14 @@ def deepspeed_config(recipe: Recipe, micro_batch: int, dtype: torch.dtype) -> di
         return implied
     merged = merge_config(implied, raw_deepspeed_config(t.deepspeed))
     check_with_deepspeed(merged)
+    if (merged.get("checkpoint") or {}).get("load_universal"):
+        # a universal checkpoint is for changing the number of ranks, which a resume refuses;
+        # and the checkpoints a run writes are DeepSpeed's own, never converted to one
+        raise RecipeError(
+            "train.deepspeed",
+            "checkpoint.load_universal is not supported: a run resumes from its own "
+            "checkpoints, with the number of ranks that wrote them",
+        )
     return merged
 
 
@@ -375,9 +383,6 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
         # alone, DeepSpeed's all-reduce of stage 0 only flattens the gradients and copies
         # them back; stages 1-3 move gradients into their optimizer's buffers there: kept
         engine.enable_backward_allreduce = False
-    from .checkpoint import use_safe_loading
-
-    use_safe_loading(engine)  # checkpoints are read without unpickling code
     return engine
 
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import shutil
 import signal
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,21 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from .. import dist
+from .. import dist, stopping
 from ..errors import GrpoEnsembleError, Interrupted, RunError, UserError
 from ..models.zero import gathered_params
 from ..plugins import registry as plugins
 from ..plugins.interfaces import Generator, GroupEvaluator
 from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from ..rundir import MetricsWriter, StepProgress, prepare_run_dir, write_recipe
+from ..rundir import MetricsWriter, StepProgress, prepare_run_dir, write_file, write_recipe
 from .build import eval_max_new_tokens
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_aside_later
+from .checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside_later,
+)
 from .deepspeed import init_distributed
 from .evaluation import EvalResult, accuracy_of, heldout_scores
 from .heap import kept_between_steps
@@ -59,45 +64,13 @@ def evaluate_policy(run: Run) -> EvalResult | None:
     return accuracy_of([x for part in dist.all_gather_objects(scores) for x in part])
 
 
-@contextlib.contextmanager
-def _on_stop_signals(handler):
-    """`handler` for SIGINT and SIGTERM inside the block, the previous handlers after it.
-    Outside the main thread signals cannot be caught, and this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+@dataclass
+class _Where:
+    """Where the run is, for the line a stop signal ends it with."""
 
-
-class StopRequests:
-    """SIGINT and SIGTERM ask the run to stop after the current step (a second SIGINT stops at
-    once)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._handling = _on_stop_signals(self._handle)
-
-    def __enter__(self) -> StopRequests:
-        self._handling.__enter__()
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        self._handling.__exit__(*exc)
-
-    def agreed(self) -> int | None:
-        """The signal any rank received (every rank calls this after each step)."""
-        got = int(dist.all_max([self.signal or 0])[0])
-        return got or None
+    during: str = "start-up"
+    kept: str = "nothing was trained"
+    checkpoint: Path | None = None  # the newest one of the run, to continue from
 
 
 def train(
@@ -126,36 +99,65 @@ def train(
     writes the run directory, the progress bar and the final model. Every rank returns the
     same (global) metrics.
     """
-    recipe, source = _resolved(recipe, overrides, source)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    seed_everything(recipe.seed)
-    hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
-    init_distributed(recipe.train.dist_timeout_s)
-    main = dist.is_main()
-    run_dir = dist.agree(
-        lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None, source=source)
-    )
-    data = {"train": train_data, "eval": eval_data}
-    run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator, data)
-    console = console if main else None
-    if main:
-        write_data_report(run, console)
-    dist.agree(lambda: check_disk_space(run) if main else None)
-    result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
-    start = _resume(run, resume, result, console) if resume is not None else 0
-    if recipe.eval.before and start == 0:
-        with _stop_at_once("the evaluation before training", "nothing was trained"):
+    where = _Where()
+    with _stops_reported(where):
+        recipe, source = _resolved(recipe, overrides, source)
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        seed_everything(recipe.seed)
+        hf_logging.disable_progress_bar()  # weight loading/saving bars are noise in a run log
+        init_distributed(recipe.train.dist_timeout_s)
+        main = dist.is_main()
+        run_dir = dist.agree(
+            lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None, source=source)
+        )
+        data = {"train": train_data, "eval": eval_data}
+        run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator, data)
+        console = console if main else None
+        if main:
+            write_data_report(run, console)
+        dist.agree(lambda: check_disk_space(run) if main else None)
+        result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
+        start = _resume(run, resume, result, console, where) if resume is not None else 0
+        if recipe.eval.before and start == 0:
+            where.during = "the evaluation before training"
             result.before = evaluate_policy(run)
-        _say(console, "before", result.before)
-    # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is torch's own
-    with kept_between_steps(on=not torch.cuda.is_available()):
-        _steps(run, start, result, console)
-    # the trained model first: an evaluation that fails or is stopped does not lose it
+            _say(console, "before", result.before)
+        # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is torch's own
+        with kept_between_steps(on=not torch.cuda.is_available()):
+            _steps(run, start, result, console, where)
+        _finish(run, result, console, where)
+        return result
+
+
+def _finish(run: Run, result: TrainResult, console, where: _Where) -> None:
+    """The final model, then the evaluation after training: one that fails or is stopped does
+    not lose the model."""
+    where.during = "the saving of the final model"
     _save_final(run, result.model_dir)
-    if recipe.eval.after:
+    if run.recipe.eval.after:
+        where.during = "the evaluation after training"
+        where.kept = f"the trained model is in {result.model_dir}"
+        where.checkpoint = None  # the training is done: nothing to continue
         result.after = _evaluate_after(run, result.model_dir, console)
-    return result
+
+
+@contextlib.contextmanager
+def _stops_reported(where: _Where):
+    """Stop signals handled as `stopping` says inside the block; one that stops the run at
+    once becomes `Interrupted` (exit code 128 + signal), saying where the run was and what it
+    kept."""
+    with stopping.handling():
+        try:
+            yield
+        except stopping.Stop as stop:
+            exc = Interrupted(
+                f"stopped by {stop.name} during {where.during}; {where.kept}",
+                exit_code=128 + stop.signum,
+                resumable=where.checkpoint is not None,
+            )
+            exc.agreed = True  # every rank gets the signal from its launcher; rank 0 prints it
+            raise exc from None
 
 
 def _resolved(recipe: Recipe | str | Path, overrides: Sequence[str], source):
@@ -170,43 +172,27 @@ def _resolved(recipe: Recipe | str | Path, overrides: Sequence[str], source):
 
 
 def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:
-    """The evaluation after training; if it fails or is stopped, the line says where the
-    (already saved) model is."""
-    saved = f"the trained model is in {model_dir}"
-    with _stop_at_once("the evaluation after training", saved):
-        try:
-            after = evaluate_policy(run)
-        except GrpoEnsembleError:
-            _say_text(console, f"the evaluation after training failed; {saved}")
-            raise
+    """The evaluation after training; if it fails, the line says where the (already saved)
+    model is (a stop signal says so in its own line)."""
+    try:
+        after = evaluate_policy(run)
+    except GrpoEnsembleError:
+        _say_text(
+            console, f"the evaluation after training failed; the trained model is in {model_dir}"
+        )
+        raise
     _say(console, "after", after)
     return after
 
 
-@contextlib.contextmanager
-def _stop_at_once(during: str, state: str):
-    """SIGINT and SIGTERM stop an evaluation at once, with one line that says what it leaves
-    (`Interrupted`, exit code 128 + signal): an evaluation has nothing to save."""
-
-    def stop(signum, frame):
-        name = signal.Signals(signum).name
-        exc = Interrupted(
-            f"stopped by {name} during {during}; {state}", exit_code=128 + signum, resumable=False
-        )
-        exc.agreed = True  # every rank gets the signal from its launcher; rank 0 prints it
-        raise exc
-
-    with _on_stop_signals(stop):
-        yield
-
-
-def _resume(run: Run, resume: str, result: TrainResult, console) -> int:
+def _resume(run: Run, resume: str, result: TrainResult, console, where: _Where) -> int:
     """Restore the checkpoint `resume` names (if any); returns the step it ends."""
     main, run_dir, start = dist.is_main(), run.run_dir, 0
     path = dist.agree(lambda: find_checkpoint(run_dir, resume))
     if path is not None:
         start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
-        result.resumed_from = path
+        result.resumed_from = where.checkpoint = path
+        where.kept = f"the checkpoints are as they were; the newest is {path}"
         _say_text(console, f"resumed from {path} (step {start})")
         # later checkpoints belong to the way the run went before; kept, under another name
         later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
@@ -226,23 +212,28 @@ def _save_final(run: Run, model_dir: Path) -> None:
     dist.barrier()  # no rank goes on before the final model is on disk
 
 
-def _steps(run: Run, start: int, result: TrainResult, console) -> None:
+def _steps(run: Run, start: int, result: TrainResult, console, where: _Where) -> None:
     """Steps start+1 … train.steps, with checkpoints, bad-update accounting and stop requests."""
     t = run.recipe.train
     main = dist.is_main()
-    writer = MetricsWriter(run.run_dir / "metrics.jsonl", keep_until=start) if main else None
+    saved_rows = where.checkpoint / "metrics.jsonl" if where.checkpoint is not None else None
+    metrics_path = run.run_dir / "metrics.jsonl"
+    writer = MetricsWriter(metrics_path, keep_until=start, saved=saved_rows) if main else None
     progress = StepProgress(t.steps, run.recipe.log.progress and main, console, start)
     # a resumed run goes on counting where its metrics left off (rank 0 reads them)
     bad_in_a_row = int(dist.all_max([writer.bad_in_a_row if writer is not None else 0])[0])
     saved = start
+    if where.checkpoint is None:
+        where.kept = "no checkpoint was written"
     # the weights the policy samples with are the engine's, also after a resume
     run.policy_generator.sync_weights(run.engine.module)
-    with StopRequests() as stop, contextlib.ExitStack() as cleanup:
+    with stopping.after_steps(), contextlib.ExitStack() as cleanup:
         cleanup.callback(progress.close)
         if writer is not None:
             cleanup.callback(writer.close)
         for step in range(start + 1, t.steps + 1):
-            metrics = grpo_step(run, step)
+            where.during = f"step {step}"
+            metrics = _step_or_stop(run, step, saved, where)
             result.metrics.append(metrics)
             if writer is not None:
                 writer.write(metrics)
@@ -256,10 +247,13 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
                     f"(steps {step - bad_in_a_row + 1}-{step}), so the run stopped{good}"
                 )
             due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
-            signum = stop.agreed()
+            signum = int(dist.all_max([stopping.requested() or 0])[0]) or None
             if due or signum:
-                path = save_checkpoint(run.run_dir, run.engine, run.sampler, run.recipe, step)
+                path = save_checkpoint(
+                    run.run_dir, run.engine, run.sampler.state(), run.recipe, step
+                )
                 saved = step
+                where.checkpoint, where.kept = path, f"the last checkpoint is {path}"
             if signum:
                 name = signal.Signals(signum).name
                 exc = Interrupted(
@@ -268,6 +262,28 @@ def _steps(run: Run, start: int, result: TrainResult, console) -> None:
                 )
                 exc.agreed = True  # every rank raises it; rank 0 prints it
                 raise exc
+
+
+def _step_or_stop(run: Run, step: int, saved: int, where: _Where) -> dict:
+    """`grpo_step`; when a stop signal abandons a reward scorer's call in it (a clean `Stop`:
+    nothing of the step has changed the weights yet), a checkpoint of the state before the
+    step, from the sampler's and RNGs' states as the step began."""
+    before = run.sampler.state(), rng_state()
+    try:
+        return grpo_step(run, step)
+    except stopping.Stop as stop:
+        if not stop.clean:
+            raise
+        previous = step - 1
+        if previous > saved:
+            sampler, rng = before
+            path = save_checkpoint(run.run_dir, run.engine, sampler, run.recipe, previous, rng)
+            where.checkpoint, where.kept = path, f"checkpoint {path}"
+        where.during = (
+            f"step {step} (the reward scorer {stop.waiting_on!r} had not returned "
+            f"{stopping.GRACE_S:g} s after it; it was abandoned and the step left out)"
+        )
+        raise
 
 
 # bytes a checkpoint takes per parameter, at most: fp32 weights, fp32 master copy, two Adam moments
@@ -317,7 +333,7 @@ def write_data_report(run: Run, console) -> None:
         )
         if r.skipped or r.duplicates or r.truncated:
             _say_text(console, f"data: {r.summary()}")
-    (run.run_dir / "data_report.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_file(run.run_dir / "data_report.json", json.dumps(rows, indent=1) + "\n")
 
 
 def _say(console, when: str, res: EvalResult | None) -> None:

@@ -125,6 +125,31 @@ def test_a_wrong_count_fails_every_group():
         score_groups(GROUPS, [_ws(WrongCount(), "fail")])
 
 
+class ReturnsText(RewardScorer):
+    """Returns its scores as one string of digits, one per candidate: it must not be read as
+    a list of its characters."""
+
+    name = "returns_text"
+
+    def __init__(self, kind=str):
+        self.kind = kind
+
+    def score(self, samples):
+        text = "1" * len(samples)
+        return {str: text, bytes: text.encode(), dict: dict.fromkeys(text)}[self.kind]
+
+
+@pytest.mark.parametrize("kind", [str, bytes, dict])
+def test_scores_given_as_a_string_are_a_fault_not_one_score_per_character(kind):
+    with pytest.raises(PluginError) as info:
+        score_groups(GROUPS, [_ws(ReturnsText(kind), "fail")])
+    assert str(info.value) == (
+        f"plugin 'returns_text': returned a {kind.__name__}, not a list of scores for prompt '1+1='"
+    )
+    s = score_groups(GROUPS, [_ws(ReturnsText(kind), "zero")])
+    assert s.combined.tolist() == [0.0] * 6
+
+
 class NanForBadGroup(GroupEvaluator):
     """GRPO advantages, except NaN for the group whose prompt is "bad" (row 1 here)."""
 
@@ -333,7 +358,7 @@ def test_scorers_given_as_objects_take_the_recipes_error_options():
     a, b = FailsOnBad(), NanOnBad()
     got = build_scorers(None, [(a, 2.0), (b, 0.5, {"on_error": "zero", "timeout_s": 3})])
     assert [(w.name, w.scorer, w.weight, w.on_error, w.timeout_s) for w in got] == [
-        ("fails_on_bad", a, 2.0, "fail", None),
+        ("fails_on_bad", a, 2.0, "fail", 600.0),  # the recipe default
         ("nan_on_bad", b, 0.5, "zero", 3.0),
     ]
     bad = {

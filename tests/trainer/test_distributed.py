@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from grpo_ensemble.dist import shard
 from grpo_ensemble.errors import RecipeError
+from grpo_ensemble.trainer import manifest
 from grpo_ensemble.trainer.deepspeed import SHM_DIR, deepspeed_config, merge_config
 from grpo_ensemble.trainer.loop import train
 
@@ -164,6 +165,9 @@ def test_two_ranks_match_one_rank(tmp_path, launcher, train_changes):
         )
         for text, why in damaged.items():
             (ckpt / "rng-rank1.json").write_text(text)
+            # the manifest rewritten over it: what rank 1 finds in its own file is checked
+            (ckpt / manifest.NAME).unlink()
+            manifest.write_manifest(ckpt)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
             cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", "train", str(recipe)]
             cmd += ["--set", f"output_dir={two}", "--set", "train.steps=5", "--resume", "auto"]

@@ -182,6 +182,7 @@ def test_sigterm_during_an_evaluation_stops_with_one_line(tmp_path, when):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"stopped by SIGTERM during the evaluation {when} training; {state}"
     )
+    assert "failed" not in proc.stdout  # one line: the stop is no failed evaluation
     assert (out / "final" / "model.safetensors").is_file() == (when == "after")
     # DeepSpeed's notes of every CPU run (that it chose the CPU, that it built an op) are gone
     assert "Setting accelerator" not in proc.stderr + proc.stdout
@@ -300,32 +301,65 @@ def test_the_run_directory_never_replaces_the_recipe_file_being_run(tmp_path, ca
     assert recipe.read_text() == text
 
 
+def _resealed(ckpt):
+    """A checkpoint whose manifest was written after its files were changed: what is in the
+    files themselves is then checked (the manifest only proves they are what was written)."""
+    from grpo_ensemble.trainer import manifest
+
+    (ckpt / manifest.NAME).unlink()
+    manifest.write_manifest(ckpt)
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    import json
     import shutil
 
     recipe = _recipe(tmp_path, steps=1, checkpoint_every=1)
     out = tmp_path / "run"
     train(recipe, overrides=[f"output_dir={out}"])
     good = out / "checkpoints" / "step-00000001"
+    state = json.loads((good / "trainer_state.json").read_text())
+    past = state["sampler"]["prompts"] + 1
+
+    def with_state(**changes):
+        def damage(c):
+            changed = {**state, **changes}
+            if "sampler" in changes:
+                changed["sampler"] = {**state["sampler"], **changes["sampler"]}
+            (c / "trainer_state.json").write_text(json.dumps(changed))
+
+        return damage
+
     damages = {
-        "trainer_state.json has no recipe": lambda c: (c / "trainer_state.json").write_text("{}"),
-        "trainer_state.json has no recipe ": lambda c: (c / "trainer_state.json").write_text("[1]"),
+        "trainer_state.json: no recipe": lambda c: (c / "trainer_state.json").write_text("{}"),
+        "trainer_state.json: not an object": lambda c: (c / "trainer_state.json").write_text("[1]"),
+        "trainer_state.json: step -5 is not a step number": with_state(step=-5),
+        "trainer_state.json: step 3 in the checkpoint of step 1": with_state(step=3),
+        "trainer_state.json: world_size 0 is not a count of ranks": with_state(world_size=0),
+        "trainer_state.json: sampler.pos -1 is not a count": with_state(sampler={"pos": -1}),
+        "trainer_state.json: sampler.pos {past} is past its": with_state(sampler={"pos": past}),
         "rng-rank0.json lacks a generator's state": lambda c: (c / "rng-rank0.json").write_text(
             "{}"
         ),
         "AssertionError": lambda c: shutil.rmtree(c / "engine" / "state"),
     }
-    for i, (what, damage) in enumerate(damages.items()):
-        ckpt = tmp_path / f"damaged-{i}"
-        shutil.copytree(good, ckpt)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(good, pristine)
+    for what, damage in damages.items():
+        ckpt = good
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
         damage(ckpt)
+        _resealed(ckpt)
         args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", str(ckpt)]
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(
-            f"error: --resume: the checkpoint {ckpt} is damaged or incomplete ({what.strip()}"
+            f"error: --resume: the checkpoint {ckpt} is damaged or incomplete "
+            f"({what.format(past=past)}"
         ), err
         assert len(err.splitlines()) == 1
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
@@ -584,6 +618,7 @@ def test_a_checkpoint_from_before_adam_eps_resumes_with_the_epsilon_it_had(tmp_p
     state = json.loads(state_file.read_text())
     del state["recipe"]["train"]["adam_eps"]
     state_file.write_text(json.dumps(state))
+    (state_file.parent / "manifest.json").unlink()  # nor a manifest
     args = ["train", str(recipe), "--set", f"output_dir={out}", "--resume", "auto"]
     assert main([*args, "--set", "train.adam_eps=1e-6", "--set", "train.steps=2"]) == 2
     assert "train.adam_eps was 1.0e-08 in the checkpoint" in capsys.readouterr().err
