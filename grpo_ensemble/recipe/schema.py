@@ -224,6 +224,16 @@ class LossConfig(_Config):
     shaped_gamma: float = Field(0.1, gt=0, description="shaped peers: f(p) = p/(p+gamma).")
     tis_low: float = Field(0.0, ge=0, description="tis peers: lower clamp of π_θ/μ_peer.")
     tis_high: float = Field(2.0, gt=0, description="tis peers: upper clamp of π_θ/μ_peer.")
+    kl_tokens: Literal["policy", "all"] = Field(
+        "policy",
+        description="Tokens the beta·KL term applies to: the policy's own samples (k3 estimates "
+        "KL(π‖ref) only on tokens π sampled), or every trained token, peers' included.",
+    )
+    constant_tokens: Literal["policy", "longest"] = Field(
+        "policy",
+        description="aggregation constant: divide by the policy's own max_new_tokens, or by the "
+        "longest any member may write.",
+    )
 
 
 class TrainConfig(_Config):
@@ -382,6 +392,13 @@ class Recipe(_Config):
             raise ValueError("train.frozen_models: shard needs train.zero_stage 3")
         if self.loss.tis_low > self.loss.tis_high:
             raise ValueError("loss.tis_low: must not exceed loss.tis_high")
+        for i, p in enumerate(self.peers):
+            if p.mode == "baseline_only" and self.group.stats == "policy":
+                raise ValueError(
+                    f"peers.{i}.mode: baseline_only changes nothing with group.stats: policy "
+                    "(the group statistics are then the policy's own, and its candidates get "
+                    "no gradient): use group.stats: group, another mode, or leave the peer out"
+                )
         size = self.group_size
         if size < 2:
             raise ValueError(

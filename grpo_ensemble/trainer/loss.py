@@ -108,6 +108,7 @@ class LossSettings:
     shaped_gamma: float = 0.1  # shaped: f(p) = p/(p+γ)
     tis_low: float = 0.0  # tis: importance weights clamped to [tis_low, tis_high]
     tis_high: float = 2.0
+    kl_tokens: str = "policy"  # "policy": KL on the policy's own rows (`own`), "all": every row
 
 
 @dataclass
@@ -129,13 +130,18 @@ def grpo_loss(
     settings: LossSettings,
     modes: torch.Tensor | None = None,
     behaviour_logp: torch.Tensor | None = None,
+    own: torch.Tensor | None = None,
 ) -> LossOutput:
     """Per-candidate surrogate (by `modes` (B,), see MODES) + beta·KL, aggregated by name.
 
     The policy's own candidates and on_policy peers take the clipped surrogate; shaped and
-    tis rows their own surrogate. KL applies to every token that receives gradient.
+    tis rows their own surrogate. `own` (B,) bool marks the rows the policy sampled: with
+    `kl_tokens: policy` the KL applies to those alone (k3 on tokens another model sampled
+    estimates neither KL(π‖ref) nor its gradient); None: every row is the policy's.
     """
     c = settings
+    if modes is not None and behaviour_logp is None and bool((modes == MODES["tis"]).any()):
+        raise ValueError("grpo_loss: tis rows need behaviour_logp (the sampler's log-probs)")
     per_token, clipped = clipped_surrogate(logp, old_logp, advantages, c.clip_low, c.clip_high)
     weight = torch.ones_like(logp)
     tis_clamped = None
@@ -154,6 +160,8 @@ def grpo_loss(
     kl = torch.zeros_like(logp)
     if c.beta > 0 and ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
+        if c.kl_tokens == "policy" and own is not None:
+            kl = kl * own.unsqueeze(1)  # (B, C)
         per_token = per_token + c.beta * kl
     loss = AGGREGATIONS[c.aggregation](per_token, mask, size)
     return LossOutput(loss, kl.detach(), clipped & mask.bool(), weight, tis_clamped)

@@ -40,6 +40,7 @@ def loss_settings(recipe: Recipe) -> LossSettings:
         shaped_gamma=lo.shaped_gamma,
         tis_low=lo.tis_low,
         tis_high=lo.tis_high,
+        kl_tokens=lo.kl_tokens,
     )
 
 
@@ -71,8 +72,11 @@ def resolve(
             loss=loss,
             mu=lo.mu,
             temperature=members[0].sampling.temperature,
-            # the longest completion any member may write: Dr. GRPO's constant normaliser
-            max_new_tokens=max(m.sampling.max_new_tokens for m in members),
+            # Dr. GRPO's constant normaliser: the policy's own longest completion, so that a
+            # peer's longer budget does not shrink the policy's gradient against a solo run
+            max_new_tokens=members[0].sampling.max_new_tokens
+            if lo.constant_tokens == "policy"
+            else max(m.sampling.max_new_tokens for m in members),
             train_is_eval=train_is_eval,
         ),
     )

@@ -18,6 +18,7 @@ import torch
 from .. import dist
 from ..models.logprobs import completion_logprobs
 from ..plugins.interfaces import ReplaysForward
+from ..types import POLICY
 from .batching import LeftOut, MicroBatch
 from .loss import MODES, BatchSize, LossSettings, grpo_loss
 from .metrics import WEIGHT_KEYS, tokens_by_member, update_metrics
@@ -77,6 +78,14 @@ def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
         return False
 
     return not noisy(config.to_dict())
+
+
+def _own_rows(mbatch: MicroBatch, device) -> torch.Tensor | None:
+    """(B,) bool: the rows the policy sampled (None for a filler batch, which has no rows of
+    any member)."""
+    if not mbatch.sources:
+        return None
+    return torch.tensor([m == POLICY for m in mbatch.sources], device=device)
 
 
 def batch_size_of(batches, max_new_tokens: int, left: LeftOut | None = None) -> BatchSize:
@@ -175,6 +184,7 @@ def accumulate(
             s.loss,
             mbatch.modes,
             mbatch.behaviour,
+            own=_own_rows(mbatch, logp.device),
         )
         filler = not mbatch.index
         # the loss is already this micro-batch's share of the step: no 1/accumulation scaling

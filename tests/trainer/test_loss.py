@@ -92,3 +92,54 @@ def test_grpo_loss_adds_beta_kl_and_masks_padding():
     # token 0: surrogate −1·1 = −1; KL = 0.5 + log 2 − 1; padding contributes nothing
     expected = -1.0 + 0.1 * (0.5 + math.log(2) - 1)
     assert math.isclose(out.loss.item(), expected, rel_tol=1e-6)
+
+
+def test_kl_applies_to_the_policys_own_rows_by_default():
+    # row 0 the policy's, row 1 a peer's (on_policy mode); ratio 1, A = 0: only the KL is left
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.25]], dtype=torch.float64))
+    ref = torch.log(torch.tensor([[0.25, 0.25], [0.25, 0.5]], dtype=torch.float64))
+    mask = torch.ones(2, 2)
+    size = BatchSize(sequences=2, tokens=4, max_new_tokens=2)
+    own = torch.tensor([True, False])
+    zero = torch.zeros(2, dtype=torch.float64)
+    # k3 = exp(d) − d − 1, d = ref − logp: row 0 tokens d = log ½, 0 → ½ + log 2 − 1, 0
+    k = 0.5 + math.log(2) - 1
+    policy_only = grpo_loss(logp, logp, ref, zero, mask, size, LossSettings(beta=0.1), own=own)
+    assert policy_only.loss.item() == math.fsum([0.1 * k]) / 4
+    assert policy_only.kl[1].tolist() == [0.0, 0.0]
+    # kl_tokens: all — row 1 adds d = log ½, log 2 → k, 2 − log 2 − 1
+    every = grpo_loss(
+        logp, logp, ref, zero, mask, size, LossSettings(beta=0.1, kl_tokens="all"), own=own
+    )
+    assert abs(every.loss.item() - 0.1 * (2 * k + 1 - math.log(2)) / 4) < 1e-15
+
+
+def test_tis_rows_without_behaviour_logprobs_are_refused():
+    logp = torch.zeros(2, 2, dtype=torch.float64)
+    size = BatchSize(sequences=2, tokens=4, max_new_tokens=2)
+    modes = torch.tensor([0, 2])
+    import pytest
+
+    with pytest.raises(ValueError, match="tis rows need behaviour_logp"):
+        grpo_loss(logp, logp, None, torch.ones(2), torch.ones(2, 2), size, LossSettings(), modes)
+
+
+def test_the_clip_flag_counts_only_clipped_surrogate_rows():
+    # the same ratios (1.5: clipped for A > 0) on an on_policy, a shaped and a tis row: only
+    # the on_policy row takes the clipped surrogate, so only it may count as clipped
+    logp = torch.log(torch.full((3, 2), 1.5, dtype=torch.float64))
+    old = torch.zeros(3, 2, dtype=torch.float64)
+    adv = torch.ones(3, dtype=torch.float64)
+    size = BatchSize(sequences=3, tokens=6, max_new_tokens=2)
+    out = grpo_loss(
+        logp,
+        old,
+        None,
+        adv,
+        torch.ones(3, 2),
+        size,
+        LossSettings(),
+        modes=torch.tensor([0, 1, 2]),
+        behaviour_logp=old,
+    )
+    assert out.clipped.tolist() == [[True, True], [False, False], [False, False]]

@@ -376,3 +376,25 @@ def test_peer_with_another_vocabulary_is_retokenized(small_recipe, tmp_path):
             ids = run.tokenizer(c.text, add_special_tokens=False)["input_ids"]
             assert c.token_ids == ids + ([run.tokenizer.eos_token_id] if c.finished else [])
             assert c.behaviour_logprobs is None
+
+
+def test_baseline_only_with_policy_stats_is_refused(small_recipe, tmp_path):
+    # the policy's own statistics leave the peer's scores out, and its candidates get no
+    # gradient: the peer would cost sampling and scoring and change nothing
+    with pytest.raises(RecipeError, match="peers.0.mode: baseline_only changes nothing"):
+        small_recipe(peers__0__mode="baseline_only", group__stats="policy")
+
+
+@pytest.mark.parametrize("constant_tokens, expected", [("policy", 5), ("longest", 9)])
+def test_the_constant_normaliser_takes_the_policys_own_length(
+    small_recipe, tmp_path, constant_tokens, expected
+):
+    from grpo_ensemble.trainer.setup import build_run
+
+    r = small_recipe(
+        peers__0__sampling__max_new_tokens=9,
+        loss__aggregation="constant",
+        loss__constant_tokens=constant_tokens,
+    )
+    run = build_run(r, tmp_path)
+    assert run.settings.update.max_new_tokens == expected
