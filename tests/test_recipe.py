@@ -99,6 +99,13 @@ BAD = [
     (GOOD, 'policy.model=""', "--set: policy.model: String should have at least 1 character"),
     (GOOD, "train.deepspeed=[1]", "--set: train.deepspeed: give a .json/.yaml file path or a"),
     (GOOD, "train.steps.x=1", "--set: train.steps: Input should be a valid integer"),
+    # the loss family: options that would do nothing or cut into the clip range
+    (GOOD, "loss.type=ppo", "--set: loss.type: Input should be 'grpo', 'bnpo', 'dr_grpo'"),
+    (GOOD, "loss.kl_estimator=k2", "--set: loss.kl_estimator: Input should be 'k1', 'k3' or"),
+    (GOOD, "loss.delta=1.1", "--set: loss.delta: 1.1 must exceed 1 + loss.clip_high (1.2)"),
+    (GOOD + "loss: {{type: cispo, delta: 4}}\n", None, "loss.delta: cispo has no clipped ratio"),
+    (GOOD, "loss.top_entropy_quantile=0", "loss.top_entropy_quantile: Input should be greater"),
+    (GOOD, "loss.off_policy_mask=-1", "loss.off_policy_mask: Input should be greater than or"),
     # YAML's true and false are not numbers (`steps: true` trained 1 step)
     (GOOD, "train.steps=true", "--set: train.steps: give a number, not true"),
     (GOOD, "loss.beta=false", "--set: loss.beta: give a number, not false"),

@@ -125,12 +125,13 @@ class HFGenerator(Generator):
         """True when this generator samples with `model` itself, so its recordings are of it."""
         return self.model is model
 
-    def replay_logprobs(self, model, batch, traces, temperature: float) -> torch.Tensor | None:
+    def replay_logprobs(self, model, batch, traces, temperature: float, entropy=None):
         """(B, C) log-probs of `batch` under `model`, with the graph for the backward, from the
-        recorded products (see replay.py); None where the recording cannot serve this batch."""
+        recorded products (see replay.py); None where the recording cannot serve this batch.
+        `entropy` "value" or "grad": a pair (log-probs, (B, C) entropy per position)."""
         if not replayable(model, batch, traces):
             return None
-        return replay_logprobs(model, batch, traces, temperature)
+        return replay_logprobs(model, batch, traces, temperature, entropy)
 
     def release_buffers(self) -> None:
         """Free the buffers kept for the next recordings (beside a forward of its own they

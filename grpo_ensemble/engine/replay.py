@@ -32,6 +32,7 @@ from ..models.kvcache import cache_of
 from ..models.logprobs import (
     TokenBatch,
     checkpointing,
+    logprobs_and_entropy,
     prompt_forward,
     selective_log_softmax,
     shared_prompt_plan,
@@ -141,8 +142,12 @@ def _outputs(traces: Sequence[Trace], steps: int) -> list[dict[str, torch.Tensor
 
 
 def replay_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, traces: Sequence[Trace], temperature: float = 1.0
-) -> torch.Tensor:
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    traces: Sequence[Trace],
+    temperature: float = 1.0,
+    entropy: str | None = None,
+):
     """(B, C) log-probs of the completion tokens, as `completion_logprobs`, with every
     projection of the completion positions taken from sampling's recording (`replayable`
     must hold). `model` may be a DeepSpeed engine; the prompt runs through it.
@@ -185,6 +190,8 @@ def replay_logprobs(
     logits = torch.cat([first_logits, logits.view(steps, b, -1).transpose(0, 1)], dim=1)
     if temperature != 1.0:
         logits = logits / temperature
+    if entropy is not None:  # with the entropy of each position: (log-probs, entropy)
+        return logprobs_and_entropy(logits, batch.completion_ids, entropy=entropy)
     return selective_log_softmax(logits, batch.completion_ids)
 
 

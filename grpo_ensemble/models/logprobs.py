@@ -62,12 +62,28 @@ def selective_log_softmax(
     logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 16
 ) -> torch.Tensor:
     """log_softmax(logits)[..., index] for (B, T, V) logits and (B, T) index, in row chunks."""
-    out = []
+    return logprobs_and_entropy(logits, index, chunk_rows, entropy=None)[0]
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 16, entropy: str | None = "value"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) log_softmax(logits)[..., index] and (B, T) entropy −Σ p·log p of each position's
+    distribution, in row chunks. `entropy`: None (not computed), "value" (detached: a metric
+    or a mask) or "grad" (with its graph, for an entropy term in the loss)."""
+    out, ents = [], []
     for lg, ix in zip(logits.split(chunk_rows), index.split(chunk_rows), strict=True):
         lg = lg.float()
-        picked = lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(lg, dim=-1))
-    return torch.cat(out)
+        lse = torch.logsumexp(lg, dim=-1)
+        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - lse)
+        if entropy is None:
+            continue
+        with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+            x = lg if entropy == "grad" else lg.detach()
+            z = lse if entropy == "grad" else lse.detach()
+            # H = logsumexp − Σ softmax·logits: no second (rows, T, V) log-softmax kept
+            ents.append(z - (torch.softmax(x, dim=-1) * x).sum(-1))
+    return torch.cat(out), torch.cat(ents) if entropy is not None else None
 
 
 def checkpointing(module: torch.nn.Module) -> bool:
@@ -112,6 +128,14 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """(B, C) log-probs of the completion tokens, at the sampling temperature (as TRL).
     `share` False: every row runs whole, even where its prompt could run once for its group."""
+    return completion_logprobs_entropy(model, batch, temperature, share, entropy=None)[0]
+
+
+def completion_logprobs_entropy(
+    model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0, share=True, entropy="value"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`completion_logprobs` and the (B, C) entropy of the policy's distribution at each
+    completion position from the same forward (`entropy`: see `logprobs_and_entropy`)."""
     c_len = batch.completion_ids.shape[1]
     # Left padding shifts positions: count only real tokens (as `generate` does).
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -129,7 +153,7 @@ def completion_logprobs(
         logits = out.logits[:, :-1, :]  # (B, C, V): position t predicts completion token t
     if temperature != 1.0:
         logits = logits / temperature
-    return selective_log_softmax(logits, batch.completion_ids)
+    return logprobs_and_entropy(logits, batch.completion_ids, entropy=entropy)
 
 
 def prompt_forward(model, batch: TokenBatch, position_ids, rows=None):

@@ -110,10 +110,12 @@ class ReplaysForward(Protocol):
         """True when the recordings are of `model` (the generator samples with it)."""
 
     def replay_logprobs(
-        self, model: Any, batch: Any, traces: Sequence[Any], temperature: float
-    ) -> torch.Tensor | None:
+        self, model: Any, batch: Any, traces: Sequence[Any], temperature: float, entropy=None
+    ) -> Any:
         """(B, C) completion log-probs of `batch` under `model` with the graph for the
-        backward, from the traces; None where they cannot serve this batch."""
+        backward, from the traces; None where they cannot serve this batch. `entropy` "value"
+        (detached) or "grad": the pair (log-probs, (B, C) entropy of each position's
+        distribution at `temperature`) from the same logits."""
 
     def release_buffers(self) -> None:
         """Free memory kept for the next recordings."""

@@ -210,15 +210,77 @@ class GroupConfig(_Config):
         "fail",
         description="When the evaluator raises or gives NaN/inf for a group: stop, or drop it.",
     )
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None,
+        description="What divides the advantages: the group's reward std (group: the grpo "
+        "evaluator's own), the std of the step's rewards over all ranks (batch, as TRL's "
+        "scale_rewards: batch), or nothing (none). null: the evaluator's own (grpo: group; "
+        "dr_grpo and rloo never divide).",
+    )
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize",
+        description="With several rewards: the evaluator sees their weighted sum "
+        "(sum_then_normalize), or the weighted sum of each reward normalised within its group, "
+        "(r − group mean) / (group std + 1e-4) (normalize_then_sum).",
+    )
 
 
 class LossConfig(_Config):
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio may fall to 1 − clip_low.")
     clip_high: float = Field(0.2, ge=0, description="Ratio may rise to 1 + clip_high.")
     beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (0: no ref).")
-    aggregation: Literal["token_mean", "seq_mean", "constant"] = Field(
-        "token_mean",
-        description="token_mean over the batch, per-sequence mean, or constant-length normaliser.",
+    type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo"] = Field(
+        "dapo",
+        description="Loss formulation (docs/algorithm.md): the surrogate and the aggregation it "
+        "implies. grpo: clipped, seq_mean; bnpo and dapo: clipped, token_mean; dr_grpo: clipped, "
+        "constant; cispo: clipped importance weight times log-prob, token_mean; sapo: soft gate, "
+        "seq_mean; gspo: clipped sequence-level ratio, seq_mean.",
+    )
+    aggregation: Literal["token_mean", "seq_mean", "constant"] | None = Field(
+        None,
+        description="token_mean over the batch, per-sequence mean, or constant-length "
+        "normaliser (null: the one loss.type implies).",
+    )
+    delta: float | None = Field(
+        None,
+        gt=1,
+        description="Two-sided clipping: the ratio's unclipped term is capped at delta, so a "
+        "negative-advantage token's loss stays bounded (null: off).",
+    )
+    sapo_temperature_pos: float = Field(
+        1.0, gt=0, description="sapo: gate temperature for positive advantages."
+    )
+    sapo_temperature_neg: float = Field(
+        1.05, gt=0, description="sapo: gate temperature for zero and negative advantages."
+    )
+    mask_truncated: bool = Field(
+        False,
+        description="Leave completions cut at max_new_tokens (no EOS) out of the loss; they "
+        "still count in their group's statistics.",
+    )
+    top_entropy_quantile: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Keep in the policy-gradient term only the tokens whose entropy is in the "
+        "top quantile of the micro-batch's tokens over all ranks (1: every token).",
+    )
+    entropy_coef: float = Field(
+        0.0,
+        description="Subtract entropy_coef × the policy's mean per-token entropy from the loss "
+        "(positive: an exploration bonus).",
+    )
+    kl_estimator: Literal["k1", "k3", "k3_bias_corrected"] = Field(
+        "k3_bias_corrected",
+        description="Per-token KL term: k1 = log π − log π_ref, k3 = exp(d) − d − 1 with "
+        "d = log π_ref − log π, k3_bias_corrected = k3 × the importance ratio (its gradient is "
+        "that of KL(π‖π_ref); TRL's use_bias_correction_kl).",
+    )
+    off_policy_mask: float | None = Field(
+        None,
+        ge=0,
+        description="Drop from the loss the negative-advantage sequences whose mean log-ratio "
+        "log μ − log π to the model that sampled them exceeds this (null: off).",
     )
     mu: int = Field(1, ge=1, description="Optimizer passes over each step's generations.")
     shaped_gamma: float = Field(0.1, gt=0, description="shaped peers: f(p) = p/(p+gamma).")
@@ -277,7 +339,8 @@ class TrainConfig(_Config):
     )
     skip_zero_advantage: bool = Field(
         True,
-        description="With beta 0, leave candidates whose advantage is exactly 0 (e.g. every "
+        description="With beta 0 (and no entropy term), leave candidates whose advantage is "
+        "exactly 0 (e.g. every "
         "candidate of a group whose rewards are all equal) out of the update's forward and "
         "backward: their share of the loss and of its gradient is exactly 0. They still count "
         "in the loss's normaliser, so the gradient is the same.",
@@ -392,6 +455,17 @@ class Recipe(_Config):
             raise ValueError("train.frozen_models: shard needs train.zero_stage 3")
         if self.loss.tis_low > self.loss.tis_high:
             raise ValueError("loss.tis_low: must not exceed loss.tis_high")
+        lo = self.loss
+        if lo.delta is not None and lo.type in ("cispo", "sapo"):
+            raise ValueError(
+                f"loss.delta: {lo.type} has no clipped ratio to cap; delta applies to grpo, "
+                "bnpo, dr_grpo, dapo and gspo"
+            )
+        if lo.delta is not None and lo.delta <= 1 + lo.clip_high:
+            raise ValueError(
+                f"loss.delta: {lo.delta:g} must exceed 1 + loss.clip_high ({1 + lo.clip_high:g}), "
+                "else it cuts into the clipping range"
+            )
         for i, p in enumerate(self.peers):
             if p.mode == "baseline_only" and self.group.stats == "policy":
                 raise ValueError(

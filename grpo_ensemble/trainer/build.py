@@ -129,10 +129,38 @@ def probe_functions(scorers: Sequence[WeightedScorer], first: Prompt, given: boo
 
 
 def build_evaluator(recipe: Recipe, given: GroupEvaluator | None = None) -> GroupEvaluator:
-    if given is not None:
-        return given
+    """The recipe's group evaluator (or the caller's), set for `group.scale_rewards`: grpo
+    divides by its group's std with group, and not with none and batch (whose division by the
+    batch's std comes after the evaluator); the others never divide, so group is refused."""
+    import copy
+
+    from ..plugins.builtin.evaluators import GRPO
+
     g = recipe.group
-    return construct("group_evaluator", g.evaluator, g.params, "group.evaluator")
+    scale = None if g.scale_rewards is None else "group" if g.scale_rewards == "group" else "none"
+    if given is not None:
+        name, is_grpo = getattr(given, "name", "") or type(given).__name__, isinstance(given, GRPO)
+    else:
+        cls = plugins.get_component("group_evaluator", g.evaluator, "group.evaluator")
+        name, is_grpo = g.evaluator, isinstance(cls, type) and issubclass(cls, GRPO)
+    if scale == "group" and not is_grpo:
+        raise RecipeError(
+            "group.scale_rewards",
+            f"group needs the grpo evaluator, not {name!r} (dr_grpo and rloo never divide by "
+            "a std)",
+        )
+    if given is not None:
+        if scale is None or not is_grpo:
+            return given
+        given = copy.copy(given)  # the caller's object is left as it is
+        given.scale = scale
+        return given
+    params = dict(g.params)
+    if scale is not None and is_grpo:
+        if "scale" in params:
+            raise RecipeError("group.params", "scale: set group.scale_rewards instead")
+        params["scale"] = scale
+    return construct("group_evaluator", g.evaluator, params, "group.evaluator")
 
 
 def sampling_of(member: MemberConfig) -> SamplingParams:

@@ -176,6 +176,16 @@ def update_metrics(sums: dict[str, float], grad_norms: list[float], mu: int) -> 
     m["offpolicy_token_fraction"] = sum(v for k, v in members.items() if k != POLICY) / first_pass
     m["reused_sampling_fraction"] = sums.get("reused/first", 0.0) / computed
     m["zero_advantage_skipped_fraction"] = sums.get("left_out/first", 0.0) / first_pass
+    ent = [(k.removeprefix("H/"), v) for k, v in sums.items() if k.startswith("H/")]
+    if ent:  # the policy's entropy at the completion positions computed in the first pass
+        m["entropy"] = sum(v for _, v in ent) / computed
+        for name, v in ent:
+            if sums[f"Ht/{name}"]:
+                m[f"member/{name}/entropy"] = v / sums[f"Ht/{name}"]
+    if sums.get("off_policy_dropped/first"):
+        m["off_policy_dropped_fraction"] = sums["off_policy_dropped/first"] / max(
+            sums["sequences/first"], 1.0
+        )
     m["loss"] = sums["loss"] / mu
     m["kl"] = sums["kl_sum"] / tokens
     m["clip_fraction"] = sums["clipped"] / tokens

@@ -33,6 +33,7 @@ def loss_settings(recipe: Recipe) -> LossSettings:
     """The loss's settings; its beta also decides whether a reference model is loaded."""
     lo = recipe.loss
     return LossSettings(
+        type=lo.type,
         clip_low=lo.clip_low,
         clip_high=lo.clip_high,
         beta=lo.beta,
@@ -41,6 +42,13 @@ def loss_settings(recipe: Recipe) -> LossSettings:
         tis_low=lo.tis_low,
         tis_high=lo.tis_high,
         kl_tokens=lo.kl_tokens,
+        kl_estimator=lo.kl_estimator,
+        delta=lo.delta,
+        sapo_temperature_pos=lo.sapo_temperature_pos,
+        sapo_temperature_neg=lo.sapo_temperature_neg,
+        entropy_coef=lo.entropy_coef,
+        top_entropy_quantile=lo.top_entropy_quantile,
+        off_policy_mask=lo.off_policy_mask,
     )
 
 
@@ -61,12 +69,17 @@ def resolve(
             stats=g.stats,
             on_error=g.on_error,
             drop_equal_reward_groups=g.drop_equal_reward_groups,
+            scale_rewards=g.scale_rewards,
+            reward_aggregation=g.reward_aggregation,
+            mask_truncated=lo.mask_truncated,
         ),
         batching=BatchSettings(
             micro_batch_size=t.micro_batch_size,
             micro_batch_tokens=t.micro_batch_tokens,
-            # with beta > 0 the KL term gives every candidate a share of the loss
-            skip_zero_advantage=t.skip_zero_advantage and loss.beta == 0,
+            # the KL term (beta > 0) and the entropy bonus give every candidate a share of
+            # the loss, whatever its advantage; and a zero-advantage candidate's tokens count
+            # in the entropy quantile that decides which other tokens keep their gradient
+            skip_zero_advantage=t.skip_zero_advantage and loss.beta == 0 and not loss.needs_entropy,
         ),
         update=UpdateSettings(
             loss=loss,

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import dist
 from ..plugins.interfaces import mix64
-from ..rollout.groups import evaluate_groups
+from ..rollout.groups import batch_scaled, evaluate_groups
 from ..rollout.injection import peers_wanted
 from ..rollout.scoring import Known, score_groups
 from .batching import attach_traces, filler_batch, left_out, micro_batches
@@ -64,7 +64,11 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     clock.lap("generate")
     known = Known([len(g.candidates) for g in own.groups], own_scores)
     scores = dist.agree(lambda: score_groups(pooled.groups, run.scorers, known))
-    rollout = dist.agree(lambda: evaluate_groups(pooled.groups, scores, run.evaluator, s.group))
+    weights = {ws.name: ws.weight for ws in run.scorers}
+    rollout = dist.agree(
+        lambda: evaluate_groups(pooled.groups, scores, run.evaluator, s.group, weights)
+    )
+    rollout = batch_scaled(rollout, s.group)  # sums over ranks: outside `agree`
     clock.lap("score")
 
     modes = s.group.modes

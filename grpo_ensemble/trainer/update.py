@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import dist
-from ..models.logprobs import completion_logprobs
+from ..models.logprobs import completion_logprobs, completion_logprobs_entropy
 from ..plugins.interfaces import ReplaysForward
 from ..types import POLICY
 from .batching import LeftOut, MicroBatch
-from .loss import MODES, BatchSize, LossSettings, grpo_loss
+from .loss import MODES, BatchSize, LossSettings, entropy_mask, grpo_loss
 from .metrics import WEIGHT_KEYS, tokens_by_member, update_metrics
 
 
@@ -99,42 +99,64 @@ def batch_size_of(batches, max_new_tokens: int, left: LeftOut | None = None) -> 
     return BatchSize(sequences=int(sequences), tokens=int(tokens), max_new_tokens=max_new_tokens)
 
 
-def policy_logprobs(engine, mbatch: MicroBatch, temperature: float, replay):
+def policy_logprobs(engine, mbatch: MicroBatch, temperature: float, replay, entropy="value"):
     """(B, C) log-probs of a micro-batch under the policy, with the graph for its backward,
-    and the (B,) rows whose forward's products came from sampling, or None. `replay`: the
-    policy's generator where it replays sampling's forward (`ReplaysForward`), else None. A
-    micro-batch that mixes the policy's samples with peers' replays the policy's rows and runs
-    the others through the plain forward, as two sub-batches of its rows. The micro-batch's
-    traces are dropped: stale after this pass."""
+    the (B,) rows whose forward's products came from sampling, or None, and the (B, C)
+    entropy of the policy at each completion position from the same logits (`entropy`:
+    "value" or "grad", see `logprobs_and_entropy`). `replay`: the policy's generator where it
+    replays sampling's forward (`ReplaysForward`), else None. A micro-batch that mixes the
+    policy's samples with peers' replays the policy's rows and runs the others through the
+    plain forward, as two sub-batches of its rows. The micro-batch's traces are dropped:
+    stale after this pass."""
     batch, traces = mbatch.tokens, mbatch.traces
     traced = [i for i, t in enumerate(traces or ()) if t is not None] if replay else []
     rows = len(batch.input_ids)
     mine = batch if len(traced) == rows or not traced else batch.select(traced)
-    replayed = None
+    replayed = None  # (log-probs, entropy) of the rows `traced`
     if traced:
-        replayed = replay.replay_logprobs(engine, mine, [traces[i] for i in traced], temperature)
+        replayed = replay.replay_logprobs(
+            engine, mine, [traces[i] for i in traced], temperature, entropy=entropy
+        )
     reused = None
     if replayed is None:
-        logp = completion_logprobs(engine, batch, temperature)
+        logp, ent = completion_logprobs_entropy(engine, batch, temperature, entropy=entropy)
     else:
         reused = torch.zeros(rows, dtype=torch.bool, device=batch.input_ids.device)
         reused[traced] = True
         if len(traced) == rows:
-            logp = replayed
+            logp, ent = replayed
         else:
             mine_rows = set(traced)
             others = [i for i in range(rows) if i not in mine_rows]  # no per-row tensor read
-            both = torch.cat(
-                [replayed, completion_logprobs(engine, batch.select(others), temperature)]
+            rest = completion_logprobs_entropy(
+                engine, batch.select(others), temperature, entropy=entropy
             )
-            order = torch.empty(rows, dtype=torch.long, device=both.device)
-            order[traced + others] = torch.arange(rows, device=both.device)
-            logp = both.index_select(0, order)  # back in the micro-batch's row order
+            order = torch.empty(rows, dtype=torch.long, device=replayed[0].device)
+            order[traced + others] = torch.arange(rows, device=order.device)
+            # back in the micro-batch's row order
+            logp = torch.cat([replayed[0], rest[0]]).index_select(0, order)
+            ent = torch.cat([replayed[1], rest[1]]).index_select(0, order)
     mbatch.traces = None  # frees sampling's products once the graph no longer needs them
-    return logp, reused
+    return logp, reused, ent
 
 
-def metric_parts(out, mbatch: MicroBatch, reused) -> dict[str, torch.Tensor]:
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> float:
+    """The entropy at the (1 − quantile) quantile of the micro-batch's real tokens on every
+    rank (linear interpolation, as torch.quantile): tokens at or above it keep their policy
+    gradient (top_entropy_quantile). Every rank calls this for each of its micro-batches (a
+    filler one included: ranks hold the same number)."""
+    mine = entropy.detach()[mask.bool()].double().cpu()
+    values = mine if dist.world_size() == 1 else torch.cat(dist.all_gather_objects(mine))
+    if values.numel() == 0:
+        return float("inf")
+    ordered = values.sort().values
+    pos = (len(ordered) - 1) * (1 - quantile)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(ordered) - 1)
+    return float(ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo]))
+
+
+def metric_parts(out, mbatch: MicroBatch, reused, entropy, members) -> dict[str, torch.Tensor]:
     """A micro-batch's sums for the step's metrics, as tensors on its device."""
     mask = mbatch.tokens.completion_mask
     parts = {
@@ -143,7 +165,15 @@ def metric_parts(out, mbatch: MicroBatch, reused) -> dict[str, torch.Tensor]:
         "clipped": out.clipped.sum(),
         "tokens": mask.sum(),
         "reused": mask.sum() * 0.0 if reused is None else (mask * reused.unsqueeze(1)).sum(),
+        "sequences": mask.new_tensor(float(len(mbatch.index))),
     }
+    if out.dropped is not None:
+        parts["off_policy_dropped"] = out.dropped.sum()
+    per_row = (entropy.detach() * mask).sum(1)  # (B,)
+    for name in members:
+        rows = torch.tensor([src == name for src in mbatch.sources], device=mask.device)
+        parts[f"H/{name}"] = (per_row * rows).sum()
+        parts[f"Ht/{name}"] = (mask.sum(1) * rows).sum()
     if out.tis_clamped is not None:
         parts["w/tis_clamped/weight"] = out.tis_clamped.sum()
     for name, k in MODES.items():
@@ -166,14 +196,23 @@ def accumulate(
     # global batch, so scaling by the number of ranks turns that average into the sum
     scale = float(dist.world_size())
     sums = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0.0, "tokens": 0.0, "reused": 0.0}
+    sums.update({"sequences": 0.0, "off_policy_dropped": 0.0})
     sums.update({f"w/{k}/{x}": 0.0 for k in WEIGHT_KEYS for x in ("weight", "tokens")})
+    sums.update({f"{h}/{m}": 0.0 for m in u.members for h in ("H", "Ht")})
     on_device: dict[str, torch.Tensor] = {}
+    c = s.loss
     for j, mbatch in enumerate(batches):
         batch, adv = mbatch.tokens, mbatch.advantages
         engine.set_gradient_accumulation_boundary(j == len(batches) - 1)
-        logp, reused = policy_logprobs(engine, mbatch, s.temperature, replay)
+        entropy = "grad" if c.entropy_coef != 0 else "value"  # always logged
+        logp, reused, ent = policy_logprobs(engine, mbatch, s.temperature, replay, entropy)
         if old is None and keep is not None:
             keep.append(logp.detach())
+        mask = batch.completion_mask
+        keep_tokens = None
+        if c.top_entropy_quantile < 1:  # every rank, every micro-batch: a collective
+            cut = entropy_threshold(ent, mask, c.top_entropy_quantile)
+            keep_tokens = entropy_mask(ent.detach(), mask, cut)
         out = grpo_loss(
             logp,
             old[j] if old is not None else logp.detach(),  # ratio exactly 1
@@ -185,6 +224,8 @@ def accumulate(
             mbatch.modes,
             mbatch.behaviour,
             own=_own_rows(mbatch, logp.device),
+            entropy=ent,
+            keep_tokens=keep_tokens,
         )
         filler = not mbatch.index
         # the loss is already this micro-batch's share of the step: no 1/accumulation scaling
@@ -192,7 +233,7 @@ def accumulate(
         if filler:
             continue
         # on the device: no wait for it per micro-batch
-        for k, v in metric_parts(out, mbatch, reused).items():
+        for k, v in metric_parts(out, mbatch, reused, ent, u.members).items():
             on_device[k] = on_device[k] + v.double() if k in on_device else v.double()
     if on_device:  # one transfer for every micro-batch's metrics
         names = list(on_device)
@@ -232,8 +273,10 @@ def update(
         keep: list[torch.Tensor] | None = [] if old is None and s.mu > 1 else None
         sums = accumulate(u, s, batches, size, old, ref, keep, u.replay if i == 0 else None)
         old = keep if keep is not None else old
-        if i == 0:  # per-mode weights and token shares: of the first pass
-            first = {k: v for k, v in sums.items() if k.startswith("w/")}
+        if i == 0:  # per-mode weights, token shares, entropy: of the first pass
+            first = {k: v for k, v in sums.items() if k.startswith(("w/", "H/", "Ht/"))}
+            first["sequences/first"] = sums["sequences"]
+            first["off_policy_dropped/first"] = sums["off_policy_dropped"]
             first["tokens/first"] = sums["tokens"]
             first["reused/first"] = sums["reused"]
             first["left_out/first"] = float(left.tokens)

@@ -338,6 +338,22 @@ def test_zero_advantage_candidates_left_out_on_two_ranks(tmp_path, monkeypatch):
     _assert_same_run(one.run_dir, two)
 
 
+def test_step_wide_statistics_over_two_ranks(tmp_path):
+    # the quantile of top_entropy_quantile (over a micro-batch's tokens on every rank) and
+    # the std of group.scale_rewards: batch (over every rank's rewards) are gathered across
+    # ranks: with one micro-batch per rank, 2 ranks train as 1 rank with one micro-batch
+    recipe = _recipe_file(tmp_path, {"zero_stage": 2, "micro_batch_size": 32})
+    data = yaml.safe_load(recipe.read_text())
+    data["loss"].update(top_entropy_quantile=0.5, entropy_coef=0.01)
+    data["group"] = {**data.get("group", {}), "scale_rewards": "batch"}
+    recipe.write_text(yaml.safe_dump(data))
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    two = _two_ranks_of_script(tmp_path, "from grpo_ensemble.cli import entry\nentry()\n", recipe)
+    _assert_same_run(one.run_dir, two)
+    for run_dir in (one.run_dir, two):
+        assert all(r["entropy"] > 0 for r in _rows(run_dir))
+
+
 FAILING_RANK = """
 import atexit, os, sys
 from grpo_ensemble import RewardScorer, hookimpl
