@@ -8,6 +8,7 @@ from .plugins.interfaces import (
     GroupEvaluator,
     RewardScorer,
     SamplingParams,
+    Tracker,
     candidate_seed,
 )
 from .recipe import Recipe, load_recipe
@@ -30,6 +31,7 @@ __all__ = [
     "RunError",
     "Sample",
     "SamplingParams",
+    "Tracker",
     "TrainResult",
     "UserError",
     "candidate_seed",

@@ -78,7 +78,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from .trainer.build import check_recipe
 
     r = load_recipe(recipe, set_ or [])
-    check_recipe(r)
+    check_recipe(r, note=lambda line: console.print(f"{line} …", markup=False, highlight=False))
     console.print(f"{recipe}: ok (group size {r.group_size}, {r.train.steps} steps)")
 
 
@@ -98,6 +98,69 @@ def plugins_cmd(
         comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in i.components.items())
         table.add_row(i.name, i.version, comps or "-", ", ".join(i.hooks))
     console.print(table)
+
+
+RunDirsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="RUN_DIR", help="Run directories (a run's output_dir); several are overlaid."
+    ),
+]
+OutputOpt = Annotated[
+    Path,
+    typer.Option("--output", "-o", metavar="FILE", help="The HTML file to write (self-contained)."),
+]
+PngOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--png", metavar="DIR", help="Also write each plot as a PNG file into this directory."
+    ),
+]
+
+
+@app.command()
+def report(
+    run_dirs: RunDirsArg, output: OutputOpt = Path("report.html"), png: PngOpt = None
+) -> None:
+    """Draw runs as one HTML page: curves, evaluations, alerts, completions, comparison."""
+    from .report import write_report
+
+    written = write_report(run_dirs, output, png_dir=png)
+    runs = len(written.runs)
+    console.print(
+        f"report: {written.path} ({runs} run{'s' if runs != 1 else ''}, "
+        f"{len(written.plots)} plots)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if png is not None:
+        console.print(
+            f"png: {len(written.pngs)} files in {png}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .report import package_version
+
+        typer.echo(f"grpo-ensemble {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """GRPO for language models with groups pooled from an ensemble of models."""
 
 
 def _register_plugin_commands() -> None:

@@ -56,3 +56,13 @@ class Interrupted(GrpoEnsembleError):
         self.exit_code = exit_code
         self.resumable = resumable
         super().__init__(message)
+
+
+class AlertStopped(Interrupted):
+    """An alert rule whose action is `stop` fired: the run saved a checkpoint and stopped.
+    Exit code 3."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=self.EXIT_CODE, resumable=True)

@@ -18,7 +18,18 @@ from .errors import UserError
 from .recipe import Recipe, dump_recipe
 
 # what a run writes in its directory; a link at one of these names is refused, never followed
-OURS = ("recipe.yaml", "data_report.json", "metrics.jsonl", "checkpoints", "final")
+OURS = (
+    "recipe.yaml",
+    "data_report.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "final",
+    "best",
+    "eval.json",
+    "alerts.jsonl",
+    "completions.jsonl",
+    "summary.json",
+)
 
 
 def prepare_run_dir(
@@ -223,28 +234,68 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class StepProgress:
-    """A progress bar with step, mean reward and time left (silent when disabled)."""
+    """The run's progress: on a terminal a bar with the step, the reward per member, the KL,
+    time left and the latest alert; otherwise (a log file, CI, a scheduler) a plain line at
+    most every `log.line_every_s` seconds, and for the first and last step (silent when
+    disabled)."""
 
-    def __init__(self, total: int, enabled: bool, console: Console | None = None, done: int = 0):
-        self.enabled = enabled
-        self.started = time.perf_counter()
-        if not enabled:
+    def __init__(self, total: int, log, enabled: bool, console: Console | None = None, done=0):
+        self.enabled, self.total, self.done = enabled, total, done
+        self.started = self.last_line = time.perf_counter()
+        self.every = log.line_every_s
+        self.console = console if console is not None else Console()
+        self.live = enabled and self.console.is_terminal
+        self.alert = ""
+        if not self.live:
             return
         self._progress = Progress(
             TextColumn("step {task.completed}/{task.total}"),
             BarColumn(),
-            TextColumn("reward {task.fields[reward]}"),
+            TextColumn("{task.fields[status]}"),
             TimeRemainingColumn(),
-            console=console,
+            console=self.console,
             transient=False,
         )
-        self._task = self._progress.add_task("train", total=total, completed=done, reward="-")
+        self._task = self._progress.add_task("train", total=total, completed=done, status="")
         self._progress.start()
 
-    def update(self, reward: float) -> None:
-        if self.enabled:
-            self._progress.update(self._task, advance=1, reward=f"{reward:.3f}")
+    def update(self, metrics: dict, alert: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.done += 1
+        self.alert = alert or self.alert
+        status = step_status(metrics) + (f" | alert: {self.alert}" if self.alert else "")
+        if self.live:
+            self._progress.update(self._task, advance=1, status=status)
+            return
+        now = time.perf_counter()
+        if now - self.last_line >= self.every or self.done in (1, self.total):
+            self.last_line = now
+            per_step = (now - self.started) / max(self.done, 1)
+            left = per_step * (self.total - self.done)
+            self.console.print(
+                f"step {self.done}/{self.total} {status} | {per_step:.1f} s/step, "
+                f"{left / 60:.1f} min left",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def close(self) -> None:
-        if self.enabled:
+        if self.live:
             self._progress.stop()
+
+
+def step_status(metrics: dict) -> str:
+    """reward (per member), KL: the figures a user watches."""
+    members = [
+        f"{k.split('/')[1]} {v:.3f}"
+        for k, v in metrics.items()
+        if k.startswith("member/") and k.endswith("/reward")
+    ]
+    text = f"reward {metrics.get('reward', float('nan')):.3f}"
+    if len(members) > 1:
+        text += f" ({', '.join(members)})"
+    if "kl" in metrics:
+        text += f" kl {metrics['kl']:.4f}"
+    return text

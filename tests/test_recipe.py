@@ -281,11 +281,13 @@ def test_validate_ok_and_resolved_recipe_round_trips(tmp_path, capsys):
 
 
 def test_every_field_is_in_the_docs():
+    import typing
     from pathlib import Path
 
     from pydantic import BaseModel
 
     from grpo_ensemble.recipe import Recipe
+    from grpo_ensemble.recipe.schema import AlertRule
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
 
@@ -293,12 +295,16 @@ def test_every_field_is_in_the_docs():
         for name, f in cls.model_fields.items():
             ann = f.annotation
             inner = getattr(ann, "__args__", (ann,))[0]
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if ann is AlertRule:  # every rule has the same fields: `alerts.<rule>.FIELD` rows
+                yield f"{prefix}{name}"
+                yield from paths(ann, f"{prefix}<rule>.")
+            elif isinstance(ann, type) and issubclass(ann, BaseModel):
                 yield from paths(ann, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}"
                 if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    yield from paths(inner, f"{prefix}{name}[i].")
+                    many = typing.get_origin(ann) is list
+                    yield from paths(inner, f"{prefix}{name}{'[i]' if many else ''}.")
 
     missing = [p for p in paths(Recipe, "") if f"`{p}`" not in docs]
     assert not missing, f"docs/recipes.md lacks {missing}"

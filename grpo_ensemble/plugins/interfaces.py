@@ -146,3 +146,29 @@ class GroupEvaluator:
         self, rewards: torch.Tensor, valid: torch.Tensor, stats: torch.Tensor
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Tracker:
+    """Receives a run's records as the run goes: named in `log.report_to`, built with no
+    arguments (configure it through its own environment variables), called on rank 0 only.
+
+    Each method is optional and is also an observer hook of the same name and arguments
+    (`grpo_ensemble.plugins.hookspecs`), so the same code can observe every run as a plain
+    plugin. The values are plain JSON-able objects. One that raises is left out from then on,
+    named in one line; the run goes on. A tracker whose package is missing raises
+    `ImportError` in `__init__`: `validate` and `train` then say so (exit code 2).
+    """
+
+    name: ClassVar[str] = ""
+
+    def on_run_start(self, run_dir, recipe: dict) -> None: ...
+
+    def on_step_end(self, step: int, metrics: dict) -> None: ...
+
+    def on_eval(self, step: int, results: dict) -> None: ...
+
+    def on_completions(self, step: int, rows: list) -> None: ...
+
+    def on_alert(self, alert: dict) -> None: ...
+
+    def on_run_end(self, run_dir, summary: dict) -> None: ...

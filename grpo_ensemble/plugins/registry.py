@@ -21,11 +21,13 @@ KINDS = {
     "generator": "register_generators",
     "reward_scorer": "register_reward_scorers",
     "group_evaluator": "register_group_evaluators",
+    "tracker": "register_trackers",
 }
 DEFAULT_PLUGINS = {  # plugin name → module
     "builtin-generators": "grpo_ensemble.plugins.builtin.generators",
     "builtin-rewards": "grpo_ensemble.plugins.builtin.rewards",
     "builtin-evaluators": "grpo_ensemble.plugins.builtin.evaluators",
+    "builtin-trackers": "grpo_ensemble.plugins.builtin.trackers",
 }
 
 _pm: pluggy.PluginManager | None = None

@@ -327,13 +327,20 @@ def check_chat_templates(members: Sequence[tuple[str, object]], sources: Sequenc
                 raise InputFileError(name, f"{prefix}: {exc}", line=p.index) from None
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """Everything `validate` checks beyond the schema: plugins, parameters, models, data."""
+def check_recipe(recipe: Recipe, note=None) -> None:
+    """Everything `validate` checks beyond the schema: plugins, parameters, models, data.
+    `note`: told a line before each slow part (a built-in model is built on first use)."""
+    from .observers import build_trackers  # of build.py, only validate builds the trackers
+
+    note = note or (lambda line: None)
     build_scorers(recipe)
     build_evaluator(recipe)
+    build_trackers(recipe)  # an unknown name or a missing package (before slow checks)
     eval_scorer = build_eval_scorer(recipe)
     for name, prefix, m in member_fields(recipe):
         cls = plugins.get_component("generator", m.generator, f"{prefix}.generator")
+        if m.model:
+            note(f"checking {prefix}.model {m.model}")
         extra = {"model": resolve_model(m.model, f"{prefix}.model")} if m.model else {}
         if name == POLICY:
             check_policy_generator(recipe)
@@ -343,6 +350,7 @@ def check_recipe(recipe: Recipe) -> None:
     check_tis_tokenizers(recipe)
     reports: list = []
     scorers = build_scorers(recipe)
+    note("checking the prompts")
     train, held_out = load_data(recipe, scorers, reports, eval_scorer=eval_scorer)
     probe_functions(scorers, train[0], given=False)
     if any(p.messages for p in train) or any(p.messages for p in held_out or ()):

@@ -50,6 +50,26 @@ class EvalResult:
     accuracy: float
     n: int
     ci95: float
+    mean_reward: float | None = None  # the judging scorer's mean score of the greedy completions
+    k: int = 1
+    pass_at_k: float | None = None  # share of prompts with a solved one among k samples (k > 1)
+
+    def row(self, step: int, when: str) -> dict:
+        """The row eval.json holds for this evaluation."""
+        out = {"step": step, "when": when, "accuracy": self.accuracy, "ci95": self.ci95}
+        out |= {"n": self.n, "mean_reward": self.mean_reward}
+        if self.pass_at_k is not None:
+            out[f"pass@{self.k}"] = self.pass_at_k
+        return out
+
+
+@dataclass
+class HeldOut:
+    """One rank's share of an evaluation: the greedy completions' scores, and per prompt
+    whether any of k samples was solved (k > 1)."""
+
+    scores: list[float]
+    any_solved: list[bool] | None = None
 
 
 def heldout_scores(
@@ -64,11 +84,36 @@ def heldout_scores(
     return checked_scores(scorer, samples, "the evaluation's scorer (eval.scorer)")
 
 
-def accuracy_of(scores: Sequence[float]) -> EvalResult:
-    """Share of scores ≥ 0.5, with its 95% half-width."""
+def sampled_solved(
+    generator: Generator,
+    prompts: Sequence[Prompt],
+    scorer: RewardScorer,
+    sampling: SamplingParams,
+    k: int,
+) -> list[bool]:
+    """Per prompt: whether any of `k` completions sampled with `sampling` (the policy's own
+    parameters, seeded per prompt) is judged solved (score ≥ 0.5)."""
+    if not prompts:
+        return []
+    groups = generator.generate(prompts, k, sampling)
+    samples = [Sample(p, c) for p, cs in zip(prompts, groups, strict=True) for c in cs]
+    scores = checked_scores(scorer, samples, "the evaluation's scorer (eval.scorer)")
+    return [any(x >= SOLVED for x in scores[i * k : (i + 1) * k]) for i in range(len(prompts))]
+
+
+SOLVED = 0.5  # a score at least this solves a prompt
+
+
+def accuracy_of(scores: Sequence[float], any_solved: Sequence[bool] | None = None, k: int = 1):
+    """Share of scores ≥ 0.5, with its 95% half-width, the mean score, and pass@k from
+    `any_solved` (per prompt: one of k samples solved it) when given."""
     metric = _metric_class()(keep_in_memory=True)
-    out = metric.compute(predictions=list(scores), references=[0.5] * len(scores))
-    return EvalResult(accuracy=out["accuracy"], n=out["n"], ci95=out["ci95"])
+    out = metric.compute(predictions=list(scores), references=[SOLVED] * len(scores))
+    mean = sum(scores) / len(scores) if scores else None
+    passed = None
+    if any_solved is not None:
+        passed = sum(any_solved) / len(any_solved) if any_solved else 0.0
+    return EvalResult(out["accuracy"], out["n"], out["ci95"], mean, k, passed)
 
 
 def heldout_accuracy(

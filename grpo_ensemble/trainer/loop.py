@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,18 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .. import dist, stopping
-from ..errors import GrpoEnsembleError, Interrupted, RunError, UserError
+from ..errors import AlertStopped, GrpoEnsembleError, Interrupted, RunError, UserError
 from ..models.zero import gathered_params
-from ..plugins import registry as plugins
-from ..plugins.interfaces import Generator, GroupEvaluator
+from ..plugins.interfaces import Generator, GroupEvaluator, SamplingParams, mix64
 from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from ..rundir import MetricsWriter, StepProgress, prepare_run_dir, write_file, write_recipe
+from ..rundir import (
+    MetricsWriter,
+    StepProgress,
+    prepare_run_dir,
+    rows_up_to,
+    write_file,
+    write_recipe,
+)
 from .build import eval_max_new_tokens
 from .checkpoint import (
     find_checkpoint,
@@ -32,9 +39,12 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_later,
 )
+from .console import say, say_eval, say_row, say_summary
 from .deepspeed import init_distributed
-from .evaluation import EvalResult, accuracy_of, heldout_scores
+from .evaluation import EvalResult, accuracy_of, heldout_scores, sampled_solved
 from .heap import kept_between_steps
+from .observers import Observers, build_trackers
+from .records import Records, completion_rows
 from .setup import Run, build_run, seed_everything
 from .step import grpo_step
 
@@ -59,9 +69,19 @@ def evaluate_policy(run: Run) -> EvalResult | None:
     max_new = eval_max_new_tokens(run.recipe)
     gen = run.policy_generator
     prompts = run.held_out[: e.max_prompts]
-    mine = [prompts[i] for i in dist.shard(len(prompts))]
+    shard = dist.shard(len(prompts))
+    mine = [prompts[i] for i in shard]
     scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
-    return accuracy_of([x for part in dist.all_gather_objects(scores) for x in part])
+    solved = None
+    if e.k > 1:  # pass@k: k samples per prompt at the policy's own sampling parameters
+        own = run.ensemble.members[0].sampling
+        # seeded per held-out prompt, so that every evaluation draws the same way
+        seeds = tuple(mix64(run.recipe.seed * 7919 + 104729 + i) for i in shard)
+        how = SamplingParams(own.temperature, own.top_p, own.top_k, max_new, 0, seeds)
+        solved = dist.agree(lambda: sampled_solved(gen, mine, run.eval_scorer, how, e.k))
+        solved = [x for part in dist.all_gather_objects(solved) for x in part]
+    flat = [x for part in dist.all_gather_objects(scores) for x in part]
+    return accuracy_of(flat, solved, e.k)
 
 
 @dataclass
@@ -99,7 +119,7 @@ def train(
     writes the run directory, the progress bar and the final model. Every rank returns the
     same (global) metrics.
     """
-    where = _Where()
+    where, t0 = _Where(), time.time()
     with _stops_reported(where):
         recipe, source = _resolved(recipe, overrides, source)
         if recipe.train.threads:
@@ -111,26 +131,77 @@ def train(
         run_dir = dist.agree(
             lambda: prepare_run_dir(recipe, write=main, resuming=resume is not None, source=source)
         )
+        # a tracker whose package is missing stops the run before anything is built
+        observers = Observers(dist.agree(lambda: build_trackers(recipe) if main else []))
         data = {"train": train_data, "eval": eval_data}
-        run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator, data)
         console = console if main else None
+        note = (lambda line: say(console, f"{line} …")) if console is not None else None
+        run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator, data, note)
         if main:
             write_data_report(run, console)
         dist.agree(lambda: check_disk_space(run) if main else None)
         result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
         start = _resume(run, resume, result, console, where) if resume is not None else 0
-        if recipe.eval.before and start == 0:
-            where.during = "the evaluation before training"
-            result.before = evaluate_policy(run)
-            _say(console, "before", result.before)
-        # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is torch's own
-        with kept_between_steps(on=not torch.cuda.is_available()):
-            _steps(run, start, result, console, where)
-        _finish(run, result, console, where)
+        members = [m.name for m in run.ensemble.members]
+        records = Records(run_dir, recipe, observers, members, main, start, t0)
+        with _end_recorded(records, result, start, console):
+            records.run_started(recipe.model_dump(mode="json"), _history(where, start))
+            if recipe.eval.before and start == 0:
+                where.during = "the evaluation before training"
+                result.before = evaluate_policy(run)
+                records.evaluated(0, "before", result.before)
+                say_eval(console, "before", result.before)
+            elif start:
+                earlier = records.earliest("before")
+                if earlier is not None:
+                    say_row(console, "before training (from the run directory)", earlier)
+            # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is
+            # torch's own
+            with kept_between_steps(on=not torch.cuda.is_available()):
+                _steps(run, start, result, console, where, records)
+            _finish(run, result, console, where, records)
         return result
 
 
-def _finish(run: Run, result: TrainResult, console, where: _Where) -> None:
+def _history(where: _Where, start: int) -> list[dict]:
+    """The metrics rows of the steps a resumed run already has (every rank gets rank 0's),
+    for the alert rules' history."""
+    rows: list[dict] = []
+    source = where.checkpoint / "metrics.jsonl" if where.checkpoint is not None else None
+    if start and dist.is_main() and source is not None and source.is_file():
+        rows = [json.loads(line) for line in rows_up_to(source, start)]
+    return dist.all_gather_objects(rows)[0] if dist.world_size() > 1 else rows
+
+
+@contextlib.contextmanager
+def _end_recorded(records: Records, result: TrainResult, start: int, console):
+    """summary.json and the observers' on_run_end, however the run ends (its status:
+    completed, stopped or failed); the summary lines on the console when it completed."""
+    status = "failed"
+    try:
+        yield
+        status = "completed"
+    except (Interrupted, stopping.Stop):
+        status = "stopped"
+        raise
+    finally:
+        steps = result.metrics[-1]["step"] if result.metrics else start
+        before = _row_of(result.before, 0, "before") or records.earliest("before")
+        after = _row_of(result.after, steps, "after")
+        try:
+            summary = records.finished(status, steps, before, after)
+        except Exception as exc:  # noqa: BLE001 — never hides why the run ended
+            say(console, f"warning: summary.json not written: {exc}")
+        else:
+            if status == "completed":
+                say_summary(console, summary)
+
+
+def _row_of(res: EvalResult | None, step: int, when: str) -> dict | None:
+    return None if res is None else res.row(step, when)
+
+
+def _finish(run: Run, result: TrainResult, console, where: _Where, records: Records) -> None:
     """The final model, then the evaluation after training: one that fails or is stopped does
     not lose the model."""
     where.during = "the saving of the final model"
@@ -140,6 +211,7 @@ def _finish(run: Run, result: TrainResult, console, where: _Where) -> None:
         where.kept = f"the trained model is in {result.model_dir}"
         where.checkpoint = None  # the training is done: nothing to continue
         result.after = _evaluate_after(run, result.model_dir, console)
+        records.evaluated(run.recipe.train.steps, "after", result.after)
 
 
 @contextlib.contextmanager
@@ -177,11 +249,9 @@ def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:
     try:
         after = evaluate_policy(run)
     except GrpoEnsembleError:
-        _say_text(
-            console, f"the evaluation after training failed; the trained model is in {model_dir}"
-        )
+        say(console, f"the evaluation after training failed; the trained model is in {model_dir}")
         raise
-    _say(console, "after", after)
+    say_eval(console, "after", after)
     return after
 
 
@@ -193,11 +263,11 @@ def _resume(run: Run, resume: str, result: TrainResult, console, where: _Where) 
         start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
         result.resumed_from = where.checkpoint = path
         where.kept = f"the checkpoints are as they were; the newest is {path}"
-        _say_text(console, f"resumed from {path} (step {start})")
+        say(console, f"resumed from {path} (step {start})")
         # later checkpoints belong to the way the run went before; kept, under another name
         later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
         for moved in later or []:
-            _say_text(console, f"a later checkpoint of the earlier run is now {moved}")
+            say(console, f"a later checkpoint of the earlier run is now {moved}")
     # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
     dist.agree(lambda: write_recipe(run_dir, run.recipe) if main else None)
     return start
@@ -212,14 +282,17 @@ def _save_final(run: Run, model_dir: Path) -> None:
     dist.barrier()  # no rank goes on before the final model is on disk
 
 
-def _steps(run: Run, start: int, result: TrainResult, console, where: _Where) -> None:
-    """Steps start+1 … train.steps, with checkpoints, bad-update accounting and stop requests."""
+def _steps(run: Run, start: int, result: TrainResult, console, where: _Where, records) -> None:
+    """Steps start+1 … train.steps, with checkpoints, bad-update accounting, alerts,
+    evaluations during training and stop requests."""
     t = run.recipe.train
     main = dist.is_main()
     saved_rows = where.checkpoint / "metrics.jsonl" if where.checkpoint is not None else None
     metrics_path = run.run_dir / "metrics.jsonl"
     writer = MetricsWriter(metrics_path, keep_until=start, saved=saved_rows) if main else None
-    progress = StepProgress(t.steps, run.recipe.log.progress and main, console, start)
+    progress = StepProgress(
+        t.steps, run.recipe.log, main and run.recipe.log.progress, console, start
+    )
     # a resumed run goes on counting where its metrics left off (rank 0 reads them)
     bad_in_a_row = int(dist.all_max([writer.bad_in_a_row if writer is not None else 0])[0])
     saved = start
@@ -233,12 +306,14 @@ def _steps(run: Run, start: int, result: TrainResult, console, where: _Where) ->
             cleanup.callback(writer.close)
         for step in range(start + 1, t.steps + 1):
             where.during = f"step {step}"
-            metrics = _step_or_stop(run, step, saved, where)
+            metrics = _step_or_stop(run, step, saved, where, _sampler_of(run, step, records))
             result.metrics.append(metrics)
             if writer is not None:
                 writer.write(metrics)
-                plugins.call_each("on_step_end", step=step, metrics=metrics)  # rank 0 only
-            progress.update(metrics["reward"])
+            fired = records.stepped(metrics)
+            for alert in fired:
+                say(console, f"alert: {alert.message} (step {alert.step}: {alert.action})")
+            progress.update(metrics, fired[-1].rule if fired else None)
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("nonfinite_update") else 0
             if bad_in_a_row >= t.max_bad_updates:
                 good = f"; the last checkpoint is step {saved}" if saved else ""
@@ -246,9 +321,12 @@ def _steps(run: Run, start: int, result: TrainResult, console, where: _Where) ->
                     f"{bad_in_a_row} updates in a row had a NaN or inf loss or gradient "
                     f"(steps {step - bad_in_a_row + 1}-{step}), so the run stopped{good}"
                 )
+            _evaluate_during(run, step, records, console)
+            halt = next((a for a in fired if a.action == "stop"), None)
+            wanted = any(a.action in ("checkpoint", "stop") for a in fired)
             due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
             signum = int(dist.all_max([stopping.requested() or 0])[0]) or None
-            if due or signum:
+            if due or signum or wanted:
                 path = save_checkpoint(
                     run.run_dir, run.engine, run.sampler.state(), run.recipe, step
                 )
@@ -262,15 +340,51 @@ def _steps(run: Run, start: int, result: TrainResult, console, where: _Where) ->
                 )
                 exc.agreed = True  # every rank raises it; rank 0 prints it
                 raise exc
+            if halt is not None:
+                exc = AlertStopped(
+                    f"stopped by the alert {halt.rule} after step {step} ({halt.message}); "
+                    f"checkpoint {path}"
+                )
+                exc.agreed = True
+                raise exc
 
 
-def _step_or_stop(run: Run, step: int, saved: int, where: _Where) -> dict:
+def _sampler_of(run: Run, step: int, records: Records):
+    """What the step hands its rollout to: the sample completions `log.completions` asks for
+    at this step, or None."""
+    how = run.recipe.log.completions
+    if how is None or step % how.every:
+        return None
+    return lambda rollout: records.completions(step, completion_rows(rollout, step, how))
+
+
+def _evaluate_during(run: Run, step: int, records: Records, console) -> None:
+    """The held-out evaluation every `eval.every` steps (the last step's is the evaluation
+    after training); with `eval.keep_best` the best model so far in best/."""
+    e = run.recipe.eval
+    if not e.every or step % e.every or step == run.recipe.train.steps:
+        return
+    res = evaluate_policy(run)
+    if res is None:
+        return
+    earlier = [r["accuracy"] for r in records.evals if r.get("when") == "during"]
+    records.evaluated(step, "during", res)
+    say_eval(console, f"at step {step} of", res)
+    if e.keep_best and (not earlier or res.accuracy > max(earlier)):
+        best = run.run_dir / "best"
+        _save_final(run, best)
+        if dist.is_main():
+            write_file(best / "best.json", json.dumps(res.row(step, "during"), indent=1) + "\n")
+        say(console, f"best model so far (step {step}) in {best}")
+
+
+def _step_or_stop(run: Run, step: int, saved: int, where: _Where, on_rollout=None) -> dict:
     """`grpo_step`; when a stop signal abandons a reward scorer's call in it (a clean `Stop`:
     nothing of the step has changed the weights yet), a checkpoint of the state before the
     step, from the sampler's and RNGs' states as the step began."""
     before = run.sampler.state(), rng_state()
     try:
-        return grpo_step(run, step)
+        return grpo_step(run, step, on_rollout)
     except stopping.Stop as stop:
         if not stop.clean:
             raise
@@ -332,20 +446,5 @@ def write_data_report(run: Run, console) -> None:
             }
         )
         if r.skipped or r.duplicates or r.truncated:
-            _say_text(console, f"data: {r.summary()}")
+            say(console, f"data: {r.summary()}")
     write_file(run.run_dir / "data_report.json", json.dumps(rows, indent=1) + "\n")
-
-
-def _say(console, when: str, res: EvalResult | None) -> None:
-    if res is not None:
-        _say_text(
-            console,
-            f"held-out accuracy {when} training: {100 * res.accuracy:.1f}% "
-            f"(±{100 * res.ci95:.1f}, n={res.n})",
-        )
-
-
-def _say_text(console, text: str) -> None:
-    """One line on the console, never wrapped (a log read by a machine keeps it whole)."""
-    if console is not None:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)

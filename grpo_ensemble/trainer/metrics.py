@@ -46,6 +46,8 @@ def rollout_sums(
         "equal_reward_groups": float(ro.equal_groups),
         "trained_candidates": float(ro.keep.sum()),
         "completion_len": float(lengths.sum()),
+        "truncated": float(sum(not c.finished for c in ro.candidates)),
+        "groups": float(len(ro.groups)),
         "skipped_groups": float(ro.skipped_groups),
     }
     for name in scorers:  # every scorer a key, as the reduction needs
@@ -100,6 +102,9 @@ def step_metrics(
         "candidates": int(s["n"]),
         "trained_candidates": int(s["trained_candidates"]),
         "completion_len": s["completion_len"] / n,
+        # completions cut at max_new_tokens without EOS
+        "truncated_fraction": s["truncated"] / n,
+        "groups": int(s["groups"]),
         "skipped_groups": int(s["skipped_groups"]),
         **{k: int(v) for k, v in s.items() if k.startswith("scorer_faults/")},
         # the learning rate the step's optimizer steps used (their mean when μ > 1); a step

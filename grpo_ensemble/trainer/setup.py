@@ -117,9 +117,12 @@ def build_run(
     reward_scorers: Sequence[tuple] | None = None,
     group_evaluator: GroupEvaluator | None = None,
     data: Mapping | None = None,
+    note=None,
 ) -> Run:
     """Load models, build components and the DeepSpeed engine. Python objects win over names:
-    `data` maps "train" and "eval" to a `datasets.Dataset` or a list of dicts."""
+    `data` maps "train" and "eval" to a `datasets.Dataset` or a list of dicts. `note`: told
+    a line before each slow part (loading data and models, starting DeepSpeed)."""
+    note = note or (lambda line: None)
     objects = Given(dict(generators or {}), reward_scorers, group_evaluator, dict(data or {}))
     generators = objects.generators
     given = set(generators)  # generator objects from the caller stay where they are
@@ -130,9 +133,11 @@ def build_run(
     reference = loss.beta > 0  # no reference model at all when the KL term is off
     reports: list[DataReport] = []
     loaded = dist.agree(  # every rank checks and loads; a failure on any rank stops all
-        lambda: _load(recipe, dtype, gather, reference, objects, reports)
+        lambda: _load(recipe, dtype, gather, reference, objects, reports, note)
     )
     check_world(recipe.train.prompts_per_step, dist.world_size())
+    # the first run on a machine compiles DeepSpeed's optimizer op here (a minute or more)
+    note(f"starting DeepSpeed (ZeRO stage {recipe.train.zero_stage})")
     engine = build_engine(recipe, loaded.policy, dtype)
     ref = _place_frozen(recipe, engine, dtype, loaded, given)
     _place_scorers(loaded.scorers, engine, dtype)
@@ -232,7 +237,7 @@ def _place_scorers(scorers: list[WeightedScorer], engine, dtype) -> None:
 
 
 def _load(
-    recipe: Recipe, dtype, gather: bool, reference: bool, objects: Given, reports: list
+    recipe: Recipe, dtype, gather: bool, reference: bool, objects: Given, reports: list, note
 ) -> Loaded:
     """Components, data, the policy (and, with `reference`, its frozen copy) and the peers,
     checked and loaded; the caller's `objects` win over the recipe's names."""
@@ -242,9 +247,11 @@ def _load(
     generators = objects.generators
     if POLICY not in generators:
         check_policy_generator(recipe)
+    note("loading the prompts")
     train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer, objects.data)
     probe_functions(scorers, train_prompts[0], given=objects.reward_scorers is not None)
     p = recipe.policy
+    note(f"loading the policy {p.model}" + (" and its reference copy" if reference else ""))
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
     set_chat_template(tok, p, "policy")
     how = cleaning_of(recipe, scorers)
@@ -258,6 +265,8 @@ def _load(
     if reference:
         ref, _ = load_model(p.model, "policy.model", frozen_dtype(p, dtype), p.trust_remote_code)
         ref.requires_grad_(False).eval()
+    if recipe.peers:
+        note("loading the peers: " + ", ".join(f"{m.name} ({m.model})" for m in recipe.peers))
     peers = {
         name: generators.pop(name)
         if name in generators

@@ -42,8 +42,9 @@ class Clock:
         self.last = now
 
 
-def grpo_step(run: Run, step: int) -> dict[str, Any]:
-    """One GRPO step; returns the metrics row written to metrics.jsonl."""
+def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
+    """One GRPO step; returns the metrics row written to metrics.jsonl. `on_rollout`: called
+    with the step's scored rollout (this rank's groups), e.g. to log sample completions."""
     s, ensemble = run.settings, run.ensemble
     clock = Clock()
     prompts = run.sampler.next(s.prompts_per_step)  # global: the same on every rank
@@ -69,6 +70,8 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
         lambda: evaluate_groups(pooled.groups, scores, run.evaluator, s.group, weights)
     )
     rollout = batch_scaled(rollout, s.group)  # sums over ranks: outside `agree`
+    if on_rollout is not None:
+        on_rollout(rollout)
     clock.lap("score")
 
     modes = s.group.modes
