@@ -65,7 +65,7 @@ def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> N
     console.print(f"run directory: {r.output_dir}")
     result = run_train(r, console=console, resume=resume, source=recipe)
     last = result.metrics[-1] if result.metrics else {}
-    reward = f", last reward {last['reward']:.3f}" if last else ""
+    reward = f", last reward {last['reward']:.3f}" if "reward" in last else ""
     console.print(
         f"done: step {r.train.steps} of {r.train.steps}{reward}; final model in {result.model_dir}"
     )
@@ -93,10 +93,13 @@ def plugins_cmd(
     if as_json:
         typer.echo(json.dumps([vars(i) for i in infos], indent=2))
         return
-    table = Table("plugin", "version", "components", "hooks")
+    table = Table("plugin", "distribution", "version", "components", "hooks")
+    for col in table.columns:  # names cut short are no use: wrap instead
+        col.overflow = "fold"
     for i in infos:
         comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in i.components.items())
-        table.add_row(i.name, i.version, comps or "-", ", ".join(i.hooks))
+        hooks = ", ".join(i.hooks) if i.left_out is None else f"left out: {i.left_out}"
+        table.add_row(i.name, i.distribution, i.version, comps or "-", hooks)
     console.print(table)
 
 

@@ -69,7 +69,7 @@ BAD = [
     ("- 1\n- 2\n", None, "a recipe must be a YAML mapping"),
     (GOOD, "nokey", "expected key.path=value"),
     (GOOD, "train.steps=0", "error: --set: train.steps: Input should be greater than"),
-    (GOOD, "group.params={eps: abc}", "group.params: 'grpo' rejected its parameters"),
+    (GOOD, "group.params={eps: abc}", "--set: group.params.eps: 'abc' does not fit float"),
     (GOOD, "group.params={nope: 1}", "group.params: got an unexpected keyword argument 'nope'"),
     (GOOD, "eval.scorer=nope", "eval.scorer: unknown reward scorer 'nope'"),
     (GOOD, "eval.scorer=regex_format", "eval.params: missing a required argument: 'pattern'"),
@@ -99,6 +99,13 @@ BAD = [
     (GOOD, 'policy.model=""', "--set: policy.model: String should have at least 1 character"),
     (GOOD, "train.deepspeed=[1]", "--set: train.deepspeed: give a .json/.yaml file path or a"),
     (GOOD, "train.steps.x=1", "--set: train.steps: Input should be a valid integer"),
+    # a component's parameters against its constructor's type hints, before anything loads
+    (
+        GOOD + "rewards: [{{name: numeric_match, params: {{tolerance: two}}}}]\n",
+        None,
+        "r.yaml:8: rewards.0.params.tolerance: 'two' does not fit float: Input should be a",
+    ),
+    (GOOD, "group.params={eps: [1]}", "group.params.eps: [1] does not fit float"),
     # the loss family: options that would do nothing or cut into the clip range
     (GOOD, "loss.type=ppo", "--set: loss.type: Input should be 'grpo', 'bnpo', 'dr_grpo'"),
     (GOOD, "loss.kl_estimator=k2", "--set: loss.kl_estimator: Input should be 'k1', 'k3' or"),

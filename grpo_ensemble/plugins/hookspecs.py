@@ -62,41 +62,43 @@ def register_trackers(register: Register) -> None:
     """
 
 
-# Observer hooks: called on rank 0 while a run goes, with plain JSON-able values. A plugin
-# implementing one observes every run; a tracker (above) has the same methods and observes the
-# runs that name it. One that raises is left out from then on; the run goes on.
+# Observer hooks: called on rank 0 while a run goes, with plain JSON-able values, and each
+# with `context`, a read-only `RunContext` (run directory, recipe, rank, world size, step) that
+# an implementation takes by naming it. A plugin implementing one observes every run; a
+# tracker (above) has the same methods and observes the runs that name it. One that raises is
+# left out from then on; the run goes on.
 
 
 @hookspec
-def on_run_start(run_dir, recipe: dict) -> None:
+def on_run_start(run_dir, recipe: dict, context) -> None:
     """A run starts (or resumes) in `run_dir` (a Path) with the resolved `recipe` (the
     mapping written to recipe.yaml)."""
 
 
 @hookspec
-def on_step_end(step: int, metrics: dict) -> None:
+def on_step_end(step: int, metrics: dict, context) -> None:
     """Observe a finished training step: `metrics` is the object written to metrics.jsonl."""
 
 
 @hookspec
-def on_eval(step: int, results: dict) -> None:
+def on_eval(step: int, results: dict, context) -> None:
     """A held-out evaluation at `step` (0: before training): the row written to eval.json
     (accuracy, ci95, n, mean_reward, pass@k, when)."""
 
 
 @hookspec
-def on_completions(step: int, rows: list) -> None:
+def on_completions(step: int, rows: list, context) -> None:
     """Sample completions of `step` (`log.completions`): the rows written to
     completions.jsonl, one per completion."""
 
 
 @hookspec
-def on_alert(alert: dict) -> None:
+def on_alert(alert: dict, context) -> None:
     """An anomaly alert fired: the row written to alerts.jsonl (step, rule, metric, value,
     threshold, action, message)."""
 
 
 @hookspec
-def on_run_end(run_dir, summary: dict) -> None:
+def on_run_end(run_dir, summary: dict, context) -> None:
     """A run ended: `summary` is what summary.json holds (its `status`: completed, failed or
     stopped)."""

@@ -148,14 +148,27 @@ class GroupEvaluator:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every observer hook is also given as `context` (take it by naming it): the run
+    it observes, read-only."""
+
+    run_dir: Any  # pathlib.Path of the run directory
+    recipe: Any  # the resolved recipe, a read-only mapping (lists as tuples)
+    rank: int  # this process's rank (observers run on rank 0)
+    world_size: int
+    step: int  # the last training step finished (0 before the first)
+
+
 class Tracker:
     """Receives a run's records as the run goes: named in `log.report_to`, built with no
     arguments (configure it through its own environment variables), called on rank 0 only.
 
     Each method is optional and is also an observer hook of the same name and arguments
     (`grpo_ensemble.plugins.hookspecs`), so the same code can observe every run as a plain
-    plugin. The values are plain JSON-able objects. One that raises is left out from then on,
-    named in one line; the run goes on. A tracker whose package is missing raises
+    plugin; a method that names a `context` argument gets the `RunContext`. The values are
+    plain JSON-able objects. One that raises is left out from then on, named in one line; the
+    run goes on. A tracker whose package is missing raises
     `ImportError` in `__init__`: `validate` and `train` then say so (exit code 2).
     """
 

@@ -7,7 +7,9 @@ point names, an empty string loads none (the test suite uses this).
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ DEFAULT_PLUGINS = {  # plugin name → module
 
 _pm: pluggy.PluginManager | None = None
 _versions: dict[str, str] = {}  # entry-point plugin name → its distribution's version
+_dists: dict[str, str] = {}  # entry-point plugin name → its distribution's name
 # plugins left out because they misbehave (an entry point that does not import, a name
 # already taken, a hook that raises): plugin name → why. One broken plugin must not take down
 # every command, recipes that do not use it included; a recipe that names a component it
@@ -48,10 +51,12 @@ def _leave_out(plugin: str, why: str) -> None:
 
 @dataclass
 class PluginInfo:
-    name: str
+    name: str  # the entry-point name (what GRPO_ENSEMBLE_LOAD_PLUGINS lists)
     version: str
     hooks: list[str]
     components: dict[str, list[str]] = field(default_factory=dict)
+    distribution: str = ""  # the package that installed it
+    left_out: str | None = None  # why the plugin was left out, if it was
 
 
 def _version() -> str:
@@ -77,14 +82,81 @@ def _build() -> pluggy.PluginManager:
             _leave_out(f"{ep.name} of {dist}", f"the name is taken by {owner[ep.name]}")
             continue
         owner[ep.name] = dist
+        _dists[ep.name] = dist
         try:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 — left out, said, not fatal to the CLI
             _leave_out(ep.name, f"entry point {ep.value!r} failed to load: {_one_line(exc)}")
             continue
-        pm.register(plugin, name=ep.name)
-        _versions[ep.name] = ep.dist.version if ep.dist else "unknown"
+        if register_checked(pm, plugin, ep.name):
+            _versions[ep.name] = ep.dist.version if ep.dist else "unknown"
+    if allowed is not None:  # a name the variable allows that no installed plugin has
+        found = {ep.name for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT)}
+        for name in sorted({a.strip() for a in allowed.split(",") if a.strip()} - found):
+            known = ", ".join(sorted(found)) or "none"
+            _leave_out(
+                name,
+                f"GRPO_ENSEMBLE_LOAD_PLUGINS names it, but no installed plugin "
+                f"has that entry-point name (installed: {known})",
+            )
     return pm
+
+
+def excluded_plugins() -> list[str]:
+    """Installed plugins that GRPO_ENSEMBLE_LOAD_PLUGINS keeps from loading."""
+    allowed = os.environ.get("GRPO_ENSEMBLE_LOAD_PLUGINS")
+    if allowed is None:
+        return []
+    keep = {a.strip() for a in allowed.split(",")}
+    eps = importlib.metadata.entry_points(group=hookspecs.PROJECT)
+    return sorted({ep.name for ep in eps if ep.name not in keep})
+
+
+def _spec_names() -> list[str]:
+    return [
+        n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT}_spec")
+    ]
+
+
+def hook_problem(plugin) -> str | None:
+    """Why a plugin's hook implementations cannot work, or None: a hook name no hookspec has
+    (a misspelling: the hook would never be called), or an argument its hook does not pass
+    (pluggy would refuse the whole plugin manager)."""
+    specs = _spec_names()
+    for attr in dir(plugin):
+        fn = getattr(plugin, attr, None)
+        opts = getattr(fn, f"{hookspecs.PROJECT}_impl", None)
+        if not callable(fn) or not isinstance(opts, dict):
+            continue
+        hook = opts.get("specname") or attr
+        if hook not in specs:
+            close = difflib.get_close_matches(hook, specs, n=1)
+            fix = f": did you mean {close[0]!r}?" if close else f" (hooks: {', '.join(specs)})"
+            return f"its hook {hook!r} is no hook of grpo-ensemble{fix}"
+        given = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+        takes = [a for a in inspect.signature(fn).parameters if a != "self"]
+        extra = [a for a in takes if a not in given]
+        if extra:
+            return (
+                f"its hook {hook}({', '.join(takes)}) asks for {', '.join(map(repr, extra))}, "
+                f"which the hook does not pass: write it as {hook}({', '.join(given)}) (any "
+                "of these arguments, by these names)"
+            )
+    return None
+
+
+def register_checked(pm: pluggy.PluginManager, plugin, name: str) -> bool:
+    """Register `plugin` unless a hook of it cannot work (`hook_problem`): then it is left
+    out, named in one line, and every command goes on without it."""
+    problem = hook_problem(plugin)
+    if problem is None:
+        try:
+            pm.register(plugin, name=name)
+            return True
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            problem = _one_line(exc)
+    _leave_out(name, problem)
+    return False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -114,8 +186,8 @@ def call_each(hook_name: str, **kwargs) -> None:
     for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():
         if impl.plugin_name in broken:
             continue
-        try:
-            impl.function(**kwargs)
+        try:  # as pluggy calls it: the arguments the implementation names, no others
+            impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
         except Exception as exc:  # noqa: BLE001 — named and left out
             _leave_out(impl.plugin_name, f"its {hook_name} hook raised {_one_line(exc)}")
 
@@ -160,6 +232,11 @@ def get_component(kind: str, name: str, field_path: str) -> type:
         known = ", ".join(sorted(table)) or "none"
         left = "; ".join(f"plugin {p!r} was left out: {why}" for p, why in sorted(broken.items()))
         more = f"; {left}" if left else ""
+        if excluded_plugins():
+            more += (
+                f"; installed but not loaded (GRPO_ENSEMBLE_LOAD_PLUGINS): "
+                f"{', '.join(excluded_plugins())}"
+            )
         raise RecipeError(
             field_path, f"unknown {kind.replace('_', ' ')} {name!r} (known: {known}){more}"
         )
@@ -177,7 +254,12 @@ def plugin_infos() -> list[PluginInfo]:
         )
         for name, plugin in pm.list_name_plugin()
     }
+    for info in infos.values():
+        info.distribution = _dists.get(info.name, "grpo-ensemble")
     for kind in KINDS:
         for comp, (_cls, plugin_name) in sorted(components(kind).items()):
             infos[plugin_name].components.setdefault(kind, []).append(comp)
+    for name, why in sorted(broken.items()):  # left out: listed with the reason
+        info = infos.setdefault(name, PluginInfo(name, _versions.get(name, ""), []))
+        info.distribution, info.left_out = _dists.get(name, ""), why
     return list(infos.values())

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import TypeAdapter, ValidationError
 
 from ..data.prompts import Cleaning, DataReport, load_prompts
 from ..errors import RecipeError, UserError
@@ -39,13 +42,41 @@ def construct(kind: str, name: str, params: Mapping, field: str, **extra) -> obj
 
 
 def check_params(cls: type, params: Mapping, field: str, **extra) -> None:
-    """The parameters fit the component's constructor (checked without building it)."""
+    """The parameters fit the component's constructor (checked without building it): their
+    names, and their values against the constructor's type hints (pydantic's lax mode: "2"
+    is an int, "two" is not), so that a wrong value is a recipe error before anything loads."""
     try:
         inspect.signature(cls).bind(**extra, **params)
     except TypeError as exc:
         raise RecipeError(field, str(exc)) from None
     except ValueError:  # no signature to inspect (e.g. a builtin): let construction tell
-        pass
+        return
+    hints = _init_hints(cls)
+    for name, value in params.items():
+        hint = hints.get(name)
+        if hint is None or hint is typing.Any:
+            continue
+        try:
+            TypeAdapter(hint).validate_python(value)
+        except ValidationError as exc:
+            why = exc.errors()[0].get("msg", str(exc))
+            raise RecipeError(
+                f"{field}.{name}", f"{value!r} does not fit {_hint_name(hint)}: {why}"
+            ) from None
+        except Exception:  # noqa: BLE001 — a hint pydantic cannot check: construction tells
+            continue
+
+
+def _init_hints(cls: type) -> dict:
+    """The type hints of a component's constructor; none where they cannot be resolved."""
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 — forward references of a plugin's own: not checked
+        return {}
+
+
+def _hint_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def build_scorers(

@@ -88,15 +88,17 @@ def step_metrics(
     n = max(s["n"], 1.0)
     scored = max(s["n_scored"], 1.0)
     var = (s["reward_sq"] - s["reward"] ** 2 / scored) / max(scored - 1, 1.0)
+    # a step with no scored candidate (every group skipped, or nothing scorable) has no mean
+    # reward: the keys are absent, not 0.0 (which would read as a step of wrong answers)
+    rewards = {"reward": s["reward"] / scored} if s["n_scored"] else {}
+    if s["n_scored"]:
+        rewards["reward_std"] = math.sqrt(max(var, 0.0)) if scored > 1 else 0.0
+    for k, v in s.items():
+        if k.startswith("reward/") and s[f"scored/{k.removeprefix('reward/')}"]:
+            rewards[k] = v / s[f"scored/{k.removeprefix('reward/')}"]
     m: dict[str, Any] = {
         "step": step,
-        "reward": s["reward"] / scored,
-        "reward_std": math.sqrt(max(var, 0.0)) if scored > 1 else 0.0,
-        **{
-            k: v / max(s[f"scored/{k.removeprefix('reward/')}"], 1.0)
-            for k, v in s.items()
-            if k.startswith("reward/")
-        },
+        **rewards,
         "advantage_abs_mean": s["advantage_abs"] / n,
         "equal_reward_groups": int(s["equal_reward_groups"]),
         "candidates": int(s["n"]),

@@ -116,6 +116,8 @@ class Records:
         """The alert rules' history from the steps a resumed run already has, and the
         observers told of the (re)start."""
         self.alerts.replay(list(history))
+        start = history[-1]["step"] if history else 0
+        self.observers.start(self.run_dir, recipe_data, start)
         if self.main:
             self.observers.emit("on_run_start", run_dir=self.run_dir, recipe=recipe_data)
 
@@ -137,6 +139,7 @@ class Records:
     def stepped(self, metrics: dict) -> list:
         """The observers told of the step; the alerts it fires (every rank gets the same),
         each written to alerts.jsonl and told."""
+        self.observers.at(metrics["step"])
         if self.main:
             self.observers.emit("on_step_end", step=metrics["step"], metrics=metrics)
         fired = self.alerts.check(metrics)

@@ -301,3 +301,80 @@ def test_a_misbehaving_plugin_is_left_out_and_named_not_fatal(
     finally:
         monkeypatch.undo()
         plugins.reset_plugin_manager()
+
+
+WRONG_ARGUMENT = """
+from grpo_ensemble import hookimpl
+
+@hookimpl
+def on_step_end(step, stats):
+    pass
+"""
+
+MISSPELT = """
+from grpo_ensemble import hookimpl
+
+@hookimpl
+def register_group_evaluator(register):
+    pass
+"""
+
+
+def test_a_hook_that_cannot_work_leaves_its_plugin_out(tmp_path, monkeypatch, capsys):
+    # a wrong argument name (pluggy refused the whole manager: every command failed, --help
+    # included) and a misspelt hook (accepted silently: never called): each plugin is left
+    # out with one line naming the hook and the fix; the commands work; plugins --json lists
+    # them with their error
+    _fake_distribution(
+        tmp_path,
+        {"wrongarg": "fake_wrongarg", "misspelt": "fake_misspelt"},
+        {"fake_wrongarg": WRONG_ARGUMENT, "fake_misspelt": MISSPELT},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRPO_ENSEMBLE_LOAD_PLUGINS", "wrongarg,misspelt,nosuch")
+    plugins.reset_plugin_manager()
+    try:
+        assert main(["--help"]) == 0
+        err = capsys.readouterr().err
+        assert main(["plugins", "--json"]) == 0
+        out, more = capsys.readouterr()
+        err += more
+        lines = [x for x in err.splitlines() if x.startswith("warning:")]
+        assert (
+            "warning: plugin 'wrongarg' left out: its hook on_step_end(step, stats) asks for "
+            "'stats', which the hook does not pass: write it as on_step_end(step, metrics, "
+            "context) (any of these arguments, by these names)"
+        ) in lines
+        assert (
+            "warning: plugin 'misspelt' left out: its hook 'register_group_evaluator' is no "
+            "hook of grpo-ensemble: did you mean 'register_group_evaluators'?"
+        ) in lines
+        assert any(
+            x.startswith("warning: plugin 'nosuch' left out: GRPO_ENSEMBLE_LOAD_PLUGINS names it")
+            for x in lines
+        )
+        listed = {p["name"]: p for p in json.loads(out)}
+        assert listed["wrongarg"]["left_out"].startswith("its hook on_step_end(step, stats)")
+        assert listed["misspelt"]["distribution"] == "fakeplug"
+        assert listed["builtin-rewards"]["left_out"] is None
+        assert listed["builtin-rewards"]["distribution"] == "grpo-ensemble"
+    finally:
+        plugins.reset_plugin_manager()
+
+
+def test_an_unknown_component_names_the_plugins_the_variable_kept_out(
+    tmp_path, monkeypatch, capsys
+):
+    _fake_distribution(tmp_path, {"shadow": "fake_shadow"}, {"fake_shadow": SHADOW})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRPO_ENSEMBLE_LOAD_PLUGINS", "")
+    plugins.reset_plugin_manager()
+    try:
+        recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
+        assert main(["validate", str(recipe), "--set", "rewards=[{name: shadow}]"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown reward scorer 'shadow'" in err
+        assert "installed but not loaded (GRPO_ENSEMBLE_LOAD_PLUGINS): " in err
+        assert "shadow" in err.split("installed but not loaded")[1]
+    finally:
+        plugins.reset_plugin_manager()

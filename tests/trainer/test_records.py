@@ -41,14 +41,16 @@ class Recorder:
 
     def __init__(self):
         self.calls = []
+        self.contexts = []
 
     @hookimpl
     def on_run_start(self, run_dir, recipe):
         self.calls.append(("start", recipe["train"]["steps"]))
 
     @hookimpl
-    def on_step_end(self, step, metrics):
+    def on_step_end(self, step, metrics, context):
         self.calls.append(("step", step))
+        self.contexts.append(context)
 
     @hookimpl
     def on_eval(self, step, results):
@@ -207,3 +209,33 @@ def test_keep_best_needs_eval_every(tmp_path, capsys):
 def test_observer_hooks_are_plugin_hooks():
     names = {"on_run_start", "on_step_end", "on_eval", "on_completions", "on_alert", "on_run_end"}
     assert names <= set(dir(get_plugin_manager().hook))
+
+
+def test_observers_get_the_run_context(small_recipe, recorder):
+    result = train(small_recipe(train__steps=2, eval__before=False, eval__after=False))
+    first, second = recorder.contexts
+    assert (first.step, second.step) == (1, 2)
+    assert (first.rank, first.world_size) == (0, 1)
+    assert first.run_dir == result.run_dir
+    assert first.recipe["train"]["steps"] == 2 and first.recipe["peers"][0]["name"] == "strong"
+    with pytest.raises(TypeError):  # read-only: an observer cannot change the run's recipe
+        first.recipe["train"]["steps"] = 5
+    with pytest.raises(AttributeError):
+        first.step = 3
+
+
+def test_a_step_whose_groups_were_all_skipped_has_no_reward(small_recipe):
+    calls = []
+
+    def refuses(prompts, completions, **kw):
+        calls.append(len(completions))
+        if len(calls) > 1:  # the start-up probe of the function passes; the run's calls fail
+            raise RuntimeError("the judge is down")
+        return [0.0] * len(completions)
+
+    recipe = small_recipe(train__steps=2, eval__before=False, eval__after=False)
+    result = train(recipe, reward_scorers=[(refuses, 1.0, {"on_error": "skip_group"})])
+    for m in result.metrics:
+        # absent, not 0.0 (a step of wrong answers); the skipped groups are counted
+        assert "reward" not in m and "reward_std" not in m and "reward/refuses" not in m
+        assert m["skipped_groups"] == 4 and m["skipped_update"] == 1
