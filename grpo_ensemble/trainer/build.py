@@ -452,7 +452,15 @@ def check_policy_generator(recipe: Recipe) -> None:
         )
 
 
-def build_eval_scorer(recipe: Recipe) -> RewardScorer:
+def build_eval_scorer(recipe: Recipe, given=None) -> RewardScorer:
+    """The scorer that judges the held-out evaluation: the caller's object (a reward scorer
+    or a reward function, as `reward_scorers` take), else the recipe's `eval.scorer`."""
+    if given is not None:
+        if hasattr(given, "score"):
+            return given
+        if not callable(given):
+            raise UserError(f"eval_scorer: give a reward scorer or a function, not {given!r}")
+        return function_scorer(given)
     e = recipe.eval
     return construct("reward_scorer", e.scorer, e.params, "eval.scorer")
 

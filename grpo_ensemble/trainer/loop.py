@@ -105,6 +105,8 @@ def train(
     resume: str | None = None,
     console=None,
     source: str | Path | None = None,
+    plugins: Sequence = (),
+    eval_scorer=None,
 ) -> TrainResult:
     """Run a recipe end to end. Components given as objects replace the recipe's named ones:
     `generators` maps member names ("policy" or a peer's name) to Generator instances,
@@ -113,14 +115,17 @@ def train(
     the samples), `group_evaluator` an evaluator instance; `train_data` and `eval_data` (a
     `datasets.Dataset` or a list of dicts) replace `data.train` and `data.eval`.
     `resume` is "auto" (the newest checkpoint in the run directory, if any) or a checkpoint
-    directory. `source`: the file a `Recipe` object was read from, if any.
+    directory. `source`: the file a `Recipe` object was read from, if any. `plugins`:
+    modules or objects with hook implementations, registered for this run only (as an
+    installed plugin's, without an entry point). `eval_scorer`: a reward scorer or function
+    that judges the held-out evaluation in place of `eval.scorer`.
 
     Under `torchrun` or `deepspeed` every rank calls this with the same recipe; rank 0 alone
     writes the run directory, the progress bar and the final model. Every rank returns the
     same (global) metrics.
     """
     where, t0 = _Where(), time.time()
-    with _stops_reported(where):
+    with _stops_reported(where), run_plugins(plugins):
         recipe, source = _resolved(recipe, overrides, source)
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
@@ -136,7 +141,9 @@ def train(
         data = {"train": train_data, "eval": eval_data}
         console = console if main else None
         note = (lambda line: say(console, f"{line} …")) if console is not None else None
-        run = build_run(recipe, run_dir, generators, reward_scorers, group_evaluator, data, note)
+        run = build_run(
+            recipe, run_dir, generators, reward_scorers, group_evaluator, data, note, eval_scorer
+        )
         if main:
             write_data_report(run, console)
         dist.agree(lambda: check_disk_space(run) if main else None)
@@ -161,6 +168,27 @@ def train(
                 _steps(run, start, result, console, where, records)
             _finish(run, result, console, where, records)
         return result
+
+
+@contextlib.contextmanager
+def run_plugins(given: Sequence):
+    """The caller's plugin objects registered for the run, and gone after it. One whose hooks
+    cannot work is a user error naming it (given in code, it is fixed in code)."""
+    from ..plugins.registry import get_plugin_manager, hook_problem
+
+    pm, names = get_plugin_manager(), []
+    try:
+        for i, plugin in enumerate(given):
+            problem = hook_problem(plugin)
+            if problem is not None:
+                raise UserError(f"plugins[{i}]: {problem}")
+            name = f"plugins[{i}] {getattr(plugin, '__name__', type(plugin).__name__)}"
+            pm.register(plugin, name=name)
+            names.append(name)
+        yield
+    finally:
+        for name in names:
+            pm.unregister(name=name)
 
 
 def _history(where: _Where, start: int) -> list[dict]:

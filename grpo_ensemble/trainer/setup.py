@@ -108,6 +108,7 @@ class Given:
     reward_scorers: Sequence[tuple] | None = None  # (scorer or function, weight[, options])
     group_evaluator: GroupEvaluator | None = None
     data: Mapping = field(default_factory=dict)  # "train" / "eval" → Dataset or list of dicts
+    eval_scorer: object | None = None  # a RewardScorer or a reward function
 
 
 def build_run(
@@ -118,12 +119,15 @@ def build_run(
     group_evaluator: GroupEvaluator | None = None,
     data: Mapping | None = None,
     note=None,
+    eval_scorer=None,
 ) -> Run:
     """Load models, build components and the DeepSpeed engine. Python objects win over names:
     `data` maps "train" and "eval" to a `datasets.Dataset` or a list of dicts. `note`: told
     a line before each slow part (loading data and models, starting DeepSpeed)."""
     note = note or (lambda line: None)
-    objects = Given(dict(generators or {}), reward_scorers, group_evaluator, dict(data or {}))
+    objects = Given(
+        dict(generators or {}), reward_scorers, group_evaluator, dict(data or {}), eval_scorer
+    )
     generators = objects.generators
     given = set(generators)  # generator objects from the caller stay where they are
     init_distributed(recipe.train.dist_timeout_s)
@@ -243,7 +247,7 @@ def _load(
     checked and loaded; the caller's `objects` win over the recipe's names."""
     scorers = build_scorers(recipe, objects.reward_scorers)
     evaluator = build_evaluator(recipe, objects.group_evaluator)
-    eval_scorer = build_eval_scorer(recipe)
+    eval_scorer = build_eval_scorer(recipe, objects.eval_scorer)
     generators = objects.generators
     if POLICY not in generators:
         check_policy_generator(recipe)

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from grpo_ensemble import hookimpl, train
 from grpo_ensemble.cli import main
-from grpo_ensemble.errors import AlertStopped
+from grpo_ensemble.errors import AlertStopped, UserError
 from grpo_ensemble.plugins.registry import get_plugin_manager
 from grpo_ensemble.recipe.schema import LogConfig
 from grpo_ensemble.rundir import StepProgress
@@ -239,3 +239,38 @@ def test_a_step_whose_groups_were_all_skipped_has_no_reward(small_recipe):
         # absent, not 0.0 (a step of wrong answers); the skipped groups are counted
         assert "reward" not in m and "reward_std" not in m and "reward/refuses" not in m
         assert m["skipped_groups"] == 4 and m["skipped_update"] == 1
+
+
+class OnlyForThisRun:
+    def __init__(self):
+        self.steps = []
+
+    @hookimpl
+    def on_step_end(self, step):
+        self.steps.append(step)
+
+
+def test_plugins_and_the_eval_scorer_as_objects_of_one_run(small_recipe):
+    # registered for the run only, no entry point; the evaluation judged by a function
+    observer = OnlyForThisRun()
+    judged = []
+
+    def judge(prompts, completions, answer, **kw):
+        judged.extend(completions)
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+    recipe = small_recipe(train__steps=2, eval__before=False, eval__max_prompts=8)
+    result = train(recipe, plugins=[observer], eval_scorer=judge)
+    assert observer.steps == [1, 2]
+    assert len(judged) == 8 and result.after.n == 8
+    assert get_plugin_manager().get_plugin("plugins[0] OnlyForThisRun") is None  # gone after
+
+
+def test_a_given_plugin_whose_hook_cannot_work_is_refused(small_recipe):
+    class Wrong:
+        @hookimpl
+        def on_step_end(self, step, stats):
+            pass
+
+    with pytest.raises(UserError, match=r"plugins\[0\]: its hook on_step_end\(step, stats\)"):
+        train(small_recipe(train__steps=1), plugins=[Wrong()])
