@@ -101,6 +101,17 @@ def plugins_cmd(
         hooks = ", ".join(i.hooks) if i.left_out is None else f"left out: {i.left_out}"
         table.add_row(i.name, i.distribution, i.version, comps or "-", hooks)
     console.print(table)
+    params = Table("component", "kind", "parameters (recipe `params`)", "what it is")
+    for col in params.columns:
+        col.overflow = "fold"
+    for i in infos:
+        for comp, d in sorted(i.details.items()):
+            shown = ", ".join(
+                f"{p['name']}: {p['type'] or '?'}" + (f" = {p['default']}" if p["default"] else "")
+                for p in d["params"]
+            )
+            params.add_row(comp, d["kind"].replace("_", " "), shown or "-", d["doc"])
+    console.print(params)
 
 
 RunDirsArg = Annotated[

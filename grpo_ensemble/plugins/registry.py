@@ -12,6 +12,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 
 import pluggy
@@ -57,6 +58,30 @@ class PluginInfo:
     components: dict[str, list[str]] = field(default_factory=dict)
     distribution: str = ""  # the package that installed it
     left_out: str | None = None  # why the plugin was left out, if it was
+    # component name → its kind, first docstring line and parameters (name, type, default)
+    details: dict[str, dict] = field(default_factory=dict)
+
+
+def component_details(kind: str, cls: type) -> dict:
+    """What `plugins` shows of a component: its kind, the first line of its docstring, and
+    its constructor's parameters with their types and defaults (what a recipe's `params` may
+    hold)."""
+    own = cls.__dict__.get("__doc__")  # its own, not a base class's
+    doc = inspect.cleandoc(own).strip().splitlines() if isinstance(own, str) else []
+    params = []
+    try:
+        sig = inspect.signature(cls)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 — a signature that cannot be read: shown without
+        sig, hints = None, {}
+    for name, p in sig.parameters.items() if sig is not None else ():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        hint = hints.get(name, p.annotation)
+        shown = "" if hint is inspect.Parameter.empty else getattr(hint, "__name__", str(hint))
+        default = None if p.default is p.empty else repr(p.default)
+        params.append({"name": name, "type": shown.replace("typing.", ""), "default": default})
+    return {"kind": kind, "doc": doc[0] if doc else "", "params": params}
 
 
 def _version() -> str:
@@ -257,8 +282,9 @@ def plugin_infos() -> list[PluginInfo]:
     for info in infos.values():
         info.distribution = _dists.get(info.name, "grpo-ensemble")
     for kind in KINDS:
-        for comp, (_cls, plugin_name) in sorted(components(kind).items()):
+        for comp, (cls, plugin_name) in sorted(components(kind).items()):
             infos[plugin_name].components.setdefault(kind, []).append(comp)
+            infos[plugin_name].details[comp] = component_details(kind, cls)
     for name, why in sorted(broken.items()):  # left out: listed with the reason
         info = infos.setdefault(name, PluginInfo(name, _versions.get(name, ""), []))
         info.distribution, info.left_out = _dists.get(name, ""), why

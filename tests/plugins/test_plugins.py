@@ -378,3 +378,23 @@ def test_an_unknown_component_names_the_plugins_the_variable_kept_out(
         assert "shadow" in err.split("installed but not loaded")[1]
     finally:
         plugins.reset_plugin_manager()
+
+
+def test_plugins_shows_each_components_parameters(capsys):
+    assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    rewards = listed["builtin-rewards"]["details"]
+    assert rewards["numeric_match"] == {
+        "kind": "reward_scorer",
+        "doc": "1.0 when the last number in the completion equals the numeric answer within "
+        "`tolerance`.",
+        "params": [
+            {"name": "field", "type": "str", "default": "'answer'"},
+            {"name": "tolerance", "type": "float", "default": "1e-06"},
+        ],
+    }
+    assert listed["builtin-evaluators"]["details"]["rloo"]["params"] == []
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    # the table folds long cells: the parameter's name and type are there, maybe wrapped
+    assert "numeric_match" in out and "tolerance" in out and "float" in out
