@@ -16,6 +16,18 @@ from grpo_ensemble.trainer.batching import MicroBatch, attach_traces, micro_batc
 from grpo_ensemble.trainer.update import Update
 
 # policy + a peer injected where the policy failed, beta > 0, μ = 2: every code path a step has
+# the smallest recipe `validate` accepts, as YAML text: `{out}` is the output directory
+SMALL_RECIPE_TEXT = """\
+seed: 0
+output_dir: {out}
+policy:
+  model: builtin:tiny-arith-small
+  n: 2
+train:
+  steps: 1
+"""
+
+
 ENSEMBLE_RECIPE = {
     "policy": {"model": "builtin:tiny-arith-small", "n": 3, "sampling": {"max_new_tokens": 5}},
     "peers": [

@@ -7,6 +7,7 @@ import math
 import textwrap
 
 import pytest
+from helpers import SMALL_RECIPE_TEXT
 
 from grpo_ensemble.alerts import POLICY, Alert, Alerts
 from grpo_ensemble.cli import main
@@ -438,15 +439,7 @@ def test_odd_values_are_not_history(odd):
 
 # -- a bad alerts section of a recipe: one line, exit 2 ----------------------------------
 
-GOOD = """\
-seed: 0
-output_dir: {out}
-policy:
-  model: builtin:tiny-arith-small
-  n: 2
-train:
-  steps: 1
-"""
+GOOD = SMALL_RECIPE_TEXT
 
 
 def _write(tmp_path, text):

@@ -5,20 +5,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SMALL_RECIPE_TEXT
 
 from grpo_ensemble.cli import main
 from grpo_ensemble.errors import RecipeError
 from grpo_ensemble.recipe import load_recipe
 
-GOOD = """\
-seed: 0
-output_dir: {out}
-policy:
-  model: builtin:tiny-arith-small
-  n: 2
-train:
-  steps: 1
-"""
+GOOD = SMALL_RECIPE_TEXT
 
 
 def _write(tmp_path, text, name="r.yaml"):
