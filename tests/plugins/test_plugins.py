@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import grpo_ensemble
 from grpo_ensemble import GroupEvaluator, RewardScorer, hookimpl, plugins, train
 from grpo_ensemble.cli import main
 from grpo_ensemble.errors import PluginError
@@ -398,3 +399,13 @@ def test_plugins_shows_each_components_parameters(capsys):
     out = capsys.readouterr().out
     # the table folds long cells: the parameter's name and type are there, maybe wrapped
     assert "numeric_match" in out and "tolerance" in out and "float" in out
+
+
+def test_every_public_data_type_is_documented():
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for name in ("Prompt", "Candidate", "Sample", "SamplingParams", "Group", "RunContext"):
+        assert f"### `{name}`" in docs or f"`{name}` and" in docs, f"{name}: no section"
+        cls = getattr(grpo_ensemble, name)
+        fields = getattr(cls, "__dataclass_fields__", {})
+        for field in fields:  # each field of a data type is named in its section
+            assert f"`{field}`" in docs, f"{name}.{field} is not in docs/plugins.md"
