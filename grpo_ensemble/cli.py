@@ -157,6 +157,27 @@ def report(
         )
 
 
+@app.command("new-plugin")
+def new_plugin_cmd(
+    name: Annotated[str, typer.Argument(help="The component's name in recipes, e.g. my_judge.")],
+    kind: Annotated[
+        str, typer.Option("--kind", help="reward, evaluator, generator or tracker.")
+    ] = "reward",
+    where: Annotated[Path, typer.Option("--dir", help="Where to write the package.")] = Path("."),
+) -> None:
+    """Write a ready plugin package: entry point, one component, a passing test, a README."""
+    from .scaffold import new_plugin
+
+    root = new_plugin(name, kind, where)
+    console.print(f"plugin package: {root}", markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"next: cd {root} && pip install -e '.[test]' && python -m pytest",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _version(value: bool) -> None:
     if value:
         from .report import package_version

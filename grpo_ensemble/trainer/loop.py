@@ -179,6 +179,8 @@ def run_plugins(given: Sequence):
     pm, names = get_plugin_manager(), []
     try:
         for i, plugin in enumerate(given):
+            if pm.is_registered(plugin):  # installed too: its entry point registered it
+                continue
             problem = hook_problem(plugin)
             if problem is not None:
                 raise UserError(f"plugins[{i}]: {problem}")
