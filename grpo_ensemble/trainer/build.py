@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..data.prompts import Cleaning, DataReport, load_prompts
 from ..errors import RecipeError, UserError
@@ -50,6 +50,15 @@ def check_params(cls: type, params: Mapping, field: str, **extra) -> None:
     except TypeError as exc:
         raise RecipeError(field, str(exc)) from None
     except ValueError:  # no signature to inspect (e.g. a builtin): let construction tell
+        return
+    model = getattr(cls, "Params", None)  # a component's own pydantic model, richer checks
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        try:
+            model.model_validate(dict(params))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise RecipeError(f"{field}.{where}" if where else field, err["msg"]) from None
         return
     hints = _init_hints(cls)
     for name, value in params.items():

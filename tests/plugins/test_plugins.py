@@ -409,3 +409,37 @@ def test_every_public_data_type_is_documented():
         fields = getattr(cls, "__dataclass_fields__", {})
         for field in fields:  # each field of a data type is named in its section
             assert f"`{field}`" in docs, f"{name}.{field} is not in docs/plugins.md"
+
+
+def test_a_component_may_declare_a_pydantic_model_for_its_params(tmp_path, capsys):
+    from pydantic import BaseModel, Field
+
+    class Banded(RewardScorer):
+        """1.0 inside [low, high]."""
+
+        name = "banded"
+
+        class Params(BaseModel):
+            low: float = 0.0
+            high: float = Field(1.0, le=100)
+
+        def __init__(self, low: float = 0.0, high: float = 1.0):
+            self.low, self.high = low, high
+
+        def score(self, samples):
+            return [1.0 for _ in samples]
+
+    class Plugin:
+        @hookimpl
+        def register_reward_scorers(self, register):
+            register(Banded)
+
+    plugins.get_plugin_manager().register(Plugin(), name="banded")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "policy:\n  model: builtin:tiny-arith-small\n"
+        "rewards:\n  - name: banded\n    params:\n      high: 500\n"
+    )
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:6: rewards.0.params.high: Input should be less than")
