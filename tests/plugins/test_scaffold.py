@@ -1,6 +1,7 @@
 """`grpo-ensemble new-plugin` round trip, and the kit (`grpo_ensemble.testing`) on the
 built-in components and the example plugin."""
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -86,3 +87,28 @@ def test_the_kit_catches_a_broken_contract():
         check_scorer(NotANumber())
     with pytest.raises(AssertionError, match="not valid must get 0"):
         check_evaluator(Uncentred())
+
+
+def test_an_installed_scaffold_is_discovered_through_its_entry_point(tmp_path, capsys):
+    # installed for real (pip, into a folder of its own: the test environment is left as
+    # it is), then found through its entry point, as a user's `pip install` makes it
+    assert main(["new-plugin", "my_judge", "--dir", str(tmp_path)]) == 0
+    root, target = tmp_path / "grpo-ensemble-my-judge", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        [*pip, "--target", str(target), str(root)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    env = subprocess_env(PYTHONPATH=str(target))
+    env["GRPO_ENSEMBLE_LOAD_PLUGINS"] = "my_judge"
+    listed = subprocess.run(
+        [sys.executable, "-m", "grpo_ensemble", "plugins", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    found = {p["name"]: p for p in json.loads(listed.stdout)}["my_judge"]
+    assert found["distribution"] == "grpo-ensemble-my-judge" and found["version"] == "0.1.0"
+    assert found["components"] == {"reward_scorer": ["my_judge"]} and found["left_out"] is None
