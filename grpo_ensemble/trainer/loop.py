@@ -152,22 +152,27 @@ def train(
         members = [m.name for m in run.ensemble.members]
         records = Records(run_dir, recipe, observers, members, main, start, t0)
         with _end_recorded(records, result, start, console):
-            records.run_started(recipe.model_dump(mode="json"), _history(where, start))
-            if recipe.eval.before and start == 0:
-                where.during = "the evaluation before training"
-                result.before = evaluate_policy(run)
-                records.evaluated(0, "before", result.before)
-                say_eval(console, "before", result.before)
-            elif start:
-                earlier = records.earliest("before")
-                if earlier is not None:
-                    say_row(console, "before training (from the run directory)", earlier)
-            # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is
-            # torch's own
-            with kept_between_steps(on=not torch.cuda.is_available()):
-                _steps(run, start, result, console, where, records)
-            _finish(run, result, console, where, records)
+            _run_steps(run, start, result, console, where, records)
         return result
+
+
+def _run_steps(run: Run, start: int, result: TrainResult, console, where, records) -> None:
+    """The evaluation before training (a resumed run shows the one its directory holds), the
+    steps, the final model and the evaluation after training."""
+    records.run_started(run.recipe.model_dump(mode="json"), _history(where, start))
+    if run.recipe.eval.before and start == 0:
+        where.during = "the evaluation before training"
+        result.before = evaluate_policy(run)
+        records.evaluated(0, "before", result.before)
+        say_eval(console, "before", result.before)
+    elif start:
+        earlier = records.earliest("before")
+        if earlier is not None:
+            say_row(console, "before training (from the run directory)", earlier)
+    # a CPU step reuses the memory the step before it freed (heap.py); a GPU's is torch's own
+    with kept_between_steps(on=not torch.cuda.is_available()):
+        _steps(run, start, result, console, where, records)
+    _finish(run, result, console, where, records)
 
 
 @contextlib.contextmanager
@@ -352,31 +357,37 @@ def _steps(run: Run, start: int, result: TrainResult, console, where: _Where, re
                     f"(steps {step - bad_in_a_row + 1}-{step}), so the run stopped{good}"
                 )
             _evaluate_during(run, step, records, console)
-            halt = next((a for a in fired if a.action == "stop"), None)
-            wanted = any(a.action in ("checkpoint", "stop") for a in fired)
-            due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
-            signum = int(dist.all_max([stopping.requested() or 0])[0]) or None
-            if due or signum or wanted:
-                path = save_checkpoint(
-                    run.run_dir, run.engine, run.sampler.state(), run.recipe, step
-                )
-                saved = step
-                where.checkpoint, where.kept = path, f"the last checkpoint is {path}"
-            if signum:
-                name = signal.Signals(signum).name
-                exc = Interrupted(
-                    f"stopped by {name} after step {step}; checkpoint {path}",
-                    exit_code=128 + signum,
-                )
-                exc.agreed = True  # every rank raises it; rank 0 prints it
-                raise exc
-            if halt is not None:
-                exc = AlertStopped(
-                    f"stopped by the alert {halt.rule} after step {step} ({halt.message}); "
-                    f"checkpoint {path}"
-                )
-                exc.agreed = True
-                raise exc
+            saved = _checkpoint_or_stop(run, step, fired, where, saved)
+
+
+def _checkpoint_or_stop(run: Run, step: int, fired, where: _Where, saved: int) -> int:
+    """The checkpoint after `step` when one is due, a stop signal came, or an alert asks for
+    it; then the stop a signal or an alert with action `stop` asks for (every rank raises,
+    rank 0 prints). Returns the step of the newest checkpoint."""
+    t = run.recipe.train
+    halt = next((a for a in fired if a.action == "stop"), None)
+    wanted = any(a.action in ("checkpoint", "stop") for a in fired)
+    due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
+    signum = int(dist.all_max([stopping.requested() or 0])[0]) or None
+    if due or signum or wanted:
+        path = save_checkpoint(run.run_dir, run.engine, run.sampler.state(), run.recipe, step)
+        saved = step
+        where.checkpoint, where.kept = path, f"the last checkpoint is {path}"
+    if signum:
+        name = signal.Signals(signum).name
+        exc = Interrupted(
+            f"stopped by {name} after step {step}; checkpoint {path}", exit_code=128 + signum
+        )
+        exc.agreed = True
+        raise exc
+    if halt is not None:
+        exc = AlertStopped(
+            f"stopped by the alert {halt.rule} after step {step} ({halt.message}); "
+            f"checkpoint {path}"
+        )
+        exc.agreed = True
+        raise exc
+    return saved
 
 
 def _sampler_of(run: Run, step: int, records: Records):
