@@ -359,6 +359,18 @@ def hook_free(model: torch.nn.Module) -> bool:
     return all(getattr(s, "name", None) == "AVAILABLE" for s in status)
 
 
+def lean_hook_free(model: torch.nn.Module) -> bool:
+    """Whether the lean step decodes `model` without calling a module: a Llama-family model
+    whose layers `hook_free` accepts (see there)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not hasattr(model, "lm_head"):
+        return False
+    if not all(type(x).__name__ in LLAMA_FAMILY for x in layers):
+        return False
+    return hook_free(model)
+
+
 def _embed(embedding: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The embedding rows of `tokens`; a plain `Embedding` through `forward`, without hooks."""
     if type(embedding) is torch.nn.Embedding:

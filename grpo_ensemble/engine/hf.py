@@ -14,11 +14,13 @@ import torch
 
 from .. import dist
 from ..errors import UserError
+from ..models.adapters import adapters_off
 from ..models.chat import render_prompt
 from ..models.loading import load_model
 from ..models.zero import gathered_params, zero3_managed
 from ..plugins.interfaces import Generator, SamplingParams, candidate_seed
 from ..types import Candidate, Prompt
+from .decode import lean_hook_free
 from .recording import BufferPool, Recording, count_update
 from .replay import Trace, replay_logprobs, replayable
 from .sampling import sample
@@ -52,6 +54,10 @@ class HFGenerator(Generator):
     they are gathered whole for the duration of a `generate` call: fast, but the whole model is
     in memory for that time. Without it every forward gathers one layer at a time, which keeps
     memory low but makes each token a round of collectives; ranks then step in lockstep.
+
+    `adapters` False: a model with LoRA adapters (PEFT's layers inside it) samples as its base
+    model, the adapters switched off while it samples: a peer that is the policy's base shares
+    the policy's module instead of holding a copy of the weights.
     """
 
     name = "hf"
@@ -63,6 +69,7 @@ class HFGenerator(Generator):
         batch_size: int = 256,
         trust_remote_code: bool = False,
         gather: bool = True,
+        adapters: bool = True,
     ):
         if isinstance(model, str):
             try:
@@ -76,6 +83,7 @@ class HFGenerator(Generator):
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.gather = bool(gather)
+        self.adapters = bool(adapters)
         # inside `recording()`: keep the decode step's products for the update, in buffers used
         # again from one step to the next, and where each candidate's are (`take_traces`)
         self.record = False
@@ -123,7 +131,7 @@ class HFGenerator(Generator):
 
     def replays_for(self, model: torch.nn.Module) -> bool:
         """True when this generator samples with `model` itself, so its recordings are of it."""
-        return self.model is model
+        return self.model is model and self.adapters
 
     def replay_logprobs(self, model, batch, traces, temperature: float, entropy=None):
         """(B, C) log-probs of `batch` under `model`, with the graph for the backward, from the
@@ -148,13 +156,17 @@ class HFGenerator(Generator):
         if sampling.seeds is not None:
             seeds = [candidate_seed(s, j) for s in sampling.seeds for j in range(n)]
         starts = list(range(0, len(texts), self.batch_size))
-        lockstep = self.collective and not self.gather
-        if lockstep:  # every rank runs as many batches as the rank with the most
-            extra = int(dist.all_max([len(starts)])[0]) - len(starts)
-            starts += [-1] * extra
         flat: list[Candidate] = []
         context = gathered_params(self.model) if self.gather else contextlib.nullcontext()
-        with eval_mode(self.model), context:
+        base = contextlib.nullcontext() if self.adapters else adapters_off(self.model)
+        with eval_mode(self.model), context, base:
+            # ZeRO-3's module hooks take part in collectives at every module call, so ranks
+            # step in lockstep unless the weights are gathered and the decode step calls no
+            # module (adapters, for one, are called)
+            lockstep = self.collective and not (self.gather and lean_hook_free(self.model))
+            if lockstep:  # every rank runs as many batches as the rank with the most
+                extra = int(dist.all_max([len(starts)])[0]) - len(starts)
+                starts += [-1] * extra
             for start in starts:
                 if start < 0:  # a batch only to keep this rank in step with the others
                     dummy = (self.tokenizer.eos_token or "0", True)

@@ -55,7 +55,8 @@ class MemberConfig(_Config):
     model: str | None = Field(
         None,
         min_length=1,
-        description="Local path, hub id, or `builtin:NAME` of a built-in tiny model.",
+        description="Local path, hub id, or `builtin:NAME` of a built-in tiny model; for a "
+        "peer also `policy_base`: the policy's model (with policy.lora, the very same weights).",
     )
     generator: str = Field("hf", description="Generator plugin that samples for this member.")
     params: dict[str, Any] = Field({}, description="Keyword arguments for the generator.")
@@ -77,11 +78,60 @@ class MemberConfig(_Config):
     )
 
 
+class LoraConfig(_Config):
+    r: int = Field(16, ge=1, description="Rank of each adapter's low-rank update.")
+    alpha: float = Field(
+        32.0, gt=0, description="Scale of the update: it is multiplied by alpha / r."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on each adapter's input while training (0: the update's first "
+        "pass computes exactly the sampling policy's log-probs).",
+    )
+    target_modules: list[Annotated[str, Field(min_length=1)]] | Literal["all-linear"] | None = (
+        Field(
+            None,
+            description="Names of the layers that get an adapter (a name matches a module "
+            "whose dotted path ends with it), or all-linear (null: PEFT's choice for the "
+            "architecture: q_proj and v_proj for the Llama family, c_attn for GPT-2).",
+        )
+    )
+
+
 class PolicyConfig(MemberConfig):
     n: int = Field(8, ge=1, description="Candidates the policy samples for each prompt.")
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters (PEFT) instead of every weight; the base stays "
+        "frozen and also serves as the reference model and as any peer whose model is the "
+        "policy's (null: full fine-tuning).",
+    )
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="Continue training an existing PEFT adapter folder (trained on "
+        "policy.model) instead of new LoRA adapters.",
+    )
+
+
+POLICY_BASE = "policy_base"  # a peer's model: the policy's base model (shared with LoRA)
 
 
 class PeerConfig(MemberConfig):
+    @model_validator(mode="before")
+    @classmethod
+    def _frozen(cls, data: Any) -> Any:
+        """A peer is frozen: adapters are trained on the policy only."""
+        for key in ("lora", "adapter"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(
+                    f"{key}: a peer's model is frozen; adapters are trained on the policy only "
+                    f"(policy.{key})"
+                )
+        return data
+
     name: str = Field(..., min_length=1, description="Member name, used in metrics.")
     mode: Literal["on_policy", "shaped", "tis", "baseline_only"] = Field(
         "on_policy",
@@ -278,12 +328,18 @@ class TrainConfig(_Config):
     micro_batch_size: int = Field(
         32, ge=1, description="Candidates per forward/backward (sorted by length when several)."
     )
-    micro_batch_tokens: int | None = Field(
+    micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
-        ge=1,
         description="At most this many token positions per forward/backward (candidates × "
         "(longest prompt + longest completion)), besides micro_batch_size: short candidates "
-        "fill larger micro-batches (null: candidates only).",
+        "fill larger micro-batches (null: candidates only). auto: the largest that fits, found "
+        "on a GPU by halving after an out-of-memory error, on a CPU from train.memory_limit_gb.",
+    )
+    memory_limit_gb: float | None = Field(
+        None,
+        gt=0,
+        description="micro_batch_tokens auto on a CPU: the memory the update may use, in GiB "
+        "(null: no token limit).",
     )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -347,6 +403,11 @@ class TrainConfig(_Config):
         100, ge=0, description="Checkpoint every N steps and at the end (0: only on SIGTERM)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    save_merged: bool = Field(
+        False,
+        description="With adapters (policy.lora or policy.adapter): also save the base with "
+        "the adapters merged in, a plain Hugging Face model, in final/merged.",
+    )
     max_bad_updates: int = Field(
         3,
         ge=1,
@@ -430,6 +491,7 @@ class Recipe(_Config):
     def _cross_checks(self) -> Recipe:
         if self.policy.model is None:
             raise ValueError("policy.model: required (a path, a hub id or builtin:NAME)")
+        self._adapter_checks()
         names = [p.name for p in self.peers]
         for i, name in enumerate(names):
             if name == POLICY or names.index(name) != i:
@@ -470,6 +532,36 @@ class Recipe(_Config):
                 "raise policy.n or add a peer"
             )
         return self
+
+    def _adapter_checks(self) -> None:
+        p, t = self.policy, self.train
+        if p.lora is not None and p.adapter is not None:
+            raise ValueError(
+                "policy.adapter: continues an adapter whose rank and layers are its own; drop "
+                "policy.lora (or policy.adapter to start new adapters)"
+            )
+        adapters = p.lora is not None or p.adapter is not None
+        if t.save_merged and not adapters:
+            raise ValueError(
+                "train.save_merged: needs adapters (policy.lora or policy.adapter); without "
+                "them final/ holds the whole model already"
+            )
+        if adapters and p.dtype is not None:
+            raise ValueError(
+                "policy.dtype: with adapters the reference is the policy's own frozen base, in "
+                "train.precision; drop policy.dtype"
+            )
+        if t.memory_limit_gb is not None and t.micro_batch_tokens != "auto":
+            raise ValueError("train.memory_limit_gb: applies to train.micro_batch_tokens: auto")
+        if t.micro_batch_tokens == "auto" and t.zero_stage > 1:
+            raise ValueError(
+                "train.micro_batch_tokens: auto backs off by doing a step's update again, which "
+                "needs the gradients held whole until the step's last micro-batch: use "
+                "zero_stage 0 or 1, or give a number"
+            )
+        for peer in self.peers:
+            if peer.model == POLICY_BASE:
+                peer.model = p.model  # the same model; with adapters, the same weights
 
     @property
     def group_size(self) -> int:

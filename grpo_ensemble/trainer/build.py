@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from ..data.prompts import Cleaning, DataReport, load_prompts
 from ..errors import RecipeError, UserError
+from ..models.adapters import check_adapter_settings
 from ..models.loading import load_field_tokenizer, resolve_model, same_tokenizer
 from ..plugins import registry as plugins
 from ..plugins.builtin.rewards import PythonFunction, SamplesFunction, TrlFunction, function_scorer
@@ -195,6 +196,23 @@ def build_policy_generator(
     return construct("generator", p.generator, p.params, "policy.generator", **extra)
 
 
+def shared_base_generator(prefix: str, member, module, tokenizer, gather: bool):
+    """A peer whose model is the policy's base, sampling from the policy's own module with its
+    adapters off (no second copy of the weights): its generator must take `adapters`."""
+    cls = plugins.get_component("generator", member.generator, f"{prefix}.generator")
+    if "adapters" not in _params(cls):
+        raise RecipeError(
+            f"{prefix}.generator",
+            f"{member.generator!r} cannot sample the policy's base from the policy's module "
+            "(it takes no adapters= setting); use the hf generator for this peer",
+        )
+    extra = {"model": module, "adapters": False}
+    for name, value in (("tokenizer", tokenizer), ("gather", gather)):
+        if name in _params(cls) and name not in member.params:
+            extra[name] = value
+    return construct("generator", member.generator, member.params, f"{prefix}.generator", **extra)
+
+
 def cleaning_of(recipe: Recipe, scorers: Sequence[WeightedScorer] = ()) -> Cleaning:
     """The data section's row checks; a scorer that reads a field (e.g. `answer`) makes it
     required, so a row without it is reported at load time, not mid-run."""
@@ -328,6 +346,9 @@ def check_recipe(recipe: Recipe, note=None) -> None:
             raise RecipeError(f"{prefix}.model", f"{m.generator!r} needs a model")
         check_params(cls, m.params, f"{prefix}.params", **extra)
     check_tis_tokenizers(recipe)
+    p = recipe.policy
+    if p.lora is not None or p.adapter is not None:
+        check_adapter_settings(p, resolve_model(p.model, "policy.model"))
     reports: list = []
     scorers = build_scorers(recipe)
     note("checking the prompts")

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from .. import dist, stopping
 from ..errors import AlertStopped, GrpoEnsembleError, Interrupted, RunError, UserError
+from ..models.adapters import merged_state_dict
 from ..models.zero import gathered_params
 from ..plugins.interfaces import Generator, GroupEvaluator, SamplingParams, mix64
 from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
@@ -309,10 +310,20 @@ def _resume(run: Run, resume: str, result: TrainResult, console, where: _Where) 
 
 
 def _save_final(run: Run, model_dir: Path) -> None:
-    """The trained policy and its tokenizer in Hugging Face format (rank 0 writes)."""
-    with gathered_params(run.engine.module):  # ZeRO-3 holds shards; save whole weights
+    """The trained policy and its tokenizer in Hugging Face format (rank 0 writes): with
+    adapters, the PEFT adapter folder (and, with train.save_merged, the merged model in
+    `merged/`)."""
+    module = run.engine.module
+    with gathered_params(module):  # ZeRO-3 holds shards; save whole weights
         if dist.is_main():
-            run.engine.module.save_pretrained(model_dir, safe_serialization=True)
+            if run.adapter is None:
+                module.save_pretrained(model_dir, safe_serialization=True)
+            else:
+                run.adapter.save_pretrained(model_dir, safe_serialization=True)
+                if run.recipe.train.save_merged:
+                    merged = merged_state_dict(module)
+                    module.save_pretrained(model_dir / "merged", state_dict=merged)
+                    run.tokenizer.save_pretrained(model_dir / "merged")
             run.tokenizer.save_pretrained(model_dir)
     dist.barrier()  # no rank goes on before the final model is on disk
 

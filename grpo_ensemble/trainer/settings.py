@@ -75,7 +75,8 @@ def resolve(
         ),
         batching=BatchSettings(
             micro_batch_size=t.micro_batch_size,
-            micro_batch_tokens=t.micro_batch_tokens,
+            # auto: the run's `TokenBudget` sets it step by step
+            micro_batch_tokens=t.micro_batch_tokens if t.micro_batch_tokens != "auto" else None,
             # the KL term (beta > 0) and the entropy bonus give every candidate a share of
             # the loss, whatever its advantage; and a zero-advantage candidate's tokens count
             # in the entropy quantile that decides which other tokens keep their gradient
@@ -91,5 +92,6 @@ def resolve(
             if lo.constant_tokens == "policy"
             else max(m.sampling.max_new_tokens for m in members),
             train_is_eval=train_is_eval,
+            back_off=t.micro_batch_tokens == "auto" and t.memory_limit_gb is None,
         ),
     )

@@ -16,7 +16,8 @@ import torch
 from .. import dist
 from ..data.prompts import DataReport, PromptSampler, too_long
 from ..errors import RecipeError, UserError
-from ..models.loading import load_model
+from ..models.adapters import add_lora, load_adapter, lora_layers, quantized
+from ..models.loading import load_model, resolve_model
 from ..plugins.interfaces import (
     Generator,
     GroupEvaluator,
@@ -46,8 +47,10 @@ from .build import (
     prompt_token_limit,
     sampling_of,
     set_chat_template,
+    shared_base_generator,
 )
 from .deepspeed import build_engine, init_distributed, resolve_dtype, shard_frozen
+from .memory import TokenBudget, token_budget
 from .settings import StepSettings, loss_settings, resolve
 from .update import train_mode_is_eval_mode
 
@@ -73,6 +76,10 @@ class Run:
     data_reports: list[DataReport] = field(default_factory=list)
     # the policy's generator, where the update's first pass replays its sampling's forward
     replay: ReplaysForward | None = None
+    # with adapters: the PEFT model around the policy's module, which saves the adapter folder
+    adapter: Any = None
+    # the micro-batches' token budget (train.micro_batch_tokens; auto sets it as it goes)
+    budget: TokenBudget = field(default_factory=lambda: TokenBudget(None))
 
     @property
     def policy_generator(self) -> Generator:
@@ -92,6 +99,8 @@ class Loaded:
     tokenizer: Any
     ref: torch.nn.Module | None
     peers: dict[str, Generator]
+    adapter: Any = None  # the PeftModel around `policy`, with adapters
+    shared: tuple[str, ...] = ()  # peers whose model is the policy's base (built later)
 
 
 def seed_everything(seed: int) -> None:
@@ -144,6 +153,13 @@ def build_run(
     note(f"starting DeepSpeed (ZeRO stage {recipe.train.zero_stage})")
     engine = build_engine(recipe, loaded.policy, dtype)
     ref = _place_frozen(recipe, engine, dtype, loaded, given)
+    if loaded.adapter is not None and reference:  # the base: the policy, its adapters off
+        ref = engine.module
+    for name, prefix, m in member_fields(recipe):
+        if name in loaded.shared:
+            loaded.peers[name] = shared_base_generator(
+                prefix, m, engine.module, loaded.tokenizer, gather
+            )
     _place_scorers(loaded.scorers, engine, dtype)
     policy_gen = _policy_generator(
         recipe, engine, loaded.tokenizer, gather, generators.pop(POLICY, None)
@@ -159,6 +175,7 @@ def build_run(
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
     same = train_mode_is_eval_mode(engine.module)
+    ids = PromptIds(loaded.tokenizer)
     return Run(
         recipe=recipe,
         settings=resolve(recipe, members, loss, same),
@@ -172,10 +189,28 @@ def build_run(
         held_out=loaded.held_out,
         eval_scorer=loaded.eval_scorer,
         run_dir=run_dir,
-        prompt_ids=PromptIds(loaded.tokenizer),
+        prompt_ids=ids,
         data_reports=reports,
         replay=policy_gen if reuse_applies(recipe, engine, members, same) else None,
+        adapter=loaded.adapter,
+        budget=token_budget(recipe, engine.module, lambda: longest(loaded.train_prompts, ids)),
     )
+
+
+def shares_base(recipe: Recipe, prefix: str, member) -> bool:
+    """Whether a peer samples from the policy's base weights: the policy trains adapters and
+    the peer's model is the policy's (`policy_base` or the same path)."""
+    p = recipe.policy
+    if (p.lora is None and p.adapter is None) or member.model is None:
+        return False
+    same = resolve_model(member.model, f"{prefix}.model") == resolve_model(p.model, "policy.model")
+    if same and member.dtype is not None:
+        raise RecipeError(
+            f"{prefix}.dtype",
+            "this peer samples from the policy's own base weights, in train.precision; drop "
+            "its dtype (or give it a model of its own)",
+        )
+    return same
 
 
 def _policy_generator(
@@ -255,8 +290,13 @@ def _load(
     train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer, objects.data)
     probe_functions(scorers, train_prompts[0], given=objects.reward_scorers is not None)
     p = recipe.policy
-    note(f"loading the policy {p.model}" + (" and its reference copy" if reference else ""))
+    adapters = p.lora is not None or p.adapter is not None
+    copy = reference and not adapters  # with adapters, the base is the reference
+    note(f"loading the policy {p.model}" + (" and its reference copy" if copy else ""))
     policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+    adapter = with_adapters(recipe, policy) if adapters else None
+    if adapter is not None:
+        policy = adapter.get_base_model()  # the causal LM, PEFT's layers inside
     set_chat_template(tok, p, "policy")
     how = cleaning_of(recipe, scorers)
     limit, held_out_limit = prompt_token_limit(recipe, policy)
@@ -266,24 +306,60 @@ def _load(
             budget = "eval.max_new_tokens" if recipe.eval.max_new_tokens else None
             held_out = too_long(held_out, tok, held_out_limit, how, reports[1], budget)
     ref = None
-    if reference:
+    if copy:
         ref, _ = load_model(p.model, "policy.model", frozen_dtype(p, dtype), p.trust_remote_code)
         ref.requires_grad_(False).eval()
     if recipe.peers:
         note("loading the peers: " + ", ".join(f"{m.name} ({m.model})" for m in recipe.peers))
+    shared = tuple(
+        name
+        for name, prefix, m in member_fields(recipe)
+        if name != POLICY and name not in generators and shares_base(recipe, prefix, m)
+    )
     peers = {
         name: generators.pop(name)
         if name in generators
         else build_peer_generator(prefix, m, gather=gather)
         for name, prefix, m in member_fields(recipe)
-        if name != POLICY
+        if name != POLICY and name not in shared
     }
     if set(generators) - {POLICY}:
         extra = sorted(set(generators) - {POLICY})
         raise UserError(f"generators given for members not in the recipe: {extra}")
     for name, prefix, m in member_fields(recipe):  # a member's own template wins
         set_chat_template(getattr(peers.get(name), "tokenizer", None), m, prefix)
-    return Loaded(scorers, evaluator, eval_scorer, train_prompts, held_out, policy, tok, ref, peers)
+    return Loaded(
+        scorers,
+        evaluator,
+        eval_scorer,
+        train_prompts,
+        held_out,
+        policy,
+        tok,
+        ref,
+        peers,
+        adapter,
+        shared,
+    )
+
+
+def with_adapters(recipe: Recipe, policy: torch.nn.Module):
+    """The PeftModel of the policy's adapters: new LoRA ones, or the adapter folder's."""
+    p = recipe.policy
+    if recipe.train.save_merged and quantized(policy):
+        raise RecipeError(
+            "train.save_merged",
+            "the base model is quantized: adapters merged into it would lose precision; "
+            "save the adapter alone (drop save_merged)",
+        )
+    if p.lora is not None:
+        return add_lora(policy, p.lora)
+    return load_adapter(policy, p.adapter, resolve_model(p.model, "policy.model"))
+
+
+def longest(prompts: list[Prompt], ids: PromptIds) -> int:
+    """The tokens of the longest prompt."""
+    return max(len(ids(p)) for p in prompts)
 
 
 def reuse_applies(recipe: Recipe, engine, members: list[Member], train_is_eval: bool) -> bool:
@@ -301,6 +377,8 @@ def reuse_applies(recipe: Recipe, engine, members: list[Member], train_is_eval: 
     if not t.reuse_sampling_forward or t.zero_stage == 3 or t.gradient_checkpointing:
         return False
     if t.micro_batch_tokens is not None or not train_is_eval:
+        return False
+    if lora_layers(engine.module):  # sampling's recorded products are the base layers' only
         return False
     peers = sum(m.n for m in members[1:])
     per_rank = -(-t.prompts_per_step // dist.world_size())

@@ -17,7 +17,8 @@ from ..plugins.interfaces import mix64
 from ..rollout.groups import batch_scaled, evaluate_groups
 from ..rollout.injection import peers_wanted
 from ..rollout.scoring import Known, score_groups
-from .batching import attach_traces, filler_batch, left_out, micro_batches
+from .batching import attach_traces, filler_batch, left_out, longest_candidate, micro_batches
+from .memory import MicroBatchTooLarge
 from .metrics import step_metrics
 from .setup import Run
 from .update import NO_UPDATE, Update, update
@@ -40,6 +41,36 @@ class Clock:
         now = dist.now()
         self.times[phase] = self.times.get(phase, 0.0) + now - self.last
         self.last = now
+
+
+def train_on(run: Run, rollout, members: list[str]) -> dict[str, Any]:
+    """The step's micro-batches of its rollout, and the update over them. With
+    micro_batch_tokens auto, an update whose first pass ran out of memory (nothing stepped,
+    its gradients cleared) is done again from the start with half the token budget."""
+    while True:
+        how = run.budget.batching(run.settings.batching)
+        try:
+            return _update_with(run, rollout, how, members)
+        except MicroBatchTooLarge as exc:
+            run.budget.halve(exc.positions, least=longest_candidate(rollout, run.prompt_ids))
+
+
+def _update_with(run: Run, rollout, how, members: list[str]) -> dict[str, Any]:
+    s = run.settings
+    batches = dist.agree(lambda: micro_batches(rollout, how, s.group.modes, run.prompt_ids))
+    if run.replay is not None:  # where the policy's sampling products are, for the first pass
+        attach_traces(batches, run.replay.take_traces(rollout.candidates))
+    left = left_out(rollout, how, members)
+    # ranks may hold different counts; candidates left out still take an optimizer step (of a
+    # zero gradient: Adam's moments and weight decay move on as if they had been computed)
+    n_batches = int(dist.all_max([len(batches) or int(left.sequences > 0)])[0])
+    if not n_batches:
+        return dict(NO_UPDATE)
+    pad = run.tokenizer.pad_token_id
+    batches += [filler_batch(pad)] * (n_batches - len(batches))
+    batches = [b.to(run.engine.device) for b in batches]
+    u = Update(run.engine, run.ref_model, run.replay, members)
+    return update(u, s.update, batches, left)
 
 
 def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
@@ -74,29 +105,15 @@ def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
         on_rollout(rollout)
     clock.lap("score")
 
-    modes = s.group.modes
-    batches = dist.agree(lambda: micro_batches(rollout, s.batching, modes, run.prompt_ids))
-    if run.replay is not None:  # where the policy's sampling products are, for the first pass
-        attach_traces(batches, run.replay.take_traces(rollout.candidates))
     members = [m.name for m in ensemble.members]
-    left = left_out(rollout, s.batching, members)
-    # ranks may hold different counts; candidates left out still take an optimizer step (of a
-    # zero gradient: Adam's moments and weight decay move on as if they had been computed)
-    n_batches = int(dist.all_max([len(batches) or int(left.sequences > 0)])[0])
-    upd = dict(NO_UPDATE)
-    if n_batches:
-        pad = run.tokenizer.pad_token_id
-        batches += [filler_batch(pad)] * (n_batches - len(batches))
-        batches = [b.to(run.engine.device) for b in batches]
-        u = Update(run.engine, run.ref_model, run.replay, members)
-        upd = update(u, s.update, batches, left)
+    upd = train_on(run, rollout, members)
     clock.lap("update")
     run.policy_generator.sync_weights(run.engine.module)  # the policy samples anew
     clock.lap("sync")
     for name, seconds in {**own.seconds, **pooled.seconds}.items():
         clock.times[f"generate/{name}"] = seconds
     faults = {**own.faults, **pooled.faults}
-    return step_metrics(
+    row = step_metrics(
         step,
         rollout,
         upd,
@@ -106,3 +123,6 @@ def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
         members,
         faults,
     )
+    if run.budget.auto and run.budget.tokens is not None:  # the size auto has settled on
+        row["micro_batch_tokens"] = run.budget.tokens
+    return row

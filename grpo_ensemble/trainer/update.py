@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import dist
+from ..models.adapters import adapters_off
 from ..models.logprobs import completion_logprobs, completion_logprobs_entropy
 from ..plugins.interfaces import ReplaysForward
 from ..types import POLICY
 from .batching import LeftOut, MicroBatch
 from .loss import MODES, BatchSize, LossSettings, entropy_mask, grpo_loss
+from .memory import MicroBatchTooLarge
 from .metrics import WEIGHT_KEYS, tokens_by_member, update_metrics
 
 
@@ -35,6 +37,9 @@ class UpdateSettings:
     # the model computes the same in training as in eval mode (no dropout): the first pass's
     # log-probs are then the old policy's, and sampling's products can stand for its forward
     train_is_eval: bool = True
+    # micro_batch_tokens auto in one process: a first pass out of memory is given up, its
+    # gradients cleared, for the step to try again with a smaller budget (memory.py)
+    back_off: bool = False
 
 
 @dataclass
@@ -260,7 +265,10 @@ def update(
         if s.mu > 1 and not keep_first
         else None
     )
-    ref = frozen_logprobs(u.ref_model, batches, s.temperature) if u.ref_model is not None else None
+    ref = None
+    if u.ref_model is not None:  # with adapters the reference is the policy's own base
+        with adapters_off(u.ref_model):
+            ref = frozen_logprobs(u.ref_model, batches, s.temperature)
     logprob_seconds = dist.all_max([dist.now() - start])[0]  # the slowest rank's
     total: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -271,7 +279,13 @@ def update(
         if i == 1 and u.replay is not None:  # a pass of its own activations: no pages kept beside
             u.replay.release_buffers()
         keep: list[torch.Tensor] | None = [] if old is None and s.mu > 1 else None
-        sums = accumulate(u, s, batches, size, old, ref, keep, u.replay if i == 0 else None)
+        try:
+            sums = accumulate(u, s, batches, size, old, ref, keep, u.replay if i == 0 else None)
+        except torch.OutOfMemoryError:
+            if i > 0 or not s.back_off:  # a later pass follows an optimizer step: no retry
+                raise
+            clear_gradients(engine)
+            raise MicroBatchTooLarge(max(b.tokens.input_ids.numel() for b in batches)) from None
         old = keep if keep is not None else old
         if i == 0:  # per-mode weights, token shares, entropy: of the first pass
             first = {k: v for k, v in sums.items() if k.startswith(("w/", "H/", "Ht/"))}
@@ -294,6 +308,16 @@ def update(
         return {**NO_UPDATE, "loss": sums["loss"], "nonfinite_update": 1}
     lr = sum(lrs) / len(lrs)
     return {**update_metrics(sums, grad_norms, s.mu), "lr": lr, "time/logprobs": logprob_seconds}
+
+
+def clear_gradients(engine) -> None:
+    """Drop every gradient accumulated so far in the step (ZeRO stage 0 or 1: they are in the
+    parameters' .grad until the step's last micro-batch) and the memory they held."""
+    engine.zero_grad()
+    for p in engine.module.parameters():
+        p.grad = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _global_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -290,3 +290,55 @@ def test_sampling_through_a_cuda_graph_equals_the_lean_step_on_a_gpu(monkeypatch
     assert not built[-1].static
     assert torch.equal(graphed[0], usual[0])
     torch.testing.assert_close(graphed[1], usual[1], rtol=0, atol=1e-5)
+
+
+def _peft_lora(kind: str, targets: list[str]):
+    """A tiny model with PEFT's LoRA layers inside it (what the trainer trains), the adapters'
+    B matrices made nonzero so that they change the logits."""
+    peft = pytest.importorskip("peft")
+    model = build(kind)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+    inner = peft.get_peft_model(model, config).get_base_model()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in inner.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    return inner.eval()
+
+
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_lean_step_with_peft_adapters_equals_the_peft_models_forward(kind, columns, monkeypatch):
+    """The lean step over a model with LoRA adapters (each adapted projection through its own
+    forward, the others stacked) equals the PEFT model's forward, with the adapters on and
+    with them off (a peer sampling the policy's base)."""
+    from grpo_ensemble.models.adapters import adapters_off
+
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 2**40)
+    use_columns(monkeypatch, columns)
+    model = _peft_lora(kind, ["q_proj", "v_proj", "down_proj"])
+    lean = lean_against_forward(model)
+    assert all(qkv is None and gate_up is not None for qkv, gate_up in lean.fused)
+    with adapters_off(model):
+        lean_against_forward(model)
+    plain = build(kind).eval()  # the same base weights, no adapters
+    ids, mask = left_padded()
+    with torch.no_grad(), adapters_off(model):
+        off = model(input_ids=ids, attention_mask=mask).logits
+    on = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(
+        off, plain(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0
+    )
+    assert (on - off).abs().max() > 0.1  # the adapters matter
+
+
+def test_sampling_with_peft_adapters_equals_the_plain_forward_loop(monkeypatch):
+    model = _peft_lora("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    ids, mask = left_padded()
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, seeds=[11, 12, 13, 14, 15])
+    fast = sample(model, ids, mask, 10, eos_id=2, pad_id=0, **kw)
+    monkeypatch.setattr(sampling_module, "preallocated_cache", lambda model, room: {})
+    plain = sample(model, ids, mask, 10, eos_id=2, pad_id=0, **kw)
+    assert torch.equal(fast[0], plain[0])
+    torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=1e-5)

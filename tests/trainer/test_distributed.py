@@ -514,3 +514,23 @@ def test_the_engine_uses_the_merged_config(small_recipe, tmp_path):
     assert engine.zero_reduce_bucket_size() == 123456
     assert engine.gradient_clipping() == 0.5
     assert engine.zero_optimization_stage() == 2
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_on_two_ranks_matches_one_rank(tmp_path, stage):
+    # adapters trained under ZeRO-2 and ZeRO-3, the reference (beta > 0) and a peer both the
+    # policy's base with the adapters off, μ = 2: 2 ranks train as 1
+    recipe = _recipe_file(tmp_path, {"zero_stage": stage, "lr": 1e-2})
+    data = yaml.safe_load(recipe.read_text())
+    data["policy"]["lora"] = {"r": 4, "alpha": 8}
+    data["peers"].append({"name": "base", "model": "policy_base", "n": 2})
+    recipe.write_text(yaml.safe_dump(data))
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    two = _two_ranks_of_script(tmp_path, "from grpo_ensemble.cli import entry\nentry()\n", recipe)
+    _assert_same_run(one.run_dir, two, weights=False)
+    a = load_file(one.run_dir / "final/adapter_model.safetensors")
+    b = load_file(two / "final/adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # trained
+    assert all(r["member/base/candidates"] > 0 for r in _rows(two))
