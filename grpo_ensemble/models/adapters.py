@@ -44,6 +44,15 @@ def adapters_off(model: torch.nn.Module) -> Iterator[None]:
             m.enable_adapters(True)
 
 
+def is_peft_model(module) -> bool:
+    """Whether `module` is a PEFT model (adapters around a base model)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(module, PeftModel)
+
+
 def _need_peft(field: str):
     try:
         import peft

@@ -553,11 +553,11 @@ class Recipe(_Config):
             )
         if t.memory_limit_gb is not None and t.micro_batch_tokens != "auto":
             raise ValueError("train.memory_limit_gb: applies to train.micro_batch_tokens: auto")
-        if t.micro_batch_tokens == "auto" and t.zero_stage > 1:
+        if t.micro_batch_tokens == "auto" and t.zero_stage > 1 and t.memory_limit_gb is None:
             raise ValueError(
                 "train.micro_batch_tokens: auto backs off by doing a step's update again, which "
                 "needs the gradients held whole until the step's last micro-batch: use "
-                "zero_stage 0 or 1, or give a number"
+                "zero_stage 0 or 1, train.memory_limit_gb, or a number"
             )
         for peer in self.peers:
             if peer.model == POLICY_BASE:

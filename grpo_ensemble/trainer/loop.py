@@ -108,6 +108,7 @@ def train(
     source: str | Path | None = None,
     plugins: Sequence = (),
     eval_scorer=None,
+    model: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Run a recipe end to end. Components given as objects replace the recipe's named ones:
     `generators` maps member names ("policy" or a peer's name) to Generator instances,
@@ -119,7 +120,9 @@ def train(
     directory. `source`: the file a `Recipe` object was read from, if any. `plugins`:
     modules or objects with hook implementations, registered for this run only (as an
     installed plugin's, without an entry point). `eval_scorer`: a reward scorer or function
-    that judges the held-out evaluation in place of `eval.scorer`.
+    that judges the held-out evaluation in place of `eval.scorer`. `model`: the policy's
+    weights as a module, a transformers causal LM or a PEFT model whose adapters train
+    (`policy.model` still names its tokenizer and, with adapters, its base).
 
     Under `torchrun` or `deepspeed` every rank calls this with the same recipe; rank 0 alone
     writes the run directory, the progress bar and the final model. Every rank returns the
@@ -143,7 +146,15 @@ def train(
         console = console if main else None
         note = (lambda line: say(console, f"{line} …")) if console is not None else None
         run = build_run(
-            recipe, run_dir, generators, reward_scorers, group_evaluator, data, note, eval_scorer
+            recipe,
+            run_dir,
+            generators,
+            reward_scorers,
+            group_evaluator,
+            data,
+            note,
+            eval_scorer,
+            model,
         )
         if main:
             write_data_report(run, console)

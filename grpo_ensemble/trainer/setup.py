@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import torch
 from .. import dist
 from ..data.prompts import DataReport, PromptSampler, too_long
 from ..errors import RecipeError, UserError
-from ..models.adapters import add_lora, load_adapter, lora_layers, quantized
-from ..models.loading import load_model, resolve_model
+from ..models.adapters import add_lora, is_peft_model, load_adapter, lora_layers, quantized
+from ..models.loading import load_field_tokenizer, load_model, resolve_model
 from ..plugins.interfaces import (
     Generator,
     GroupEvaluator,
@@ -118,6 +119,7 @@ class Given:
     group_evaluator: GroupEvaluator | None = None
     data: Mapping = field(default_factory=dict)  # "train" / "eval" → Dataset or list of dicts
     eval_scorer: object | None = None  # a RewardScorer or a reward function
+    model: torch.nn.Module | None = None  # the policy: a causal LM or a PEFT model
 
 
 def build_run(
@@ -129,13 +131,19 @@ def build_run(
     data: Mapping | None = None,
     note=None,
     eval_scorer=None,
+    model: torch.nn.Module | None = None,
 ) -> Run:
     """Load models, build components and the DeepSpeed engine. Python objects win over names:
     `data` maps "train" and "eval" to a `datasets.Dataset` or a list of dicts. `note`: told
     a line before each slow part (loading data and models, starting DeepSpeed)."""
     note = note or (lambda line: None)
     objects = Given(
-        dict(generators or {}), reward_scorers, group_evaluator, dict(data or {}), eval_scorer
+        dict(generators or {}),
+        reward_scorers,
+        group_evaluator,
+        dict(data or {}),
+        eval_scorer,
+        model,
     )
     generators = objects.generators
     given = set(generators)  # generator objects from the caller stay where they are
@@ -155,25 +163,13 @@ def build_run(
     ref = _place_frozen(recipe, engine, dtype, loaded, given)
     if loaded.adapter is not None and reference:  # the base: the policy, its adapters off
         ref = engine.module
-    for name, prefix, m in member_fields(recipe):
-        if name in loaded.shared:
-            loaded.peers[name] = shared_base_generator(
-                prefix, m, engine.module, loaded.tokenizer, gather
-            )
     _place_scorers(loaded.scorers, engine, dtype)
     policy_gen = _policy_generator(
         recipe, engine, loaded.tokenizer, gather, generators.pop(POLICY, None)
     )
-    members = []
-    for name, _, m in member_fields(recipe):
-        gen = policy_gen if name == POLICY else loaded.peers[name]
-        mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
-        members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
+    members = _members(recipe, policy_gen, engine, loaded, gather)
     ensemble = Ensemble(members, loaded.tokenizer)
-    _check_templates(recipe, members, reports, loaded)
-    for i, peer in enumerate(recipe.peers):
-        if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
-            raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
+    _check_members(recipe, ensemble, reports, loaded)
     same = train_mode_is_eval_mode(engine.module)
     ids = PromptIds(loaded.tokenizer)
     return Run(
@@ -197,11 +193,25 @@ def build_run(
     )
 
 
-def shares_base(recipe: Recipe, prefix: str, member) -> bool:
+def _members(recipe: Recipe, policy_gen: Generator, engine, loaded: Loaded, gather: bool):
+    """The ensemble's members in recipe order: the policy, then each peer (one that shares the
+    policy's base is built now, over the module being trained)."""
+    members = []
+    for name, prefix, m in member_fields(recipe):
+        if name in loaded.shared:
+            gen = shared_base_generator(prefix, m, engine.module, loaded.tokenizer, gather)
+        else:
+            gen = policy_gen if name == POLICY else loaded.peers[name]
+        mode, on_error = getattr(m, "mode", "on_policy"), getattr(m, "on_error", "fail")
+        members.append(Member(name, gen, m.n, sampling_of(m), mode, on_error))
+    return members
+
+
+def shares_base(recipe: Recipe, prefix: str, member, adapters: bool) -> bool:
     """Whether a peer samples from the policy's base weights: the policy trains adapters and
     the peer's model is the policy's (`policy_base` or the same path)."""
     p = recipe.policy
-    if (p.lora is None and p.adapter is None) or member.model is None:
+    if not adapters or member.model is None:
         return False
     same = resolve_model(member.model, f"{prefix}.model") == resolve_model(p.model, "policy.model")
     if same and member.dtype is not None:
@@ -232,13 +242,18 @@ NO_SYNC = (
 )
 
 
-def _check_templates(recipe: Recipe, members: list[Member], reports: list, loaded: Loaded):
-    """Every member that renders conversations can render every prompt (see build)."""
+def _check_members(recipe: Recipe, ensemble: Ensemble, reports: list, loaded: Loaded):
+    """Every member that renders conversations can render every prompt (see build), and a
+    tis peer shares the policy's tokens."""
+    members = ensemble.members
     prompts = (loaded.train_prompts, loaded.held_out)
     sources = [(r.source, ps) for r, ps in zip(reports, prompts, strict=False)]
     prefixes = [prefix for _, prefix, _ in member_fields(recipe)]
     named = [(x, m.generator.tokenizer) for x, m in zip(prefixes, members, strict=True)]
     check_chat_templates(named, sources)
+    for i, peer in enumerate(recipe.peers):
+        if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
+            raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
 
 
 def _place_frozen(recipe: Recipe, engine, dtype, loaded: Loaded, given: set[str]):
@@ -290,13 +305,7 @@ def _load(
     train_prompts, held_out = load_data(recipe, scorers, reports, eval_scorer, objects.data)
     probe_functions(scorers, train_prompts[0], given=objects.reward_scorers is not None)
     p = recipe.policy
-    adapters = p.lora is not None or p.adapter is not None
-    copy = reference and not adapters  # with adapters, the base is the reference
-    note(f"loading the policy {p.model}" + (" and its reference copy" if copy else ""))
-    policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
-    adapter = with_adapters(recipe, policy) if adapters else None
-    if adapter is not None:
-        policy = adapter.get_base_model()  # the causal LM, PEFT's layers inside
+    policy, tok, adapter, copy = _load_policy(recipe, objects.model, dtype, reference, note)
     set_chat_template(tok, p, "policy")
     how = cleaning_of(recipe, scorers)
     limit, held_out_limit = prompt_token_limit(recipe, policy)
@@ -305,29 +314,8 @@ def _load(
         if held_out:
             budget = "eval.max_new_tokens" if recipe.eval.max_new_tokens else None
             held_out = too_long(held_out, tok, held_out_limit, how, reports[1], budget)
-    ref = None
-    if copy:
-        ref, _ = load_model(p.model, "policy.model", frozen_dtype(p, dtype), p.trust_remote_code)
-        ref.requires_grad_(False).eval()
-    if recipe.peers:
-        note("loading the peers: " + ", ".join(f"{m.name} ({m.model})" for m in recipe.peers))
-    shared = tuple(
-        name
-        for name, prefix, m in member_fields(recipe)
-        if name != POLICY and name not in generators and shares_base(recipe, prefix, m)
-    )
-    peers = {
-        name: generators.pop(name)
-        if name in generators
-        else build_peer_generator(prefix, m, gather=gather)
-        for name, prefix, m in member_fields(recipe)
-        if name != POLICY and name not in shared
-    }
-    if set(generators) - {POLICY}:
-        extra = sorted(set(generators) - {POLICY})
-        raise UserError(f"generators given for members not in the recipe: {extra}")
-    for name, prefix, m in member_fields(recipe):  # a member's own template wins
-        set_chat_template(getattr(peers.get(name), "tokenizer", None), m, prefix)
+    ref = _reference(recipe, policy, dtype, given=objects.model is not None) if copy else None
+    peers, shared = _load_peers(recipe, generators, adapter is not None, gather, note)
     return Loaded(
         scorers,
         evaluator,
@@ -341,6 +329,80 @@ def _load(
         adapter,
         shared,
     )
+
+
+def _load_peers(recipe: Recipe, generators: dict, adapters: bool, gather: bool, note):
+    """The peers' generators: the caller's objects, else built from the recipe; a peer that
+    shares the policy's base (with `adapters`) is only named (built with the engine)."""
+    if recipe.peers:
+        note("loading the peers: " + ", ".join(f"{m.name} ({m.model})" for m in recipe.peers))
+    shared = tuple(
+        name
+        for name, prefix, m in member_fields(recipe)
+        if name != POLICY and name not in generators and shares_base(recipe, prefix, m, adapters)
+    )
+    peers = {
+        name: generators.pop(name)
+        if name in generators
+        else build_peer_generator(prefix, m, gather=gather)
+        for name, prefix, m in member_fields(recipe)
+        if name != POLICY and name not in shared
+    }
+    if set(generators) - {POLICY}:
+        extra = sorted(set(generators) - {POLICY})
+        raise UserError(f"generators given for members not in the recipe: {extra}")
+    for name, prefix, m in member_fields(recipe):  # a member's own template wins
+        set_chat_template(getattr(peers.get(name), "tokenizer", None), m, prefix)
+    return peers, shared
+
+
+def _load_policy(recipe: Recipe, model, dtype, reference: bool, note):
+    """(the policy's causal LM, its tokenizer, the PEFT model around it or None, whether the
+    reference is a copy of its own): loaded from policy.model, or the caller's `model`."""
+    p = recipe.policy
+    adapters = p.lora is not None or p.adapter is not None
+    if model is not None:
+        policy, tok, adapter = given_policy(recipe, model, dtype)
+    else:
+        copy = reference and not adapters  # with adapters, the base is the reference
+        note(f"loading the policy {p.model}" + (" and its reference copy" if copy else ""))
+        policy, tok = load_model(p.model, "policy.model", dtype, p.trust_remote_code)
+        adapter = with_adapters(recipe, policy) if adapters else None
+    if adapter is not None:
+        policy = adapter.get_base_model()  # the causal LM, PEFT's layers inside
+    return policy, tok, adapter, reference and adapter is None
+
+
+def _reference(recipe: Recipe, policy: torch.nn.Module, dtype, given: bool) -> torch.nn.Module:
+    """The frozen reference model: a copy of the policy's weights as they start."""
+    p = recipe.policy
+    if given:  # the caller's weights, frozen as they start
+        ref = deepcopy(policy).to(frozen_dtype(p, dtype))
+    else:
+        ref, _ = load_model(p.model, "policy.model", frozen_dtype(p, dtype), p.trust_remote_code)
+    return ref.requires_grad_(False).eval()
+
+
+def given_policy(recipe: Recipe, module, dtype):
+    """The caller's policy module: (the causal LM, its tokenizer from policy.model, the PEFT
+    model around it or None). A PEFT model brings its adapters; a plain one takes the
+    recipe's policy.lora or policy.adapter, if any."""
+    p = recipe.policy
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "config"):
+        raise UserError(
+            f"model: give a transformers causal LM or a PEFT model, not {type(module).__name__}"
+        )
+    tok = load_field_tokenizer(p.model, "policy.model", p.trust_remote_code)
+    module = module.to(dtype)
+    if not is_peft_model(module):
+        return module, tok, with_adapters(recipe, module) if p.lora or p.adapter else None
+    if p.lora is not None or p.adapter is not None:
+        raise UserError("model: a PEFT model brings its own adapters; drop policy.lora/adapter")
+    if not any(param.requires_grad for param in module.parameters()):
+        raise UserError(
+            "model: the PEFT model's adapters are frozen; load it with is_trainable=True"
+        )
+    return module, tok, module
 
 
 def with_adapters(recipe: Recipe, policy: torch.nn.Module):

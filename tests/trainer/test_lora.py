@@ -249,3 +249,31 @@ def test_an_adapter_of_another_base_is_refused(small_recipe, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "policy.adapter: the adapter was trained on" in err
         assert "give the adapter's base model as policy.model" in err
+
+
+def test_the_python_api_takes_a_model_object_plain_or_peft(small_recipe, tmp_path):
+    peer = {"name": "base", "model": "policy_base", "n": 2, "sampling": {"max_new_tokens": 5}}
+    path = resolve_model(SMALL, "policy.model")
+    wrapped = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], task_type="CAUSAL_LM"),
+    )
+    recipe = small_recipe(peers=[peer], loss__beta=0.05, train__lr=1e-2, eval__after=False)
+    result = train(recipe, model=wrapped)
+    config = json.loads((result.model_dir / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["o_proj"]
+    assert (
+        float(next(p for n, p in wrapped.named_parameters() if "lora_B" in n).detach().abs().max())
+        > 0
+    )
+    # a plain module: trained whole; the recipe's lora applies to it too
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    before = plain.model.norm.weight.detach().clone()
+    out = tmp_path / "plain"
+    result = train(small_recipe(output_dir=str(out), eval__after=False), model=plain)
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert not torch.equal(plain.model.norm.weight, before)
+    with pytest.raises(Exception, match="a PEFT model brings its own adapters"):
+        train(small_recipe(output_dir=str(tmp_path / "x"), policy__lora=LORA), model=wrapped)
+    with pytest.raises(Exception, match="give a transformers causal LM or a PEFT model"):
+        train(small_recipe(output_dir=str(tmp_path / "y")), model="gpt2")
