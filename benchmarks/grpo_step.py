@@ -3,6 +3,7 @@
     python benchmarks/grpo_step.py                       # tiny and medium, both frameworks
     python benchmarks/grpo_step.py --configs tiny --frameworks ours --json out.json
     python benchmarks/grpo_step.py --configs big         # a ~0.6B model, for a GPU
+    python benchmarks/grpo_step.py --configs medium --tuning full,lora  # and LoRA adapters
 
 Each configuration runs in a fresh subprocess per framework (so that peak memory is that run's
 own), on the very same model files and prompts, with fixed-length completions (EOS is
@@ -10,6 +11,8 @@ forbidden before `max_new_tokens`, in both), the same group size, batch, loss se
 0.2, token-mean loss, beta, μ) and threads. A step is one generation of `completions`
 candidates and μ optimizer steps over them (TRL: `num_iterations` = μ optimizer steps per
 generation). The median over the timed steps is reported; warm-up steps are excluded.
+`--tuning lora` trains LoRA adapters instead (rank 16, alpha 32, every projection; ours:
+`policy.lora`, TRL: `peft_config`); both then take the reference from the base, adapters off.
 
 Phases (ours): generation, scoring, reference/old log-probs, forward+backward+optimizer step,
 weight sync. TRL: generation (its `generate` calls), scoring (the reward function), log-probs
@@ -34,10 +37,13 @@ import time
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
+import lora_bench
+
 CONFIGS = {
     # name: layers, width, heads, group size, completions per step, new tokens
     "tiny": dict(layers=2, width=64, heads=4, group=4, completions=8, new_tokens=32),
     "medium": dict(layers=6, width=256, heads=8, group=8, completions=32, new_tokens=64),
+    "large": dict(layers=12, width=512, heads=8, group=8, completions=32, new_tokens=64),
     "big": dict(layers=24, width=1280, heads=20, group=8, completions=64, new_tokens=128),
 }
 VARIANTS = [(0.0, 1), (0.0, 2), (0.04, 1), (0.04, 2)]  # (beta, mu)
@@ -64,6 +70,7 @@ class Result:
     reused_sampling_fraction: float | None = None  # ours: first-pass tokens replayed
     zero_advantage_skipped_fraction: float | None = None  # ours: tokens left out (advantage 0)
     zero_stage: int | None = None  # ours: DeepSpeed's ZeRO stage
+    tuning: str = "full"  # "full": every weight trains; "lora": LoRA adapters (PEFT)
 
 
 def model_dir(config: str) -> Path:
@@ -213,6 +220,7 @@ class Setting:
     gc: bool  # gradient checkpointing
     precision: str = "fp32"
     zero_stage: int = 0
+    tuning: str = "full"  # or "lora"
 
 
 def run_ours(s: Setting, reuse: bool = True) -> Result:
@@ -220,7 +228,7 @@ def run_ours(s: Setting, reuse: bool = True) -> Result:
 
     from grpo_ensemble.trainer.loop import train
 
-    config, beta, mu, steps, warmup, threads, gc, precision, zero_stage = astuple(s)
+    config, beta, mu, steps, warmup, threads, gc, precision, zero_stage, tuning = astuple(s)
     c = CONFIGS[config]
     path = model_dir(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,10 +239,11 @@ def run_ours(s: Setting, reuse: bool = True) -> Result:
             "".join(json.dumps(r) + "\n" for r in prompts(n_prompts * (steps + warmup)))
         )
         sampling = {"max_new_tokens": c["new_tokens"], "min_new_tokens": c["new_tokens"]}
+        lora = {"lora": lora_bench.LORA} if tuning == "lora" else {}
         recipe = {
             "seed": 0,
             "output_dir": str(Path(tmp) / "run"),
-            "policy": {"model": str(path), "n": c["group"], "sampling": sampling},
+            "policy": {"model": str(path), "n": c["group"], "sampling": sampling, **lora},
             "rewards": [{"name": "python", "params": {"function": "grpo_step:digit_share_scorer"}}],
             "data": {"train": str(data), "eval": None, "shuffle": False},
             "loss": {"beta": beta, "mu": mu, "clip_low": 0.2, "clip_high": 0.2},
@@ -270,9 +279,8 @@ def run_ours(s: Setting, reuse: bool = True) -> Result:
     }
     # completion positions whose forward products the first pass took from sampling
     reused = med("reused_sampling_fraction") * c["completions"] * (c["new_tokens"] - 1)
-    res = _result(
-        "ours", config, beta, mu, med("time/step"), phases, path, device, gc, reused, precision
-    )
+    args = (config, beta, mu, med("time/step"), phases, path, device, gc, reused, precision)
+    res = _result("ours", *args, tuning)
     res.completion_len = med("completion_len")
     res.reused_sampling_fraction = med("reused_sampling_fraction")
     res.zero_advantage_skipped_fraction = med("zero_advantage_skipped_fraction")
@@ -292,13 +300,19 @@ def _result(
     gc=False,
     reused=0.0,
     precision="fp32",
+    tuning="full",
 ) -> Result:
     c = CONFIGS[config]
     prompt_tokens = 8  # "<bos>37+45=": about 7 characters on average, plus BOS
     tokens = c["completions"] * (prompt_tokens + c["new_tokens"])
     train_s = phases["logprobs"] + phases["update"]
     work = {**work_of(framework, config, path, gc), "reused": reused}
-    achieved = flops(n_matmul_params(path), work, beta, mu) / train_s / 1e9
+    if tuning == "lora":
+        n_adapters = lora_bench.n_adapter_params(path)
+        done = lora_bench.lora_flops(n_matmul_params(path), n_adapters, work, beta, mu)
+    else:
+        done = flops(n_matmul_params(path), work, beta, mu)
+    achieved = done / train_s / 1e9
     peak_gpu = None
     if device == "cuda":
         import torch
@@ -321,6 +335,7 @@ def _result(
         device=device,
         precision=precision,
         peak_gpu_mb=peak_gpu,
+        tuning=tuning,
     )
 
 
@@ -333,7 +348,7 @@ def run_trl(s: Setting) -> Result:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    config, beta, mu, steps, warmup, threads, gc, precision, _ = astuple(s)
+    config, beta, mu, steps, warmup, threads, gc, precision, _, tuning = astuple(s)
     c = CONFIGS[config]
     path = model_dir(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -382,6 +397,7 @@ def run_trl(s: Setting) -> Result:
             reward_funcs=[digit_share_reward],
             args=args,
             train_dataset=Dataset.from_list(rows),
+            peft_config=lora_bench.peft_config() if tuning == "lora" else None,
         )
         model = trainer.model
         generate = model.generate
@@ -429,7 +445,10 @@ def run_trl(s: Setting) -> Result:
         "update": med("total") - both,
         "sync": 0.0,
     }
-    return _result("trl", config, beta, mu, med("total"), phases, path, device, precision=precision)
+    total = med("total")
+    return _result(
+        "trl", config, beta, mu, total, phases, path, device, precision=precision, tuning=tuning
+    )
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -450,6 +469,7 @@ def worker(a) -> None:
         a.gradient_checkpointing,
         a.precision,
         a.zero_stage,
+        a.tuning,
     )
     res = run_ours(setting, reuse=not a.no_reuse) if a.worker == "ours" else run_trl(setting)
     print("RESULT " + json.dumps(asdict(res)), flush=True)
@@ -460,12 +480,20 @@ def worker(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--configs", default="tiny,medium", help="comma-separated: tiny,medium,big")
+    p.add_argument(
+        "--configs", default="tiny,medium", help="comma-separated: tiny,medium,large,big"
+    )
     p.add_argument("--frameworks", default="ours,trl", help="comma-separated: ours,trl")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (both frameworks)")
     p.add_argument("--variants", default="all", help="'all' or e.g. '0:1,0.04:2' (beta:mu)")
+    p.add_argument(
+        "--tuning",
+        default="full",
+        help="comma-separated: full (every weight trains), lora (LoRA adapters, rank 16, "
+        "alpha 32, on q,k,v,o,gate,up,down: ours policy.lora, TRL peft_config)",
+    )
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -533,36 +561,45 @@ def main() -> None:
     for config in a.configs.split(","):
         model_dir(config)
         for beta, mu in variants:
-            runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
-            for _ in range(a.repeats):
-                for fw in frameworks:
-                    r = _run(fw, config, beta, mu, a)
-                    if r is not None:
-                        runs[fw].append(r)
-            row = {}
-            for fw, rs in runs.items():
-                if not rs:
-                    continue
-                r = sorted(rs, key=lambda x: x["step_s"])[(len(rs) - 1) // 2]  # lower median
-                r["repeats_step_s"] = [x["step_s"] for x in rs]
-                r["gradient_checkpointing"] = a.gradient_checkpointing
-                row[fw] = r
-                results.append(r)
-                _print(r)
-            if "ours" in row and "trl" in row:
-                ratio = row["ours"]["step_s"] / row["trl"]["step_s"]
-                key = "peak_gpu_mb" if row["ours"].get("peak_gpu_mb") else "peak_rss_mb"
-                mem = row["ours"][key] / row["trl"][key]
-                print(f"    ours/trl step time {ratio:.2f}x, peak memory {mem:.2f}x", flush=True)
+            for tuning in a.tuning.split(","):
+                results += _measure(frameworks, config, beta, mu, tuning, a)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 
 
-def _run(fw: str, config: str, beta: float, mu: int, a, extra: tuple = ()) -> dict | None:
+def _measure(frameworks: list, config: str, beta: float, mu: int, tuning: str, a) -> list:
+    """Each framework's run of one configuration, variant and tuning (the median of the
+    repeats), printed with the ours/TRL ratios."""
+    runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    for _ in range(a.repeats):
+        for fw in frameworks:
+            r = _run(fw, config, beta, mu, a, tuning=tuning)
+            if r is not None:
+                runs[fw].append(r)
+    row = {}
+    for fw, rs in runs.items():
+        if not rs:
+            continue
+        r = sorted(rs, key=lambda x: x["step_s"])[(len(rs) - 1) // 2]  # lower median
+        r["repeats_step_s"] = [x["step_s"] for x in rs]
+        r["gradient_checkpointing"] = a.gradient_checkpointing
+        row[fw] = r
+        _print(r)
+    if "ours" in row and "trl" in row:
+        ratio = row["ours"]["step_s"] / row["trl"]["step_s"]
+        key = "peak_gpu_mb" if row["ours"].get("peak_gpu_mb") else "peak_rss_mb"
+        mem = row["ours"][key] / row["trl"][key]
+        print(f"    ours/trl step time {ratio:.2f}x, peak memory {mem:.2f}x", flush=True)
+    return list(row.values())
+
+
+def _run(
+    fw: str, config: str, beta: float, mu: int, a, extra: tuple = (), tuning: str = "full"
+) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", fw, "--config", config, "--beta", str(beta)]
     cmd += ["--mu", str(mu), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--threads", str(a.threads), "--precision", a.precision, *extra]
-    cmd += ["--zero-stage", str(a.zero_stage)]
+    cmd += ["--zero-stage", str(a.zero_stage), "--tuning", tuning]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     if a.no_reuse:
@@ -571,7 +608,8 @@ def _run(fw: str, config: str, beta: float, mu: int, a, extra: tuple = ()) -> di
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        print(f"{fw} {config} beta={beta} mu={mu} {extra} failed:\n{proc.stderr[-3000:]}")
+        print(f"{fw} {config} {tuning} beta={beta} mu={mu} {extra} failed:")
+        print(proc.stderr[-3000:])
         return None
     return json.loads(line.removeprefix("RESULT "))
 
@@ -594,7 +632,8 @@ def scaling(a) -> None:
 def _print(r: dict) -> None:
     ph = " ".join(f"{k} {v * 1000:.0f}" for k, v in r["phases"].items())
     print(
-        f"{r['framework']:>4} {r['config']:<6} beta={r['beta']:<4} mu={r['mu']} "
+        f"{r['framework']:>4} {r['config']:<6} {r.get('tuning', 'full'):<4} "
+        f"beta={r['beta']:<4} mu={r['mu']} "
         f"step {r['step_s'] * 1000:7.0f} ms [{ph} ms] gen {r['gen_tokens_per_s']:7.0f} tok/s "
         f"train {r['train_tokens_per_s']:7.0f} tok/s {r['train_gflops']:6.1f} GFLOP/s "
         f"({100 * r['train_fraction_of_matmul']:.0f}% of {r['matmul_gflops']:.0f}) "

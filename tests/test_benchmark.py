@@ -31,6 +31,7 @@ def test_benchmark_reports_phases_rates_and_memory(tmp_path):
     assert r["gradient_checkpointing"] is True
     assert len(r["repeats_step_s"]) == 2 and r["step_s"] in r["repeats_step_s"]
     assert (r["precision"], r["device"], r["peak_gpu_mb"]) == ("bf16", "cpu", None)
+    assert r["tuning"] == "full"  # the default: every weight trains
 
 
 def test_flops_count_the_passes_and_positions_each_framework_computes():
@@ -77,3 +78,22 @@ def test_sampling_benchmark_compares_the_static_step_with_the_usual_one():
         "static (no graph) + recording",
     ]
     assert all("(8 rows × 32 tokens)" in line for line in lines if " median " in line)
+
+
+def test_benchmark_runs_lora_adapters_and_says_so(tmp_path):
+    # --tuning lora: ours trains policy.lora adapters; the row says which tuning it used
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "grpo_step.py"), "--configs", "tiny"]
+    cmd += ["--frameworks", "ours", "--variants", "0.04:1", "--steps", "1", "--warmup", "1"]
+    cmd += ["--threads", "1", "--json", str(out), "--tuning", "lora"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert (r["framework"], r["config"], r["beta"], r["mu"]) == ("ours", "tiny", 0.04, 1)
+    assert r["tuning"] == "lora"
+    assert set(r["phases"]) == {"generate", "score", "logprobs", "update", "sync"}
+    assert r["phases"]["logprobs"] > 0  # beta > 0: the reference pass (adapters off) ran
+    assert r["completion_len"] == 32.0
+    assert r["reused_sampling_fraction"] == 0.0  # sampling records the base layers' products
+    assert r["step_s"] > 0 and r["peak_rss_mb"] > 0 and r["train_gflops"] > 0
+    assert "ours tiny   lora beta=0.04 mu=1" in proc.stdout
