@@ -117,3 +117,27 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children.get(pid, [])
     return tree
+
+
+def save_reward_model(path: Path, num_labels: int = 1, intermediate_size: int = 64) -> Path:
+    """A tiny Llama sequence-classification model with the built-in tokenizer, saved to
+    `path` (random weights from seed 0): a reward model that loads offline. ZeRO-3 keeps
+    parameters under 10⁵ values whole on every rank: an `intermediate_size` of 2048 gives the
+    MLP weights that it partitions."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from grpo_ensemble.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..errors import UserError
+from ..errors import RecipeError, UserError
 from ..types import Prompt
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -65,3 +66,27 @@ def prompt_token_ids(prompt: Prompt, tokenizer) -> list[int]:
     """The prompt's token ids for a model with `tokenizer` (see `render_prompt`)."""
     text = render_prompt(prompt, tokenizer)
     return tokenizer(text, add_special_tokens=prompt.messages is None, verbose=False)["input_ids"]
+
+
+def render_exchange(prompt: Prompt, completion: str, tokenizer) -> str:
+    """The conversation followed by `completion` as the assistant's reply, through the
+    tokenizer's chat template (no generation prompt): how a chat reward model reads a
+    candidate, as TRL renders it for one."""
+    messages = [dict(m) for m in prompt.messages or ()]
+    messages.append({"role": "assistant", "content": completion})
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # jinja2 raises its own kinds, and a template may raise too
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise UserError(f"prompt {prompt.index}: the chat template failed: {msg}") from None
+
+
+def read_chat_template(value: str | None, field: str) -> str | None:
+    """A recipe's `chat_template`: inline Jinja as is, or the text of the file it names."""
+    if value is None or "{{" in value or "{%" in value:
+        return value
+    try:
+        return Path(value).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RecipeError(field, f"neither Jinja nor a readable file: {value!r} ({why})") from None

@@ -132,6 +132,26 @@ class RewardScorer:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands when a step begins, as a scorer that follows the run is told."""
+
+    step: int  # GRPO steps finished (0 at the first step)
+    steps: int  # train.steps
+    optimizer_steps: int  # optimizer steps taken: step × loss.mu
+    max_optimizer_steps: int  # train.steps × loss.mu (TRL's max_steps)
+    epoch: float  # passes over the training prompts drawn so far (1.5: one and a half)
+
+
+@runtime_checkable
+class FollowsSteps(Protocol):
+    """A scorer that wants to know the run's progress (a curriculum, a reward that anneals):
+    `begin_step` is called before each step's scoring, on every rank, after a resume too."""
+
+    def begin_step(self, progress: Progress) -> None:
+        """Take note of `progress`; the step's `score` calls follow."""
+
+
 class GroupEvaluator:
     """Turns the rewards of each group into advantages.
 

@@ -12,6 +12,9 @@ A failure of a whole call is localised by scoring group by group, so one bad pro
 group. A call that runs past `rewards[i].timeout_s` counts as failed for every group of the
 step (it is not retried: it would hang again); its thread is abandoned, never waited for.
 Every call runs in a thread of its own, so that a stop signal can abandon one that hangs.
+A scorer with `collective = True` (a reward model sharded across the ranks) is called once per
+scoring on every rank, with no samples where a rank has none, and is not retried group by
+group (only the rank that failed would retry).
 """
 
 from __future__ import annotations
@@ -171,7 +174,10 @@ def _score_one(
         values, scored = _call(ws, samples)
     except ScorerTimeout as exc:
         return values, scored, {i: str(exc) for i in range(len(groups))}
-    except ScorerFault:  # find the groups it fails on
+    except ScorerFault as exc:
+        if _collective(ws):  # one rank's retries group by group would leave the others waiting
+            return values, scored, {i: str(exc) for i in range(len(groups))}
+        # find the groups it fails on
         for i, (a, b) in enumerate(bounds):
             try:
                 values[a:b], scored[a:b] = _call(ws, samples[a:b])
@@ -184,6 +190,11 @@ def _score_one(
     # a failed call left its group at 0; a NaN or inf score becomes 0 (zero policy), and a
     # skipped group's values are never used
     return torch.where(torch.isfinite(values), values, 0.0), scored, faults
+
+
+def _collective(ws: WeightedScorer) -> bool:
+    """The scorer's calls take part in collectives (weights sharded across the ranks)."""
+    return bool(getattr(ws.scorer, "collective", False))
 
 
 @dataclass
@@ -209,7 +220,9 @@ def score_groups(
         raise ValueError(f"known scores for {len(known.counts)} groups, not {len(groups)}")
     rest = [Group(g.prompt, g.candidates[n:]) for g, n in zip(groups, known.counts, strict=True)]
     todo = [i for i, g in enumerate(rest) if g.candidates]
-    fresh = _score_all([rest[i] for i in todo], scorers) if todo else None
+    # a collective scorer is called on every rank alike, with nothing to score or not
+    called = todo or any(_collective(ws) for ws in scorers)
+    fresh = _score_all([rest[i] for i in todo], scorers) if called else None
     return _merge(known, fresh, todo, [len(g.candidates) for g in rest])
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -278,17 +277,9 @@ def _source(given: Mapping, which: str, recipe_source):
 
 def chat_template_of(member: MemberConfig, prefix: str) -> str | None:
     """The member's `chat_template`: inline Jinja, or read from the file it names."""
-    value = member.chat_template
-    if value is None or "{{" in value or "{%" in value:
-        return value
-    path = Path(value).expanduser()
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise RecipeError(
-            f"{prefix}.chat_template", f"neither Jinja nor a readable file: {value!r} ({why})"
-        ) from None
+    from ..models.chat import read_chat_template
+
+    return read_chat_template(member.chat_template, f"{prefix}.chat_template")
 
 
 def set_chat_template(tokenizer, member: MemberConfig, prefix: str) -> None:
@@ -297,6 +288,17 @@ def set_chat_template(tokenizer, member: MemberConfig, prefix: str) -> None:
     template = chat_template_of(member, prefix)
     if template and tokenizer is not None:
         tokenizer.chat_template = template
+
+
+def scorer_tokenizers(scorers: Sequence[WeightedScorer]) -> list[tuple[str, object]]:
+    """(recipe prefix, tokenizer) of each reward model, which renders conversations too."""
+    from ..plugins.builtin.reward_model import RewardModel
+
+    return [
+        (f"rewards.{i}.params", ws.scorer.tokenizer)
+        for i, ws in enumerate(scorers)
+        if isinstance(ws.scorer, RewardModel)
+    ]
 
 
 def check_chat_templates(members: Sequence[tuple[str, object]], sources: Sequence) -> None:
@@ -315,7 +317,7 @@ def check_chat_templates(members: Sequence[tuple[str, object]], sources: Sequenc
         if not getattr(tok, "chat_template", None):
             raise RecipeError(
                 f"{prefix}.chat_template",
-                "the prompts are conversations and this member's tokenizer has no chat "
+                "the prompts are conversations and this model's tokenizer has no chat "
                 "template: give one (inline Jinja or a file)",
             )
         for name, p in talks:
@@ -360,6 +362,7 @@ def check_recipe(recipe: Recipe, note=None) -> None:
             tok = load_field_tokenizer(m.model, f"{prefix}.model") if m.model else None
             set_chat_template(tok, m, prefix)
             tokenizers.append((prefix, tok))
+        tokenizers += scorer_tokenizers(scorers)
         sources = [(r.source, ps) for r, ps in zip(reports, (train, held_out), strict=False)]
         check_chat_templates(tokenizers, sources)
     if recipe.train.deepspeed is not None:  # the merged config: conflicts are recipe errors

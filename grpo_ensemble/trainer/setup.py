@@ -47,6 +47,7 @@ from .build import (
     probe_functions,
     prompt_token_limit,
     sampling_of,
+    scorer_tokenizers,
     set_chat_template,
     shared_base_generator,
 )
@@ -163,7 +164,7 @@ def build_run(
     ref = _place_frozen(recipe, engine, dtype, loaded, given)
     if loaded.adapter is not None and reference:  # the base: the policy, its adapters off
         ref = engine.module
-    _place_scorers(loaded.scorers, engine, dtype)
+    _place_scorers(loaded.scorers, engine, dtype, recipe.train.frozen_models == "shard")
     policy_gen = _policy_generator(
         recipe, engine, loaded.tokenizer, gather, generators.pop(POLICY, None)
     )
@@ -250,7 +251,7 @@ def _check_members(recipe: Recipe, ensemble: Ensemble, reports: list, loaded: Lo
     sources = [(r.source, ps) for r, ps in zip(reports, prompts, strict=False)]
     prefixes = [prefix for _, prefix, _ in member_fields(recipe)]
     named = [(x, m.generator.tokenizer) for x, m in zip(prefixes, members, strict=True)]
-    check_chat_templates(named, sources)
+    check_chat_templates(named + scorer_tokenizers(loaded.scorers), sources)
     for i, peer in enumerate(recipe.peers):
         if peer.mode == "tis" and not ensemble.shares_tokens[peer.name]:
             raise RecipeError(f"peers.{i}.mode", TIS_TOKENIZER)
@@ -281,13 +282,16 @@ def frozen_dtype(member, run_dtype: torch.dtype) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(member.dtype, run_dtype)
 
 
-def _place_scorers(scorers: list[WeightedScorer], engine, dtype) -> None:
+def _place_scorers(scorers: list[WeightedScorer], engine, dtype, shard: bool) -> None:
     """A scorer holding a model (a reward model) goes where the run keeps its frozen models:
-    whole, on the policy's device and in its precision. (Each rank scores its own candidates,
-    so a sharded scorer would need every rank in each of its forwards: not offered.)"""
+    whole, on the policy's device and in its precision, or sharded (`frozen_models: shard`;
+    the scorer then runs its forwards on every rank alike)."""
     for ws in scorers:
         if isinstance(ws.scorer, PlacesModel):
-            ws.scorer.place_model(lambda m: m.to(engine.device, dtype))
+            if shard:
+                ws.scorer.place_model(lambda m: shard_frozen(m, dtype))
+            else:
+                ws.scorer.place_model(lambda m: m.to(engine.device, dtype))
 
 
 def _load(

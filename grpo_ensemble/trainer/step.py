@@ -13,7 +13,7 @@ import contextlib
 from typing import Any
 
 from .. import dist
-from ..plugins.interfaces import mix64
+from ..plugins.interfaces import FollowsSteps, Progress, mix64
 from ..rollout.groups import batch_scaled, evaluate_groups
 from ..rollout.injection import peers_wanted
 from ..rollout.scoring import Known, score_groups
@@ -73,11 +73,28 @@ def _update_with(run: Run, rollout, how, members: list[str]) -> dict[str, Any]:
     return update(u, s.update, batches, left)
 
 
+def tell_progress(run: Run, step: int) -> None:
+    """Scorers that follow the run learn where it stands before the step's scoring. `step` is
+    the 1-based step about to run, its prompts not yet drawn."""
+    mu, steps, sampler = run.settings.update.mu, run.recipe.train.steps, run.sampler
+    progress = Progress(
+        step=step - 1,
+        steps=steps,
+        optimizer_steps=(step - 1) * mu,
+        max_optimizer_steps=steps * mu,
+        epoch=sampler.epoch + sampler.pos / len(sampler.prompts),
+    )
+    for ws in run.scorers:
+        if isinstance(ws.scorer, FollowsSteps):
+            ws.scorer.begin_step(progress)
+
+
 def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
     """One GRPO step; returns the metrics row written to metrics.jsonl. `on_rollout`: called
     with the step's scored rollout (this rank's groups), e.g. to log sample completions."""
     s, ensemble = run.settings, run.ensemble
     clock = Clock()
+    tell_progress(run, step)  # before this step's prompts are drawn
     prompts = run.sampler.next(s.prompts_per_step)  # global: the same on every rank
     mine = dist.shard(len(prompts))  # this rank's whole groups
     my_prompts = [prompts[i] for i in mine]

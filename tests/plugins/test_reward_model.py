@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from helpers import save_reward_model
+from transformers import LlamaForSequenceClassification
 
 from grpo_ensemble import Candidate, Prompt, RecipeError, Sample, UserError, train
 from grpo_ensemble.models.tiny import build_tokenizer
@@ -18,17 +19,7 @@ from grpo_ensemble.trainer.setup import build_run
 
 
 def _save(path, num_labels=1):
-    tok = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_reward_model(path, num_labels)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +87,51 @@ def test_placed_like_a_frozen_peer_and_trained_with(rm_dir, small_recipe, tmp_pa
     result = train(small_recipe(rewards=rewards, train__lr=1e-2))
     for m in result.metrics:
         assert m["reward"] == m["reward/reward_model"] and m["advantage_abs_mean"] > 0
+
+
+# user turns and the assistant's reply, each ended by "=" or ";" (characters the tokenizer has)
+RM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+    "{% if m['role'] == 'user' %}={% else %};{% endif %}{% endfor %}"
+)
+TALK = (
+    {"role": "system", "content": "9"},
+    {"role": "user", "content": "1+1"},
+)
+
+
+def test_a_conversation_is_scored_through_the_reward_models_chat_template(rm_dir, tmp_path):
+    # the conversation and the completion as the assistant's reply, rendered by the reward
+    # model's own template (its BOS from the template, none added), as TRL renders it
+    samples = [
+        Sample(Prompt('[{"content": "9"}]', messages=TALK), Candidate("2", [5], "policy")),
+        Sample(Prompt("37+45="), Candidate("82", [5, 5], "policy")),  # plain text beside it
+    ]
+    model = LlamaForSequenceClassification.from_pretrained(rm_dir).eval()
+    tok = build_tokenizer()
+    texts = ["9;1+1=2;", "37+45=82"]  # by hand: the template's output; the text as it is
+    ids = [[tok.bos_token_id, *tok(texts[0], add_special_tokens=False)["input_ids"]]]
+    ids.append(tok(texts[1])["input_ids"])  # plain text: BOS added by the tokenizer
+    with torch.no_grad():
+        want = [float(model(input_ids=torch.tensor([i])).logits[0, 0]) for i in ids]
+    (tmp_path / "rm.jinja").write_text(RM_TEMPLATE)
+    for template in (RM_TEMPLATE, str(tmp_path / "rm.jinja")):  # inline or a file
+        scorer = RewardModel(str(rm_dir), batch_size=2, chat_template=template)
+        assert [scorer.token_ids(s) for s in samples] == ids
+        assert scorer.score(samples) == pytest.approx(want, abs=1e-5)
+    with pytest.raises(UserError, match=r"conversations .* no chat template: give params\."):
+        RewardModel(str(rm_dir)).score(samples)
+
+
+def test_conversations_need_the_reward_models_template_before_training(rm_dir, small_recipe):
+    from grpo_ensemble.trainer.build import check_recipe
+
+    rewards = [{"name": "reward_model", "params": {"model": str(rm_dir)}}]
+    chat = {"data__train": "builtin:arithmetic-chat/train", "data__eval": None}
+    with pytest.raises(RecipeError, match=r"^rewards\.0\.params\.chat_template: the prompts are"):
+        check_recipe(small_recipe(rewards=rewards, **chat))
+    rewards[0]["params"]["chat_template"] = "/nonexistent/rm.jinja"
+    with pytest.raises(RecipeError, match=r"chat_template: neither Jinja nor a readable file"):
+        check_recipe(small_recipe(rewards=rewards, **chat))
+    rewards[0]["params"]["chat_template"] = RM_TEMPLATE
+    check_recipe(small_recipe(rewards=rewards, **chat))

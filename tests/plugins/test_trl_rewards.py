@@ -5,6 +5,7 @@ unchanged: from a recipe (`python` scorer, `function: "module:name"`) and from t
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +245,41 @@ def test_a_function_that_does_not_fit_is_named_before_training(small_recipe, trl
     )
     with pytest.raises(UserError, match=r"^rewards\.0: 'python' failed on the first training row"):
         check_recipe(recipe)
+
+
+def test_trainer_state_counts_steps_and_epochs_as_trl_does(small_recipe):
+    # a curriculum reward reads trainer_state as in TRL: global_step and max_steps count
+    # optimizer steps (GRPO steps × mu), epoch the passes over the training prompts; a
+    # resumed run continues the count
+    seen: list[tuple] = []
+
+    def curriculum(completions, trainer_state, **kwargs):
+        s = trainer_state
+        seen.append(None if s is None else (s.global_step, s.max_steps, s.epoch))
+        return [0.5 if s is None or s.global_step < 2 else 1.0 for _ in completions]
+
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(11, 17)]  # 6 rows
+    recipe = small_recipe(
+        loss__mu=2,
+        train__steps=3,
+        train__checkpoint_every=2,
+        eval__before=False,
+        eval__after=False,
+    )
+    result = train(recipe, reward_scorers=[(curriculum, 1.0)], train_data=rows)
+    probe, *calls = seen  # the check before training: no run yet
+    assert probe is None
+    # each step: the policy's candidates, then the peer's; 4 of 6 prompts drawn per step
+    assert calls == [
+        (0, 6, 0.0),
+        (0, 6, 0.0),
+        (2, 6, 4 / 6),
+        (2, 6, 4 / 6),
+        (4, 6, 8 / 6),
+        (4, 6, 8 / 6),
+    ]
+    assert [m["reward/curriculum"] for m in result.metrics] == [0.5, 1.0, 1.0]
+    seen.clear()
+    ckpt = Path(recipe.output_dir) / "checkpoints" / "step-00000002"
+    train(recipe, reward_scorers=[(curriculum, 1.0)], train_data=rows, resume=str(ckpt))
+    assert seen[1:] == [(4, 6, 8 / 6), (4, 6, 8 / 6)]

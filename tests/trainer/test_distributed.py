@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import subprocess_env, write_recipe
+from helpers import save_reward_model, subprocess_env, write_recipe
 from safetensors.torch import load_file
 
 from grpo_ensemble.dist import shard
@@ -534,3 +534,25 @@ def test_lora_on_two_ranks_matches_one_rank(tmp_path, stage):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # trained
     assert all(r["member/base/candidates"] > 0 for r in _rows(two))
+
+
+def test_a_sharded_reward_model_scores_on_two_ranks_as_on_one(tmp_path):
+    # ZeRO-3 with the frozen models sharded, the reward model too: one text per forward, so
+    # rank 0 (3 of the 5 groups) runs more forwards than rank 1, which runs fillers to keep
+    # step with it; the rewards are those of the whole model on one rank
+    rm = save_reward_model(tmp_path / "rm", intermediate_size=2048)  # its MLPs partitioned
+    recipe = _recipe_file(tmp_path, {"zero_stage": 3, "frozen_models": "shard"})
+    data = yaml.safe_load(recipe.read_text())
+    data["rewards"] = [{"name": "reward_model", "params": {"model": str(rm), "batch_size": 1}}]
+    recipe.write_text(yaml.safe_dump(data))
+    one = train(recipe, overrides=[f"output_dir={tmp_path / 'one'}"])
+    two = _two_ranks_of_script(tmp_path, "from grpo_ensemble.cli import entry\nentry()\n", recipe)
+    # continuous rewards: the mean over two ranks adds in another order
+    for x, y in zip(_rows(one.run_dir), _rows(two), strict=True):
+        assert (x["candidates"], x["trained_candidates"]) == (
+            y["candidates"],
+            y["trained_candidates"],
+        )
+        for key in ("reward", "reward_std", "loss", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+        assert y["reward"] == y["reward/reward_model"] != 0

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from ...errors import UserError
 from ...types import Sample
 from ..hookspecs import hookimpl
-from ..interfaces import RewardScorer
+from ..interfaces import Progress, RewardScorer
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -124,9 +124,11 @@ class TrlFunction(RewardScorer):
     GRPOTrainer calls it: one list entry per candidate for `prompts` (a conversation's
     messages), `completions` (for a conversation, `[{"role": "assistant", "content": ...}]`),
     `completion_ids` (in the policy's tokenizer) and every other field of the prompt's row
-    (e.g. `answer`), and `trainer_state` (None: there is no transformers Trainer). A function
-    without **kwargs gets only the arguments it names. It returns a float, or None for a
-    sample it cannot score, per candidate."""
+    (e.g. `answer`), and `trainer_state`: a `transformers.TrainerState` whose `global_step`,
+    `max_steps` and `epoch` count as TRL's do (optimizer steps: GRPO steps × μ; None outside a
+    run, e.g. a held-out evaluation before training). A function without **kwargs gets only
+    the arguments it names. It returns a float, or None for a sample it cannot score, per
+    candidate."""
 
     name = "trl_function"
 
@@ -136,6 +138,16 @@ class TrlFunction(RewardScorer):
         params = inspect.signature(fn).parameters
         any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.accepts = None if any_keyword else set(params)  # None: every keyword
+        self.state = None  # the TrainerState handed as `trainer_state`, set by begin_step
+
+    def begin_step(self, progress: Progress) -> None:
+        from transformers import TrainerState
+
+        self.state = TrainerState(
+            global_step=progress.optimizer_steps,
+            max_steps=progress.max_optimizer_steps,
+            epoch=progress.epoch,
+        )
 
     def score(self, samples: Sequence[Sample]) -> list:
         columns: dict[str, list] = {}
@@ -154,7 +166,7 @@ class TrlFunction(RewardScorer):
                 for s in samples
             ],
             "completion_ids": [list(s.candidate.token_ids) for s in samples],
-            "trainer_state": None,
+            "trainer_state": self.state,
             **columns,
         }
         if self.accepts is not None:
@@ -210,6 +222,10 @@ class PythonFunction(RewardScorer):
         if not callable(self.fn):
             raise UserError(f"python reward: {module_name!r} has no function {attr!r}")
         self.scorer = function_scorer(self.fn)
+
+    def begin_step(self, progress: Progress) -> None:
+        if isinstance(self.scorer, TrlFunction):
+            self.scorer.begin_step(progress)
 
     def score(self, samples: Sequence[Sample]) -> list:
         return self.scorer.score(samples)
