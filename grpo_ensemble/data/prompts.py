@@ -277,9 +277,10 @@ def too_long(
     """Prompts with more than `limit` tokens would not fit the model's context with
     `max_new_tokens` more: by `how.on_long_prompt`, cut from the left to fit (the end of a
     prompt is what the completion continues), left out (counted), or refused; None treats them
-    as bad rows (`on_bad_row`); a conversation is not cut (which turns to drop is the
-    user's call): it is left out. `budget` names the field that sets the completion's
-    length, for the message."""
+    as bad rows (`on_bad_row`). A conversation is cut by whole turns: its oldest messages after
+    the system messages go first, so that it starts again at a user message; one whose system
+    messages and last message alone do not fit is left out. `budget` names the field that sets
+    the completion's length, for the message."""
     from ..models.chat import prompt_token_ids
 
     out = []
@@ -289,10 +290,16 @@ def too_long(
         if n <= limit:
             out.append(p)
             continue
-        if policy == "truncate_left" and p.messages is None:
-            out.append(_cut_left(p, tokenizer, limit))
-            report.truncated += 1
-            continue
+        if policy == "truncate_left":
+            cut = (
+                _cut_left(p, tokenizer, limit)
+                if p.messages is None
+                else _drop_turns(p, tokenizer, limit)
+            )
+            if cut is not None:
+                out.append(cut)
+                report.truncated += 1
+                continue
         message = (
             f"prompt has {n} tokens; the model's context leaves room for {limit} beside the "
             f"longest completion ({budget or 'sampling.max_new_tokens'})"
@@ -300,7 +307,7 @@ def too_long(
         if policy == "fail":
             raise InputFileError(report.source, message, line=p.index)
         if policy == "truncate_left":
-            message += "; a conversation is not cut: left out"
+            message += "; its system messages and last turn alone do not fit: left out"
         report.skipped["too long"] += 1
         report.first.setdefault("too long", f"{report.source}:{p.index}: {message}")
     report.kept = len(out)
@@ -325,6 +332,29 @@ def _cut_left(p: Prompt, tokenizer, limit: int) -> Prompt:
         if value == p.text:
             fields[key] = text
     return Prompt(text=text, fields=fields, index=p.index)
+
+
+def _drop_turns(p: Prompt, tokenizer, limit: int) -> Prompt | None:
+    """The conversation without its oldest turns, as few dropped as make it fit `limit`
+    tokens as the policy renders it: the system messages stay, and what is kept starts at a
+    user message (chat templates expect it). None: not even the last message fits."""
+    from ..models.chat import conversation_text, prompt_token_ids
+
+    messages = list(p.messages or ())
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    for start in range(1, len(turns)):
+        if turns[start]["role"] != "user":
+            continue
+        kept = (*system, *turns[start:])
+        cut = Prompt(conversation_text(kept), p.fields, p.index, kept)
+        if len(prompt_token_ids(cut, tokenizer)) <= limit:
+            fields = dict(p.fields)
+            for key, value in p.fields.items():  # the prompt's own column holds the messages
+                if isinstance(value, list | tuple) and [dict(m) for m in value] == messages:
+                    fields[key] = [dict(m) for m in kept]
+            return Prompt(cut.text, fields, p.index, kept)
+    return None
 
 
 def _plain(value: Any) -> Any:

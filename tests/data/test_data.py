@@ -291,3 +291,41 @@ def test_a_run_cuts_long_prompts_and_reports_it(tmp_path, small_recipe):
     (report,) = json.loads((result.run_dir / "data_report.json").read_text())
     assert (report["kept"], report["truncated"]) == (4, 4)
     assert len(result.metrics) == 2
+
+
+def test_truncate_left_drops_a_conversations_oldest_turns(tmp_path):
+    from grpo_ensemble.models.loading import load_model
+
+    # its template renders <bos> and the user messages' contents: one token a character
+    _, tok = load_model("builtin:tiny-arith-small", "policy.model")
+    sys_ = {"role": "system", "content": "be brief"}
+    u1, u2 = {"role": "user", "content": "11+11="}, {"role": "user", "content": "1234+4321="}
+    a1, a2 = {"role": "assistant", "content": "22"}, {"role": "assistant", "content": "5555"}
+    u3 = {"role": "user", "content": "3+4="}
+    talk = (sys_, u1, a1, u2, a2, u3)  # 1 + 6 + 10 + 4 = 21 tokens as the policy renders it
+
+    def cut(limit):
+        p = Prompt(json.dumps(talk), {"prompt": [dict(m) for m in talk], "answer": "7"}, 3, talk)
+        report = DataReport("c.jsonl")
+        how = Cleaning(on_long_prompt="truncate_left")
+        try:
+            out = too_long([p], tok, limit, how, report)
+        except InputFileError:  # no prompt left
+            return None, report
+        return out[0], report
+
+    p, report = cut(21)  # fits: as it is
+    assert p.messages == talk and report.truncated == 0
+    p, report = cut(16)  # the first exchange goes: 1 + 10 + 4 tokens
+    assert p.messages == (sys_, u2, a2, u3) and report.truncated == 1
+    assert p.fields == {"prompt": [sys_, u2, a2, u3], "answer": "7"}
+    assert json.loads(p.text) == [sys_, u2, a2, u3]  # the text is the kept messages
+    p, _ = cut(10)  # down to the last question, the system message kept: 1 + 4 tokens
+    assert p.messages == (sys_, u3)
+    p, report = cut(4)  # the last message alone does not fit: left out, said why
+    assert p is None and report.skipped["too long"] == 1
+    assert report.first["too long"] == (
+        "c.jsonl:3: prompt has 21 tokens; the model's context leaves room for 4 beside the "
+        "longest completion (sampling.max_new_tokens); its system messages and last turn "
+        "alone do not fit: left out"
+    )
