@@ -42,6 +42,8 @@ class Candidate:
     behaviour_logprobs: list[float] | None = None  # per token, from the sampling model
     finished: bool = True  # stopped at EOS (False: cut at max_new_tokens)
     prompt_text: str | None = None  # the prompt as its generator rendered it, where it says
+    # columns a reward function added for completions.jsonl (TRL's `log_extra`)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -91,6 +91,8 @@ def probe_functions(scorers: Sequence[WeightedScorer], first: Prompt, given: boo
         try:  # in a thread of its own, as the run calls it: a hang or a stop ends it
             call = lambda f=ws.scorer: f.score([sample])  # noqa: E731
             out = list(call_with_timeout(call, ws.timeout_s, ws.name))
+            if hasattr(ws.scorer, "take_metrics"):  # what it logged here is no step's
+                ws.scorer.take_metrics()
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 — the user's function, named

@@ -71,6 +71,25 @@ def rollout_sums(
     return s
 
 
+def scorer_metrics(scorers: Sequence, row: Mapping[str, Any]) -> dict[str, float]:
+    """What the scorers logged this step (a TRL reward function's `log_metric`), each name's
+    mean over the values every rank logged. A name the step's row has already is prefixed
+    with the scorer's (`NAME/name`) rather than overwrite it. Called on every rank."""
+    takers = [ws for ws in scorers if hasattr(ws.scorer, "take_metrics")]
+    if not takers:  # the same scorers on every rank: no rank gathers then
+        return {}
+    mine: dict[str, list[float]] = {}
+    for ws in takers:
+        for name, values in ws.scorer.take_metrics().items():
+            key = name if name not in row else f"{ws.name}/{name}"
+            mine.setdefault(key, []).extend(values)
+    merged: dict[str, list[float]] = {}
+    for part in dist.all_gather_objects(mine):
+        for key, values in part.items():
+            merged.setdefault(key, []).extend(values)
+    return {k: sum(v) / len(v) for k, v in merged.items() if v}
+
+
 def step_metrics(
     step: int,
     ro: Rollout,

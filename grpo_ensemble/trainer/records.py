@@ -59,10 +59,25 @@ def completion_rows(ro: Rollout, step: int, how: CompletionsConfig) -> list[dict
                     "advantage": float(ro.advantages[i]),
                     "injected": c.source != POLICY,
                     "finished": c.finished,
+                    **({"extra": {k: _plain(v) for k, v in c.extra.items()}} if c.extra else {}),
                 }
             )
         at += len(g.candidates)
     return rows
+
+
+def _plain(value):
+    """A reward function's extra column value as JSON can hold it: numbers (numpy's and
+    torch's scalars too), strings, lists and mappings of them; anything else as its text."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 def _jsonable(value):

@@ -19,7 +19,7 @@ from ..rollout.injection import peers_wanted
 from ..rollout.scoring import Known, score_groups
 from .batching import attach_traces, filler_batch, left_out, longest_candidate, micro_batches
 from .memory import MicroBatchTooLarge
-from .metrics import step_metrics
+from .metrics import scorer_metrics, step_metrics
 from .setup import Run
 from .update import NO_UPDATE, Update, update
 
@@ -142,4 +142,5 @@ def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
     )
     if run.budget.auto and run.budget.tokens is not None:  # the size auto has settled on
         row["micro_batch_tokens"] = run.budget.tokens
+    row.update(scorer_metrics(run.scorers, row))
     return row

@@ -4,6 +4,7 @@ unchanged: from a recipe (`python` scorer, `function: "module:name"`) and from t
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -103,8 +104,9 @@ def test_trl_arguments_are_lists_per_candidate():
         "state": None,
         "answer": ["7", "9"],
         "extra": [1, None],  # a column a row lacks: None there
-        "rest": {},
+        "rest": {"log_metric": seen["rest"]["log_metric"], "log_extra": seen["rest"]["log_extra"]},
     }
+    assert all(callable(f) for f in seen["rest"].values())  # TRL's logging callbacks
 
     def named_only(completions, answer):  # no **kwargs: only what it names
         return [float(c == a) for c, a in zip(completions, answer, strict=True)]
@@ -283,3 +285,31 @@ def test_trainer_state_counts_steps_and_epochs_as_trl_does(small_recipe):
     ckpt = Path(recipe.output_dir) / "checkpoints" / "step-00000002"
     train(recipe, reward_scorers=[(curriculum, 1.0)], train_data=rows, resume=str(ckpt))
     assert seen[1:] == [(4, 6, 8 / 6), (4, 6, 8 / 6)]
+
+
+def test_log_metric_and_log_extra_reach_the_metrics_and_completions(small_recipe):
+    # TRL's logging callbacks: log_metric's values of a step averaged into its metrics row
+    # (a name the row has already gets the scorer's prefix), log_extra's column beside each
+    # candidate in completions.jsonl
+    logged: list[list[float]] = []
+
+    def lengths(completions, log_metric, log_extra, **kwargs):
+        sizes = [float(len(c)) for c in completions]
+        logged.append(sizes)
+        log_metric("mean_len", sum(sizes) / len(sizes))
+        log_metric("reward", -1.0)  # a built-in name
+        log_extra("len", [int(x) for x in sizes])
+        return [0.0 if x < 2 else 1.0 for x in sizes]
+
+    recipe = small_recipe(
+        eval__before=False, eval__after=False, log__completions={"every": 1, "prompts": 4}
+    )
+    result = train(recipe, reward_scorers=[(lengths, 1.0)])
+    probe, *calls = logged  # the check before training logs nothing of a step
+    for step, m in enumerate(result.metrics):
+        policy, peer = calls[2 * step], calls[2 * step + 1]  # each call logs its own mean
+        want = (sum(policy) / len(policy) + sum(peer) / len(peer)) / 2
+        assert m["mean_len"] == pytest.approx(want, abs=1e-12)
+        assert m["lengths/reward"] == -1.0 and m["reward"] != -1.0
+    rows = [json.loads(x) for x in (Path(recipe.output_dir) / "completions.jsonl").open()]
+    assert rows and all(r["extra"] == {"len": len(r["completion"])} for r in rows)

@@ -104,7 +104,14 @@ class LengthPenalty(RewardScorer):
 
 
 # what TRL hands a reward function besides the data set's other columns
-TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+TRL_ARGUMENTS = (
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_metric",
+    "log_extra",
+)
 
 
 def trl_style(fn) -> bool:
@@ -126,8 +133,10 @@ class TrlFunction(RewardScorer):
     `completion_ids` (in the policy's tokenizer) and every other field of the prompt's row
     (e.g. `answer`), and `trainer_state`: a `transformers.TrainerState` whose `global_step`,
     `max_steps` and `epoch` count as TRL's do (optimizer steps: GRPO steps × μ; None outside a
-    run, e.g. a held-out evaluation before training). A function without **kwargs gets only
-    the arguments it names. It returns a float, or None for a sample it cannot score, per
+    run, e.g. a held-out evaluation before training). `log_metric(name, value)` adds to the
+    step's metrics (the mean of the step's values), `log_extra(column, values)` a column to
+    the candidates' rows in completions.jsonl. A function without **kwargs gets only the
+    arguments it names. It returns a float, or None for a sample it cannot score, per
     candidate."""
 
     name = "trl_function"
@@ -139,6 +148,15 @@ class TrlFunction(RewardScorer):
         any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.accepts = None if any_keyword else set(params)  # None: every keyword
         self.state = None  # the TrainerState handed as `trainer_state`, set by begin_step
+        self.logged: dict[str, list[float]] = {}  # log_metric's values since take_metrics
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.logged.setdefault(str(name), []).append(float(value))
+
+    def take_metrics(self) -> dict[str, list[float]]:
+        """The values `log_metric` was given since the last call, by name."""
+        out, self.logged = self.logged, {}
+        return out
 
     def begin_step(self, progress: Progress) -> None:
         from transformers import TrainerState
@@ -167,11 +185,22 @@ class TrlFunction(RewardScorer):
             ],
             "completion_ids": [list(s.candidate.token_ids) for s in samples],
             "trainer_state": self.state,
+            "log_metric": self.log_metric,
+            "log_extra": lambda column, values: _add_column(samples, column, values),
             **columns,
         }
         if self.accepts is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
         return list(self.fn(**kwargs))
+
+
+def _add_column(samples: Sequence[Sample], column: str, values) -> None:
+    """TRL's `log_extra`: one value per sample, kept with its candidate for completions.jsonl."""
+    values = list(values)
+    if len(values) != len(samples):
+        raise ValueError(f"log_extra({column!r}): {len(values)} values for {len(samples)} samples")
+    for s, v in zip(samples, values, strict=True):
+        s.candidate.extra[str(column)] = v
 
 
 class SamplesFunction(RewardScorer):
@@ -226,6 +255,9 @@ class PythonFunction(RewardScorer):
     def begin_step(self, progress: Progress) -> None:
         if isinstance(self.scorer, TrlFunction):
             self.scorer.begin_step(progress)
+
+    def take_metrics(self) -> dict[str, list[float]]:
+        return self.scorer.take_metrics() if isinstance(self.scorer, TrlFunction) else {}
 
     def score(self, samples: Sequence[Sample]) -> list:
         return self.scorer.score(samples)
