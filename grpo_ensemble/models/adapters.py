@@ -140,9 +140,13 @@ def adapter_base(path: str, base: str, field: str = "policy.adapter") -> Path:
         why = "does not exist" if not folder.exists() else "has no adapter_config.json"
         raise RecipeError(field, f"{path!r} {why}: give a PEFT adapter folder")
     try:
-        trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise RecipeError(field, f"cannot read {config_file}: {exc}") from None
+    problem = not_plain_lora(config)
+    if problem:
+        raise RecipeError(field, f"{path!r}: {problem}")
+    trained_on = config.get("base_model_name_or_path")
     if trained_on and not same_model(trained_on, base):
         raise RecipeError(
             field,
@@ -150,6 +154,25 @@ def adapter_base(path: str, base: str, field: str = "policy.adapter") -> Path:
             "give the adapter's base model as policy.model",
         )
     return folder
+
+
+def not_plain_lora(config) -> str | None:
+    """Why an adapter configuration (a PEFT config or its adapter_config.json as a dict) is
+    not one this project trains, or None. Plain LoRA only: its layers switch off for the
+    base's roles and merge exactly; a module trained whole beside the adapters
+    (`modules_to_save`, `trainable_token_indices`) would stay on in the reference, and DoRA's
+    magnitudes or other adapter types do not merge as LoRA does."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    kind = get("peft_type")
+    kind = getattr(kind, "value", kind)
+    if kind != "LORA":
+        return f"a {kind} adapter: only LoRA adapters are supported"
+    if get("use_dora"):
+        return "a DoRA adapter (use_dora): only plain LoRA is supported"
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if get(key):
+            return f"{key} is set: modules trained whole beside LoRA are not supported"
+    return None
 
 
 def load_adapter(model: torch.nn.Module, path: str, base: str, field: str = "policy.adapter"):
@@ -188,15 +211,22 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     merged: dict[str, torch.Tensor] = {}
+    by_storage: dict[int, torch.Tensor] = {}
     for name, m in model.named_modules():
         if not hasattr(m, "get_delta_weight") or m.disable_adapters:
             continue
         weight = m.get_base_layer().weight
-        delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-        merged[f"{name}.weight"] = weight + delta.to(weight.dtype)
+        # a linear layer keeps its adapters in lora_A, an embedding in lora_embedding_A
+        held = {*m.lora_A, *getattr(m, "lora_embedding_A", {})}
+        deltas = [m.get_delta_weight(a) for a in m.active_adapters if a in held]
+        if deltas:
+            merged[f"{name}.weight"] = weight + sum(deltas).to(weight.dtype)
+            by_storage[weight.data_ptr()] = merged[f"{name}.weight"]
     for key, value in state.items():
         if ".lora_" in key or "lora_magnitude" in key:
             continue
         plain = key.replace(".base_layer.", ".")
-        out[plain] = merged.get(plain, value)
+        # a weight tied to an adapted one (an output head tied to adapted embeddings) is the
+        # very tensor: it takes the same update
+        out[plain] = merged.get(plain, by_storage.get(value.data_ptr(), value))
     return out

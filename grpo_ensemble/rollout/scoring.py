@@ -13,8 +13,12 @@ group. A call that runs past `rewards[i].timeout_s` counts as failed for every g
 step (it is not retried: it would hang again); its thread is abandoned, never waited for.
 Every call runs in a thread of its own, so that a stop signal can abandon one that hangs.
 A scorer with `collective = True` (a reward model sharded across the ranks) is called once per
-scoring on every rank, with no samples where a rank has none, and is not retried group by
-group (only the rank that failed would retry).
+scoring on every rank, with no samples where a rank has none, in the scoring thread itself (no
+timeout: a call abandoned inside a collective would go on in it), and is not retried group by
+group (only the rank that failed would retry). Every scorer is called before a failure stops
+the step, so that one rank's failing scorer does not keep it from another's collectives. A
+failure inside a collective forward itself (out of memory on one rank) cannot be recovered:
+the ranks wait until the process group's timeout (`train.dist_timeout_s`).
 """
 
 from __future__ import annotations
@@ -123,7 +127,10 @@ def _call(ws: WeightedScorer, samples: list[Sample]) -> tuple[torch.Tensor, torc
     """(len(samples),) scores from one call (0 where None) and (len(samples),) bool: not None;
     or ScorerFault. Non-finite values are returned as is."""
     try:
-        raw = call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name)
+        if _collective(ws):  # inline: a thread abandoned inside a collective would go on in it
+            raw = ws.scorer.score(samples)
+        else:
+            raw = call_with_timeout(lambda: ws.scorer.score(samples), ws.timeout_s, ws.name)
     except (UserError, Interrupted, ScorerFault):  # (Interrupted: a signal during an evaluation)
         raise
     except Exception as exc:
@@ -272,15 +279,20 @@ def _score_all(groups: Sequence[Group], scorers: Sequence[WeightedScorer]) -> Sc
     skip = [False] * len(groups)
     failed: dict[str, set[int]] = {}
     scored: dict[str, torch.Tensor] = {}
+    fatal: PluginError | None = None
     for ws in scorers:
+        # every scorer is called before a failure stops the step, so that a collective one
+        # runs on every rank even where another scorer failed on one rank only
         values, scored[ws.name], faults = _score_one(ws, groups, samples)
         failed[ws.name] = set(faults)
-        if faults and ws.on_error == "fail":
+        if faults and ws.on_error == "fail" and fatal is None:
             i = min(faults)
-            raise PluginError(ws.name, f"{faults[i]} for prompt {groups[i].prompt.text!r}")
+            fatal = PluginError(ws.name, f"{faults[i]} for prompt {groups[i].prompt.text!r}")
         if ws.on_error == "skip_group":
             for i in faults:
                 skip[i] = True
         per_scorer[ws.name] = values
         combined += ws.weight * values  # 0 where it gave no score: its weight drops out
+    if fatal is not None:
+        raise fatal
     return Scores(combined, per_scorer, skip, failed, scored)

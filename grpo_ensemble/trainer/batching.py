@@ -144,15 +144,6 @@ def micro_batches(
     return out
 
 
-def longest_candidate(rollout: Rollout, prompt_ids: PromptIds) -> int:
-    """The token positions of the longest candidate alone: the smallest micro-batch it fits."""
-    prompt_of = rollout.candidate_prompt
-    return max(
-        (len(prompt_ids(prompt_of[i])) + max(len(c.token_ids), 1))
-        for i, c in enumerate(rollout.candidates)
-    )
-
-
 def plan_micro_batches(
     lengths: list[tuple[int, int]], size: int, tokens: int | None = None
 ) -> list[list[int]]:

@@ -200,6 +200,12 @@ def build_policy_generator(
 def shared_base_generator(prefix: str, member, module, tokenizer, gather: bool):
     """A peer whose model is the policy's base, sampling from the policy's own module with its
     adapters off (no second copy of the weights): its generator must take `adapters`."""
+    if member.chat_template is not None:  # it renders with the policy's very tokenizer
+        raise RecipeError(
+            f"{prefix}.chat_template",
+            "this peer shares the policy's module and tokenizer, so it renders with the "
+            "policy's template: set policy.chat_template instead",
+        )
     cls = plugins.get_component("generator", member.generator, f"{prefix}.generator")
     if "adapters" not in _params(cls):
         raise RecipeError(

@@ -44,6 +44,7 @@ from .console import say, say_eval, say_row, say_summary
 from .deepspeed import init_distributed
 from .evaluation import EvalResult, accuracy_of, heldout_scores, sampled_solved
 from .heap import kept_between_steps
+from .memory import restore_budget
 from .observers import Observers, build_trackers
 from .records import Records, completion_rows
 from .setup import Run, build_run, seed_everything
@@ -308,6 +309,7 @@ def _resume(run: Run, resume: str, result: TrainResult, console, where: _Where) 
     path = dist.agree(lambda: find_checkpoint(run_dir, resume))
     if path is not None:
         start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
+        restore_budget(run.budget, path, start)
         result.resumed_from = where.checkpoint = path
         where.kept = f"the checkpoints are as they were; the newest is {path}"
         say(console, f"resumed from {path} (step {start})")

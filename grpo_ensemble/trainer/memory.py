@@ -11,8 +11,11 @@ an error) the budget comes from `train.memory_limit_gb` by the estimate in `cpu_
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -25,11 +28,17 @@ GIB = 2**30
 
 class MicroBatchTooLarge(Exception):
     """A first update pass ran out of memory; nothing was stepped, the gradients are cleared.
-    `positions`: the token positions (rows × width) of the step's largest micro-batch."""
+    `positions`: the token positions (rows × width) of the step's largest micro-batch;
+    `widest`: the widest row of the step's micro-batches, the least a budget can go to."""
 
-    def __init__(self, positions: int):
+    def __init__(self, positions: int, widest: int):
         super().__init__(f"out of memory with {positions} token positions in a micro-batch")
-        self.positions = positions
+        self.positions, self.widest = positions, widest
+
+    @classmethod
+    def of(cls, batches) -> MicroBatchTooLarge:
+        shapes = [b.tokens.input_ids.shape for b in batches]
+        return cls(max(r * w for r, w in shapes), max(w for _, w in shapes))
 
 
 @dataclass
@@ -58,7 +67,9 @@ class TokenBudget:
         )
 
 
-def token_budget(recipe, model: torch.nn.Module, prompt_tokens) -> TokenBudget:
+def token_budget(
+    recipe, model: torch.nn.Module, prompt_tokens, frozen: Sequence[torch.nn.Module] = ()
+) -> TokenBudget:
     """The run's starting budget: the recipe's number, or for auto none (GPU: found by
     backing off) or the CPU estimate from memory_limit_gb. `prompt_tokens()`: the tokens of
     the longest training prompt (counted only for the estimate)."""
@@ -75,7 +86,7 @@ def token_budget(recipe, model: torch.nn.Module, prompt_tokens) -> TokenBudget:
     if t.memory_limit_gb is None:
         return TokenBudget(None, auto=True)
     longest = prompt_tokens() + max_new_tokens(recipe)
-    tokens = cpu_budget(model, t.memory_limit_gb * GIB, longest)
+    tokens = cpu_budget(model, t.memory_limit_gb * GIB, longest, frozen)
     if tokens < longest:
         need = t.memory_limit_gb * GIB + (longest - tokens) * bytes_per_position(model, longest)
         raise RecipeError(
@@ -115,17 +126,45 @@ def bytes_per_position(model: torch.nn.Module, width: int) -> int:
     return size * (layers * per_layer + 3 * vocab)
 
 
-def fixed_bytes(model: torch.nn.Module) -> int:
-    """The model's weights, and the gradients and AdamW's two moments of what trains."""
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
-        if p.requires_grad:
-            total += p.numel() * (p.element_size() + 8)  # gradient; fp32 exp_avg, exp_avg_sq
+def fixed_bytes(model: torch.nn.Module, frozen: Sequence[torch.nn.Module] = ()) -> int:
+    """The model's weights, the gradients and AdamW's two moments of what trains, and the
+    weights of the `frozen` models the process holds beside it (reference, peers, reward
+    models). Whole sizes, also where ZeRO partitions them (`ds_numel`): an estimate that errs
+    towards a smaller budget."""
+    total, seen = 0, set()
+    for m in (model, *frozen):
+        for p in m.parameters():
+            if id(p) in seen:  # a module that shares the policy's weights (its base)
+                continue
+            seen.add(id(p))
+            n = getattr(p, "ds_numel", p.numel())
+            total += n * p.element_size()
+            if p.requires_grad:
+                total += n * (p.element_size() + 8)  # gradient; fp32 exp_avg, exp_avg_sq
     return total
 
 
-def cpu_budget(model: torch.nn.Module, limit_bytes: float, width: int) -> int:
+def cpu_budget(
+    model: torch.nn.Module, limit_bytes: float, width: int, frozen: Sequence[torch.nn.Module] = ()
+) -> int:
     """The token positions a micro-batch may hold within `limit_bytes`, by the estimate."""
-    free = limit_bytes - fixed_bytes(model)
+    free = limit_bytes - fixed_bytes(model, frozen)
     return max(int(free // bytes_per_position(model, width)), 0)
+
+
+def restore_budget(budget: TokenBudget, checkpoint: Path, step: int) -> None:
+    """On resume with `auto`: the budget the run had backed off to by the checkpoint's step
+    (its metrics rows say: `micro_batch_tokens`), so that the resumed steps are cut as they
+    would have been without the break."""
+    if not budget.auto:
+        return
+    from ..rundir import rows_up_to
+
+    rows: list[dict] = []
+    source = checkpoint / "metrics.jsonl"
+    if dist.is_main() and source.is_file():
+        rows = [json.loads(line) for line in rows_up_to(source, step)]
+    rows = dist.all_gather_objects(rows)[0]  # rank 0's
+    sizes = [r["micro_batch_tokens"] for r in rows if "micro_batch_tokens" in r]
+    if sizes:
+        budget.tokens = sizes[-1]

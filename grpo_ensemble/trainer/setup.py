@@ -17,7 +17,14 @@ import torch
 from .. import dist
 from ..data.prompts import DataReport, PromptSampler, too_long
 from ..errors import RecipeError, UserError
-from ..models.adapters import add_lora, is_peft_model, load_adapter, lora_layers, quantized
+from ..models.adapters import (
+    add_lora,
+    is_peft_model,
+    load_adapter,
+    lora_layers,
+    not_plain_lora,
+    quantized,
+)
 from ..models.loading import load_field_tokenizer, load_model, resolve_model
 from ..plugins.interfaces import (
     Generator,
@@ -190,8 +197,24 @@ def build_run(
         data_reports=reports,
         replay=policy_gen if reuse_applies(recipe, engine, members, same) else None,
         adapter=loaded.adapter,
-        budget=token_budget(recipe, engine.module, lambda: longest(loaded.train_prompts, ids)),
+        budget=token_budget(
+            recipe,
+            engine.module,
+            lambda: longest(loaded.train_prompts, ids),
+            held_models(ref, members, loaded.scorers),
+        ),
     )
+
+
+def held_models(ref, members: list[Member], scorers: list[WeightedScorer]) -> list:
+    """The frozen models the process holds beside the policy: the reference, the peers' and
+    the scorers' models (a shared base among them is the policy's own weights)."""
+    held = [ref] if ref is not None else []
+    for holder in [m.generator for m in members[1:]] + [ws.scorer for ws in scorers]:
+        model = getattr(holder, "model", None)
+        if isinstance(model, torch.nn.Module):
+            held.append(model)
+    return held
 
 
 def _members(recipe: Recipe, policy_gen: Generator, engine, loaded: Loaded, gather: bool):
@@ -399,9 +422,17 @@ def given_policy(recipe: Recipe, module, dtype):
     tok = load_field_tokenizer(p.model, "policy.model", p.trust_remote_code)
     module = module.to(dtype)
     if not is_peft_model(module):
-        return module, tok, with_adapters(recipe, module) if p.lora or p.adapter else None
+        if p.lora or p.adapter:
+            return module, tok, with_adapters(recipe, module)
+        if not any(param.requires_grad for param in module.parameters()):
+            raise UserError("model: every weight of the module is frozen: nothing would train")
+        return module, tok, None
     if p.lora is not None or p.adapter is not None:
         raise UserError("model: a PEFT model brings its own adapters; drop policy.lora/adapter")
+    for name, config in module.peft_config.items():
+        problem = not_plain_lora(config)
+        if problem:
+            raise UserError(f"model: adapter {name!r}: {problem}")
     if not any(param.requires_grad for param in module.parameters()):
         raise UserError(
             "model: the PEFT model's adapters are frozen; load it with is_trainable=True"

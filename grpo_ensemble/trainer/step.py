@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import torch
+
 from .. import dist
 from ..plugins.interfaces import FollowsSteps, Progress, mix64
 from ..rollout.groups import batch_scaled, evaluate_groups
 from ..rollout.injection import peers_wanted
 from ..rollout.scoring import Known, score_groups
-from .batching import attach_traces, filler_batch, left_out, longest_candidate, micro_batches
+from .batching import attach_traces, filler_batch, left_out, micro_batches
 from .memory import MicroBatchTooLarge
 from .metrics import scorer_metrics, step_metrics
 from .setup import Run
@@ -47,12 +49,19 @@ def train_on(run: Run, rollout, members: list[str]) -> dict[str, Any]:
     """The step's micro-batches of its rollout, and the update over them. With
     micro_batch_tokens auto, an update whose first pass ran out of memory (nothing stepped,
     its gradients cleared) is done again from the start with half the token budget."""
+    # the pass that failed may have drawn random numbers (dropout): the retry draws them anew
+    # from where the step's update began, as a run with the smaller budget would
+    cuda = torch.cuda.is_available()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
     while True:
         how = run.budget.batching(run.settings.batching)
         try:
             return _update_with(run, rollout, how, members)
         except MicroBatchTooLarge as exc:
-            run.budget.halve(exc.positions, least=longest_candidate(rollout, run.prompt_ids))
+            run.budget.halve(exc.positions, least=exc.widest)
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
 
 
 def _update_with(run: Run, rollout, how, members: list[str]) -> dict[str, Any]:

@@ -260,15 +260,20 @@ def update(
     # first pass computes exactly those (the weights move only after its last micro-batch), so
     # it keeps them, unless training mode (dropout) would make them differ from a no-grad pass
     keep_first = s.mu > 1 and s.train_is_eval
-    old = (
-        frozen_logprobs(engine.module, batches, s.temperature)
-        if s.mu > 1 and not keep_first
-        else None
-    )
-    ref = None
-    if u.ref_model is not None:  # with adapters the reference is the policy's own base
-        with adapters_off(u.ref_model):
-            ref = frozen_logprobs(u.ref_model, batches, s.temperature)
+    try:
+        old = (
+            frozen_logprobs(engine.module, batches, s.temperature)
+            if s.mu > 1 and not keep_first
+            else None
+        )
+        ref = None
+        if u.ref_model is not None:  # with adapters the reference is the policy's own base
+            with adapters_off(u.ref_model):
+                ref = frozen_logprobs(u.ref_model, batches, s.temperature)
+    except torch.OutOfMemoryError:  # no gradient exists yet: smaller micro-batches may fit
+        if not s.back_off:
+            raise
+        raise MicroBatchTooLarge.of(batches) from None
     logprob_seconds = dist.all_max([dist.now() - start])[0]  # the slowest rank's
     total: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -285,7 +290,7 @@ def update(
             if i > 0 or not s.back_off:  # a later pass follows an optimizer step: no retry
                 raise
             clear_gradients(engine)
-            raise MicroBatchTooLarge(max(b.tokens.input_ids.numel() for b in batches)) from None
+            raise MicroBatchTooLarge.of(batches) from None
         old = keep if keep is not None else old
         if i == 0:  # per-mode weights, token shares, entropy: of the first pass
             first = {k: v for k, v in sums.items() if k.startswith(("w/", "H/", "Ht/"))}

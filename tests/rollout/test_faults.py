@@ -379,3 +379,45 @@ def test_scorers_given_as_objects_take_the_recipes_error_options():
         with pytest.raises(UserError) as info:
             build_scorers(None, given)
         assert str(info.value) == message
+
+
+class Collective(RewardScorer):
+    """Stands for a scorer sharded across ranks: records each call and the thread it ran
+    in, and fails on the group "bad" when asked."""
+
+    name = "collective"
+    collective = True
+
+    def __init__(self, fail=False):
+        self.calls: list[tuple[int, str]] = []
+        self.fail = fail
+
+    def score(self, samples):
+        self.calls.append((len(samples), threading.current_thread().name))
+        if self.fail and any(s.prompt.text == "bad" for s in samples):
+            raise ValueError("cannot parse")
+        return [1.0] * len(samples)
+
+
+def test_a_collective_scorer_is_called_alike_on_every_rank_whatever_fails():
+    # a scorer that fails first (fail policy) does not keep the collective one from its call:
+    # on several ranks the others would wait in its collectives
+    together = Collective()
+    with pytest.raises(PluginError, match=r"fails_on_bad"):
+        score_groups(GROUPS, [_ws(FailsOnBad(), "fail"), _ws(together, "zero")])
+    assert [n for n, _ in together.calls] == [6]
+    # called in the scoring thread (no timeout thread that could be abandoned mid-collective)
+    assert together.calls[0][1] == threading.current_thread().name
+    # once, not retried group by group: every group it was called for counts as failed
+    failing = Collective(fail=True)
+    scores = score_groups(GROUPS, [_ws(failing, "zero")])
+    assert [n for n, _ in failing.calls] == [6]
+    assert scores.faults == {"collective": 3}
+    assert scores.combined.tolist() == [0.0] * 6
+    # with nothing to score on this rank (all candidates known already): called with none
+    from grpo_ensemble.rollout.scoring import Known
+
+    known = Known([2, 2, 2], score_groups(GROUPS, [_ws(Collective(), "zero")]))
+    late = Collective()
+    score_groups(GROUPS, [_ws(late, "zero")], known)
+    assert [n for n, _ in late.calls] == [0]

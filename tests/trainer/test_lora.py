@@ -277,3 +277,61 @@ def test_the_python_api_takes_a_model_object_plain_or_peft(small_recipe, tmp_pat
         train(small_recipe(output_dir=str(tmp_path / "x"), policy__lora=LORA), model=wrapped)
     with pytest.raises(Exception, match="give a transformers causal LM or a PEFT model"):
         train(small_recipe(output_dir=str(tmp_path / "y")), model="gpt2")
+
+
+def test_the_merged_weights_are_peft_own_merge_embeddings_included():
+    # LoRA on an embedding keeps its adapters in lora_embedding_A/B: merged too, equal to
+    # PEFT's merge_and_unload (the reference); the model itself is left as it was
+    import copy
+
+    from grpo_ensemble.models.adapters import merged_state_dict
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(SMALL, "policy.model"))
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], task_type="CAUSAL_LM"
+    )
+    model = peft.get_peft_model(base, config)
+    _randomise_adapters(model)
+    ours = merged_state_dict(model.get_base_model())  # the module the engine trains
+    theirs = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
+    embed = "model.embed_tokens.weight"
+    assert not torch.equal(ours[embed], model.get_base_model().model.embed_tokens.weight)
+
+
+def test_only_plain_lora_adapters_are_taken(small_recipe, tmp_path):
+    # DoRA, modules trained whole beside the adapters, other adapter types: one line each,
+    # from a folder (the recipe's field) and from a PEFT model given in Python
+    path = resolve_model(SMALL, "policy.model")
+    cases = {
+        "use_dora": peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+        "modules_to_save": peft.LoraConfig(
+            r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]
+        ),
+        "IA3": peft.IA3Config(
+            target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+    }
+    for key, config in cases.items():
+        wrapped = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(path), config)
+        folder = tmp_path / key
+        wrapped.save_pretrained(folder)
+        recipe = small_recipe(output_dir=str(tmp_path / f"run-{key}"), policy__adapter=str(folder))
+        with pytest.raises(Exception, match=rf"^policy\.adapter: .*{key}"):
+            build_run(recipe, tmp_path / f"b-{key}")
+        with pytest.raises(Exception, match=rf"^model: adapter 'default': .*{key}"):
+            train(small_recipe(output_dir=str(tmp_path / f"api-{key}")), model=wrapped)
+
+
+def test_a_shared_base_peer_takes_the_policys_template_and_a_frozen_module_is_refused(
+    small_recipe, tmp_path
+):
+    peer = {"name": "base", "model": "policy_base", "n": 2, "chat_template": "{{ bos_token }}"}
+    with pytest.raises(Exception, match=r"^peers\.0\.chat_template: this peer shares the"):
+        build_run(small_recipe(policy__lora=LORA, peers=[peer]), tmp_path / "a")
+    frozen = AutoModelForCausalLM.from_pretrained(resolve_model(SMALL, "policy.model"))
+    frozen.requires_grad_(False)
+    with pytest.raises(Exception, match=r"^model: every weight of the module is frozen"):
+        train(small_recipe(output_dir=str(tmp_path / "f")), model=frozen)

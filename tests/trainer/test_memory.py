@@ -88,9 +88,12 @@ def test_memory_limit_sets_the_budget_on_a_cpu(small_recipe, tmp_path, capsys):
     )
     m = run.engine.module
     c = m.config
-    # by hand: fp32 weights + (gradient + two fp32 moments) of every trained weight
+    # by hand: fp32 weights + (gradient + two fp32 moments) of every trained weight, and the
+    # frozen peer's fp32 weights (no reference: beta 0)
     params = sum(p.numel() for p in m.parameters())
-    fixed = params * 4 + params * (4 + 8)
+    peer = sum(p.numel() for p in run.ensemble.members[1].generator.model.parameters())
+    assert run.ref_model is None and peer > 0
+    fixed = params * 4 + params * (4 + 8) + peer * 4
     width = max(len(run.prompt_ids(p)) for p in run.sampler.prompts) + 5
     per_layer = 12 * c.hidden_size + 3 * c.intermediate_size + 2 * c.num_attention_heads * width
     per_position = 4 * (c.num_hidden_layers * per_layer + 3 * c.vocab_size)
@@ -127,3 +130,46 @@ def test_bad_budget_settings_are_one_line(setting, field, says, tmp_path, capsys
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert field in err and says in err
+
+
+def test_a_resumed_run_keeps_the_budget_it_had_backed_off_to(tmp_path):
+    # the checkpoint's metrics rows say the size by its step; later rows (of the run before a
+    # resume from an earlier checkpoint) do not count, and a fixed budget is left alone
+    import json
+
+    from grpo_ensemble.trainer.memory import TokenBudget, restore_budget
+
+    rows = [{"step": 1}, {"step": 2, "micro_batch_tokens": 64}]
+    rows += [{"step": 3, "micro_batch_tokens": 32}, {"step": 4, "micro_batch_tokens": 16}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step, want in [(1, None), (2, 64), (3, 32), (4, 16)]:
+        budget = TokenBudget(None, auto=True)
+        restore_budget(budget, tmp_path, step)
+        assert budget.tokens == want, step
+    fixed = TokenBudget(128)
+    restore_budget(fixed, tmp_path, 4)
+    assert fixed.tokens == 128
+
+
+def test_out_of_memory_in_the_reference_pass_backs_off_too(small_recipe, tmp_path):
+    # the no-grad reference pass runs before any gradient: one that does not fit halves the
+    # budget as the training pass does, and the step is the smaller budget's
+    changes = dict(loss__beta=0.05, train__lr=1e-3)
+    auto = build_run(small_recipe(train__micro_batch_tokens="auto", **changes), tmp_path / "a")
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if not torch.is_grad_enabled() and ids is not None:
+            seen.append(ids.numel())
+            if ids.numel() > LIMIT:
+                raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    auto.ref_model.register_forward_pre_hook(hook, with_kwargs=True)
+    rows = _train(auto, 2)
+    chosen = auto.budget.tokens
+    assert chosen is not None and chosen <= LIMIT and max(seen) > LIMIT
+    fixed = build_run(small_recipe(train__micro_batch_tokens=chosen, **changes), tmp_path / "f")
+    expected = _train(fixed, 2)
+    got = [{k: v for k, v in r.items() if k != "micro_batch_tokens"} for r in rows]
+    assert _drop_times(got) == _drop_times(expected)
