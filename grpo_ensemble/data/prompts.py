@@ -341,12 +341,13 @@ def _drop_turns(p: Prompt, tokenizer, limit: int) -> Prompt | None:
     from ..models.chat import conversation_text, prompt_token_ids
 
     messages = list(p.messages or ())
-    system = [m for m in messages if m["role"] == "system"]
-    turns = [m for m in messages if m["role"] != "system"]
-    for start in range(1, len(turns)):
-        if turns[start]["role"] != "user":
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    for start in range(first + 1, len(messages)):
+        if messages[start]["role"] != "user":
             continue
-        kept = (*system, *turns[start:])
+        # the system messages of the dropped part stay, those later stay where they are
+        dropped_system = [m for m in messages[:start] if m["role"] == "system"]
+        kept = (*dropped_system, *messages[start:])
         cut = Prompt(conversation_text(kept), p.fields, p.index, kept)
         if len(prompt_token_ids(cut, tokenizer)) <= limit:
             fields = dict(p.fields)

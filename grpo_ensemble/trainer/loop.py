@@ -83,6 +83,8 @@ def evaluate_policy(run: Run) -> EvalResult | None:
         solved = dist.agree(lambda: sampled_solved(gen, mine, run.eval_scorer, how, e.k))
         solved = [x for part in dist.all_gather_objects(solved) for x in part]
     flat = [x for part in dist.all_gather_objects(scores) for x in part]
+    if hasattr(run.eval_scorer, "take_metrics"):  # what it logged belongs to no step
+        run.eval_scorer.take_metrics()
     return accuracy_of(flat, solved, e.k)
 
 

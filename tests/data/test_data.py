@@ -322,6 +322,15 @@ def test_truncate_left_drops_a_conversations_oldest_turns(tmp_path):
     assert json.loads(p.text) == [sys_, u2, a2, u3]  # the text is the kept messages
     p, _ = cut(10)  # down to the last question, the system message kept: 1 + 4 tokens
     assert p.messages == (sys_, u3)
+    # a system message later in the conversation stays where it is, or moves up with the
+    # first one when its part is dropped
+    late = {"role": "system", "content": "8"}
+    talk = (sys_, u1, a1, u2, late, a2, u3)
+    p, _ = cut(16)
+    assert p.messages == (sys_, u2, late, a2, u3)
+    p, _ = cut(10)
+    assert p.messages == (sys_, late, u3)
+    talk = (sys_, u1, a1, u2, a2, u3)
     p, report = cut(4)  # the last message alone does not fit: left out, said why
     assert p is None and report.skipped["too long"] == 1
     assert report.first["too long"] == (

@@ -313,3 +313,24 @@ def test_log_metric_and_log_extra_reach_the_metrics_and_completions(small_recipe
         assert m["lengths/reward"] == -1.0 and m["reward"] != -1.0
     rows = [json.loads(x) for x in (Path(recipe.output_dir) / "completions.jsonl").open()]
     assert rows and all(r["extra"] == {"len": len(r["completion"])} for r in rows)
+
+
+def test_a_call_that_raises_logs_nothing():
+    # the whole step's call logs, then raises on the group "bad"; retried group by group,
+    # only the calls that returned count
+    def picky(prompts, completions, log_metric, **kwargs):
+        log_metric("calls", float(len(completions)))
+        if "bad" in prompts:
+            raise ValueError("cannot parse")
+        return [1.0] * len(completions)
+
+    scorer = TrlFunction(picky)
+    groups = [
+        Group(Prompt("1+1="), [Candidate("2", [1], "policy")] * 2),
+        Group(Prompt("bad"), [Candidate("0", [1], "policy")] * 2),
+        Group(Prompt("2+2="), [Candidate("4", [1], "policy")] * 2),
+    ]
+    scores = score_groups(groups, [WeightedScorer("picky", scorer, 1.0, "zero")])
+    assert scores.faults == {"picky": 1}
+    assert scorer.take_metrics() == {"calls": [2.0, 2.0]}  # the two good groups' retries
+    assert scorer.take_metrics() == {}

@@ -150,9 +150,6 @@ class TrlFunction(RewardScorer):
         self.state = None  # the TrainerState handed as `trainer_state`, set by begin_step
         self.logged: dict[str, list[float]] = {}  # log_metric's values since take_metrics
 
-    def log_metric(self, name: str, value: float) -> None:
-        self.logged.setdefault(str(name), []).append(float(value))
-
     def take_metrics(self) -> dict[str, list[float]]:
         """The values `log_metric` was given since the last call, by name."""
         out, self.logged = self.logged, {}
@@ -175,6 +172,7 @@ class TrlFunction(RewardScorer):
                     columns.setdefault(key, [])
         for key, values in columns.items():
             values.extend(s.row.get(key) for s in samples)
+        logged: list[tuple[str, float]] = []  # this call's log_metric values
         kwargs = {  # conversations in TRL's shapes: messages, and the reply as one message
             "prompts": [list(s.prompt.messages or ()) or s.prompt.text for s in samples],
             "completions": [
@@ -185,13 +183,17 @@ class TrlFunction(RewardScorer):
             ],
             "completion_ids": [list(s.candidate.token_ids) for s in samples],
             "trainer_state": self.state,
-            "log_metric": self.log_metric,
+            "log_metric": lambda name, value: logged.append((str(name), float(value))),
             "log_extra": lambda column, values: _add_column(samples, column, values),
             **columns,
         }
         if self.accepts is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
-        return list(self.fn(**kwargs))
+        out = list(self.fn(**kwargs))
+        # a call that raised logs nothing: the groups it is retried on log their own
+        for name, value in logged:
+            self.logged.setdefault(name, []).append(value)
+        return out
 
 
 def _add_column(samples: Sequence[Sample], column: str, values) -> None:
