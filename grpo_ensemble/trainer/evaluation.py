@@ -11,7 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..plugins.interfaces import Generator, RewardScorer, SamplingParams
+from .. import dist
+from ..plugins.interfaces import Generator, RewardScorer, SamplingParams, mix64
 from ..rollout.scoring import checked_scores
 from ..types import Prompt, Sample
 
@@ -124,3 +125,32 @@ def heldout_accuracy(
 ) -> EvalResult:
     """Greedy-decode each prompt once and judge the completions with `scorer`."""
     return accuracy_of(heldout_scores(generator, prompts, scorer, max_new_tokens))
+
+
+def evaluate_policy(run) -> EvalResult | None:
+    """Held-out accuracy of the policy, greedy, sampled through the policy's own generator and
+    judged by the recipe's eval scorer; each rank decodes its share of the prompts and the
+    scores are gathered. `run`: the trainer's `Run`."""
+    from .build import eval_max_new_tokens
+
+    if not run.held_out:
+        return None
+    e = run.recipe.eval
+    max_new = eval_max_new_tokens(run.recipe)
+    gen = run.policy_generator
+    prompts = run.held_out[: e.max_prompts]
+    shard = dist.shard(len(prompts))
+    mine = [prompts[i] for i in shard]
+    scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
+    solved = None
+    if e.k > 1:  # pass@k: k samples per prompt at the policy's own sampling parameters
+        own = run.ensemble.members[0].sampling
+        # seeded per held-out prompt, so that every evaluation draws the same way
+        seeds = tuple(mix64(run.recipe.seed * 7919 + 104729 + i) for i in shard)
+        how = SamplingParams(own.temperature, own.top_p, own.top_k, max_new, 0, seeds)
+        solved = dist.agree(lambda: sampled_solved(gen, mine, run.eval_scorer, how, e.k))
+        solved = [x for part in dist.all_gather_objects(solved) for x in part]
+    flat = [x for part in dist.all_gather_objects(scores) for x in part]
+    if hasattr(run.eval_scorer, "take_metrics"):  # what it logged belongs to no step
+        run.eval_scorer.take_metrics()
+    return accuracy_of(flat, solved, e.k)

@@ -22,7 +22,7 @@ from .. import dist, stopping
 from ..errors import AlertStopped, GrpoEnsembleError, Interrupted, RunError, UserError
 from ..models.adapters import merged_state_dict
 from ..models.zero import gathered_params
-from ..plugins.interfaces import Generator, GroupEvaluator, SamplingParams, mix64
+from ..plugins.interfaces import Generator, GroupEvaluator
 from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ..rundir import (
     MetricsWriter,
@@ -32,7 +32,6 @@ from ..rundir import (
     write_file,
     write_recipe,
 )
-from .build import eval_max_new_tokens
 from .checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -42,7 +41,7 @@ from .checkpoint import (
 )
 from .console import say, say_eval, say_row, say_summary
 from .deepspeed import init_distributed
-from .evaluation import EvalResult, accuracy_of, heldout_scores, sampled_solved
+from .evaluation import EvalResult, evaluate_policy
 from .heap import kept_between_steps
 from .memory import restore_budget
 from .observers import Observers, build_trackers
@@ -59,33 +58,6 @@ class TrainResult:
     before: EvalResult | None = None
     after: EvalResult | None = None
     resumed_from: Path | None = None
-
-
-def evaluate_policy(run: Run) -> EvalResult | None:
-    """Held-out accuracy of the policy, greedy, sampled through the policy's own generator and
-    judged by the recipe's eval scorer; each rank decodes its share of the prompts and the
-    scores are gathered."""
-    if not run.held_out:
-        return None
-    e = run.recipe.eval
-    max_new = eval_max_new_tokens(run.recipe)
-    gen = run.policy_generator
-    prompts = run.held_out[: e.max_prompts]
-    shard = dist.shard(len(prompts))
-    mine = [prompts[i] for i in shard]
-    scores = dist.agree(lambda: heldout_scores(gen, mine, run.eval_scorer, max_new))
-    solved = None
-    if e.k > 1:  # pass@k: k samples per prompt at the policy's own sampling parameters
-        own = run.ensemble.members[0].sampling
-        # seeded per held-out prompt, so that every evaluation draws the same way
-        seeds = tuple(mix64(run.recipe.seed * 7919 + 104729 + i) for i in shard)
-        how = SamplingParams(own.temperature, own.top_p, own.top_k, max_new, 0, seeds)
-        solved = dist.agree(lambda: sampled_solved(gen, mine, run.eval_scorer, how, e.k))
-        solved = [x for part in dist.all_gather_objects(solved) for x in part]
-    flat = [x for part in dist.all_gather_objects(scores) for x in part]
-    if hasattr(run.eval_scorer, "take_metrics"):  # what it logged belongs to no step
-        run.eval_scorer.take_metrics()
-    return accuracy_of(flat, solved, e.k)
 
 
 @dataclass
