@@ -78,8 +78,24 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from .trainer.build import check_recipe
 
     r = load_recipe(recipe, set_ or [])
-    check_recipe(r, note=lambda line: console.print(f"{line} …", markup=False, highlight=False))
-    console.print(f"{recipe}: ok (group size {r.group_size}, {r.train.steps} steps)")
+
+    def note(line: str) -> None:
+        console.print(f"{line} …", markup=False, highlight=False)
+
+    if r.policies is None:
+        check_recipe(r, note=note)
+        console.print(f"{recipe}: ok (group size {r.group_size}, {r.train.steps} steps)")
+        return
+    from .recipe.cotraining import policy_recipes, renamed
+
+    sizes = []
+    for i, (name, own) in enumerate(policy_recipes(r)):  # each policy's own recipe
+        with renamed(r, i):
+            check_recipe(own, note=note)
+        sizes.append(f"{name} {own.group_size}")
+    groups = ", ".join(sizes)
+    steps = r.train.steps
+    console.print(f"{recipe}: ok ({len(sizes)} policies, group sizes {groups}, {steps} steps)")
 
 
 @app.command("plugins")

@@ -7,6 +7,7 @@ step is arranged so that they are (see `trainer/step.py`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -32,12 +33,39 @@ def now() -> float:
     return time.perf_counter()
 
 
+# the process group the functions here work over (None: every rank): a co-trained policy
+# placed on its own share of the ranks (`placement: split`) runs its step `within` its group
+_group = None
+
+
+@contextlib.contextmanager
+def within(group):
+    """Inside the block, "the ranks" are `group`'s (a torch process group; None: all)."""
+    global _group
+    outer, _group = _group, group
+    try:
+        yield
+    finally:
+        _group = outer
+
+
+def current_group():
+    """The process group the ranks are (None: the default one, every rank)."""
+    return _group
+
+
 def world_size() -> int:
     d = _dist()
-    return d.get_world_size() if d else 1
+    return d.get_world_size(_group) if d else 1
 
 
 def rank() -> int:
+    d = _dist()
+    return d.get_rank(_group) if d else 0
+
+
+def global_rank() -> int:
+    """This process's rank among every rank, whatever group the block is `within`."""
     d = _dist()
     return d.get_rank() if d else 0
 
@@ -82,10 +110,10 @@ def _device() -> torch.device:
 
 def _reduce(t: torch.Tensor, op) -> torch.Tensor:
     d = _dist()
-    if d is None or d.get_world_size() == 1:
+    if d is None or world_size() == 1:
         return t
     x = t.to(_device())
-    d.all_reduce(x, op=op)
+    d.all_reduce(x, op=op, group=_group)
     return x.to(t.device)
 
 
@@ -117,17 +145,17 @@ def sum_dict(values: dict[str, float]) -> dict[str, float]:
 def all_gather_objects(obj: T) -> list[T]:
     """Every rank's `obj`, in rank order (picklable objects only)."""
     d = _dist()
-    if d is None or d.get_world_size() == 1:
+    if d is None or world_size() == 1:
         return [obj]
-    out: list = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
+    out: list = [None] * world_size()
+    d.all_gather_object(out, obj, group=_group)
     return out
 
 
 def barrier() -> None:
     d = _dist()
-    if d is not None and d.get_world_size() > 1:
-        d.barrier()
+    if d is not None and world_size() > 1:
+        d.barrier(group=_group)
 
 
 def agree(fn: Callable[[], T]) -> T:
@@ -157,7 +185,8 @@ def agree(fn: Callable[[], T]) -> T:
     payload: list = [None, None]  # the same length on every rank
     if rank() == first:
         payload = [_kind(err), _describe(err)]
-    torch.distributed.broadcast_object_list(payload, src=first)
+    src = first if _group is None else torch.distributed.get_global_rank(_group, first)
+    torch.distributed.broadcast_object_list(payload, src=src, group=_group)
     kind, message = payload
     if isinstance(kind, tuple):  # a stop signal: every rank stops the same way
         raise Stop(*kind) from err

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 POLICY = "policy"  # the member name of the policy being trained
+POLICY_BASE = "policy_base"  # a peer's model: the policy's base model (shared with LoRA)
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,14 @@ class TinySpec:
     noise_p: float  # probability that a warm-up label is replaced by a wrong answer
     seed: int = 0
     chat_template: str = ""  # saved with the tokenizer; the weights do not depend on it
+    tokenizer: str = "chars"  # chars: one token per character; digit-pairs: "37" is one token
 
     def version(self) -> str:
         """Short stable hash of the spec, so that changing the spec rebuilds the model."""
-        blob = json.dumps({**dataclasses.asdict(self), "format": _BUILD_FORMAT}, sort_keys=True)
+        spec = dataclasses.asdict(self)
+        if spec["tokenizer"] == "chars":  # the models that predate the field keep their hash
+            del spec["tokenizer"]
+        blob = json.dumps({**spec, "format": _BUILD_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -82,15 +86,26 @@ BUILTIN_MODELS: dict[str, TinySpec] = {
         num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512,
         steps=500, lr=3e-3, batch_size=128, noise_p=0.2, chat_template=BASE_TEMPLATE,
     ),
+    # A model of another tokenizer (two digits to a token) and size, between the two: its
+    # candidates reach the others as text, re-tokenized, and theirs reach it so. Its answers
+    # are one or two tokens, each of a hundred: greedy right on about a fifth of test prompts.
+    "tiny-arith-pairs": TinySpec(
+        num_layers=2, hidden_size=96, num_heads=4, intermediate_size=384,
+        steps=900, lr=3e-3, batch_size=128, noise_p=0.2, chat_template=SMALL_TEMPLATE,
+        tokenizer="digit-pairs",
+    ),
 }  # fmt: skip
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: one token per character, `<bos>` prepended on encode."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+def build_tokenizer(kind: str = "chars") -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one token per character, `<bos>` prepended on encode; with
+    `digit-pairs`, each run of digits is cut into pairs from its start ("123": "12", "3")."""
+    pairs = [f"{i:02d}" for i in range(100)] if kind == "digit-pairs" else []
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS + pairs)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Split every character into its own word, spaces included, so "37+45=" is six tokens.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    pattern = "[0-9]{2}|." if pairs else "."
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
@@ -154,9 +169,14 @@ def _warmup_batch(
     mask[torch.arange(spec.batch_size), lengths] = 1
     labels = torch.full_like(ids, -100)
     for row, (p, ans) in enumerate(zip(prompts, answers, strict=True)):
-        start = 1 + len(p)  # bos + one token per prompt character
-        labels[row, start : start + len(ans) + 1] = ids[row, start : start + len(ans) + 1]
+        start = 1 + _tokens(tok, p)  # bos + the prompt's tokens
+        end = start + _tokens(tok, ans) + 1  # the answer's tokens and eos
+        labels[row, start:end] = ids[row, start:end]
     return ids, mask, labels
+
+
+def _tokens(tok: PreTrainedTokenizerFast, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def _warm_up(model: LlamaForCausalLM, spec: TinySpec, tok: PreTrainedTokenizerFast) -> None:
@@ -182,7 +202,7 @@ def _warm_up(model: LlamaForCausalLM, spec: TinySpec, tok: PreTrainedTokenizerFa
 
 def build_model(spec: TinySpec) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Build and warm up one model on the CPU in fp32; the caller's RNG state is left as it was."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec.tokenizer)
     threads = torch.get_num_threads()
     # fork_rng restores the CPU generator afterwards; seeding only the CPU generator leaves
     # any CUDA generators of the caller alone (torch.manual_seed would reseed them too).

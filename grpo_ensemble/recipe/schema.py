@@ -15,8 +15,9 @@ from pydantic import (
 )
 
 from ..data.rows import ROW_BYTES, ROW_DEPTH
-from ..types import POLICY
+from ..types import POLICY, POLICY_BASE
 from .base import _Config
+from .cotraining import check_policies
 from .observing import AlertRule, AlertsConfig, CompletionsConfig, LogConfig
 
 __all__ = ["AlertRule", "AlertsConfig", "CompletionsConfig", "LogConfig", "Recipe"]
@@ -116,7 +117,21 @@ class PolicyConfig(MemberConfig):
     )
 
 
-POLICY_BASE = "policy_base"  # a peer's model: the policy's base model (shared with LoRA)
+class CoPolicyConfig(PolicyConfig):
+    name: str = Field(..., min_length=1, description="Policy name, used in metrics and final/.")
+    mode: Literal["on_policy", "shaped", "tis", "baseline_only"] = Field(
+        "on_policy",
+        description="How this policy's candidates enter the other policies' loss, as a peer's "
+        "mode (docs/algorithm.md).",
+    )
+    train: dict[str, Any] = Field(
+        {},
+        description="This policy's own optimizer settings, over the recipe's train section: "
+        "lr, weight_decay, adam_betas, adam_eps, warmup_steps, schedule, max_grad_norm.",
+    )
+    loss: dict[str, Any] = Field(
+        {}, description="This policy's own loss settings, over the recipe's loss section."
+    )
 
 
 class PeerConfig(MemberConfig):
@@ -473,7 +488,20 @@ class Recipe(_Config):
         0, ge=0, le=2**32 - 1, description="Seed of every random number generator (0 … 2³² − 1)."
     )
     output_dir: str = Field("runs/run", description="Run directory (created).")
-    policy: PolicyConfig = Field(..., description="The model being trained.")
+    policy: PolicyConfig | None = Field(
+        None, description="The model being trained (or `policies`, to train several together)."
+    )
+    policies: list[CoPolicyConfig] | None = Field(
+        None,
+        min_length=2,
+        description="Co-training: two or more policies trained together, each a peer of the "
+        "others (docs/cotraining.md); in place of `policy`.",
+    )
+    placement: Literal["shared", "split"] = Field(
+        "shared",
+        description="Co-training on several ranks: every policy on every rank (shared), or "
+        "each policy on its own equal share of the ranks (split).",
+    )
     peers: list[PeerConfig] = Field([], description="Other models that add candidates.")
     data: DataConfig = Field(DataConfig(), description="Prompt sources.")
     rewards: list[RewardConfig] = Field(
@@ -489,6 +517,11 @@ class Recipe(_Config):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
+        if self.policies is not None:
+            check_policies(self)  # each policy's own recipe runs the checks below
+            return self
+        if self.policy is None:
+            raise ValueError("policy: required (or `policies`, to train several together)")
         if self.policy.model is None:
             raise ValueError("policy.model: required (a path, a hub id or builtin:NAME)")
         self._adapter_checks()
@@ -565,5 +598,7 @@ class Recipe(_Config):
 
     @property
     def group_size(self) -> int:
-        """Candidates per prompt when every member contributes."""
+        """Candidates per prompt when every member contributes (with `policies`: the first's)."""
+        if self.policy is None:
+            return sum(p.n for p in self.policies or []) + sum(p.n for p in self.peers)
         return self.policy.n + sum(p.n for p in self.peers)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputFileError, UserError
+from ..recipe.cotraining import POLICIES_DIR
 
 METRICS, RECIPE, EVAL = "metrics.jsonl", "recipe.yaml", "eval.json"
 ALERTS, COMPLETIONS, SUMMARY = "alerts.jsonl", "completions.jsonl", "summary.json"
@@ -125,15 +126,27 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Each run directory read, in the order given (a directory given twice, once)."""
     seen, dirs = set(), []
     for p in paths:
-        path = check_run_dir(Path(p))
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            dirs.append(path)
+        for path in policy_dirs(check_run_dir(Path(p))):
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                dirs.append(path)
     if not dirs:
         raise UserError("no run directory given")
     names = run_names(dirs)
     return [load_run(d, n) for d, n in zip(dirs, names, strict=True)]
+
+
+def policy_dirs(path: Path) -> list[Path]:
+    """A run directory, or a co-training run's: each policy's own run directory in it (in the
+    recipe's order), shown as one run each."""
+    recipe = _recipe(path / RECIPE) or {}
+    policies = recipe.get("policies")
+    if not isinstance(policies, list):
+        return [path]
+    names = [p.get("name") for p in policies if isinstance(p, dict)]
+    found = [path / POLICIES_DIR / n for n in names if isinstance(n, str)]
+    return [d for d in found if d.is_dir()] or [path]
 
 
 def check_run_dir(path: Path) -> Path:

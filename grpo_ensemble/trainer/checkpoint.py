@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import yaml
 from .. import dist
 from ..errors import RunError, UserError
 from ..recipe import Recipe
+from ..recipe.cotraining import POLICIES_DIR
 from ..rundir import rows_up_to
 from . import manifest
 
@@ -59,6 +61,8 @@ MUST_MATCH = [
     "train.weight_decay",
     "train.warmup_steps",
     "train.schedule",
+    "policies",
+    "placement",
 ]
 
 
@@ -143,7 +147,9 @@ def save_checkpoint(
     dist.barrier()
 
     def write_engine():  # DeepSpeed's part: every rank writes its shards
-        engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+        for where, e in engine_parts(engine).items():
+            if e is not None:  # None: co-training's policy that other ranks hold
+                e.save_checkpoint(str(tmp / where / "engine"), tag="state", save_latest=False)
 
     dist.agree(lambda: _disk_errors(write_engine, root))
 
@@ -157,7 +163,11 @@ def save_checkpoint(
                 "recipe": recipe.model_dump(mode="json"),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            _keep_metrics(run_dir / "metrics.jsonl", tmp / "metrics.jsonl", step)
+            for where in {"", *engine_parts(engine)}:  # co-training: each policy's rows too
+                (tmp / where).mkdir(parents=True, exist_ok=True)
+                _keep_metrics(
+                    run_dir / where / "metrics.jsonl", tmp / where / "metrics.jsonl", step
+                )
 
     dist.agree(lambda: _disk_errors(write_own, root))
     dist.barrier()
@@ -178,6 +188,15 @@ def save_checkpoint(
 
     dist.agree(lambda: _disk_errors(commit, root))
     return final
+
+
+def engine_parts(engine) -> dict[str, Any]:
+    """{folder in the checkpoint: engine}: one engine at the checkpoint's top, or, given a
+    mapping of co-trained policies' engines, each in `policies/<name>/` (None: a policy whose
+    engine other ranks hold, `placement: split`)."""
+    if isinstance(engine, Mapping):
+        return {f"{POLICIES_DIR}/{name}": e for name, e in engine.items()}
+    return {"": engine}
 
 
 def _keep_metrics(source: Path, target: Path, step: int) -> None:
@@ -254,7 +273,7 @@ def _get(data: dict, dotted: str) -> Any:
 
 
 # fields an older checkpoint's recipe may lack, with the value such a checkpoint ran with
-BEFORE_THE_FIELD = {"train.adam_eps": 1e-8}
+BEFORE_THE_FIELD = {"train.adam_eps": 1e-8, "placement": "shared"}
 
 
 def check_compatible(state: dict, recipe_now: dict, path: Path) -> None:
@@ -297,7 +316,12 @@ def load_checkpoint(path: Path, engine, sampler, recipe: Recipe) -> int:
     def load_engine():
         try:
             with no_code_unpickling():
-                return engine.load_checkpoint(str(path / "engine"), tag="state")[0]
+                loaded = [
+                    e.load_checkpoint(str(path / where / "engine"), tag="state")[0]
+                    for where, e in engine_parts(engine).items()
+                    if e is not None
+                ]
+                return None if None in loaded else loaded
         except pickle.UnpicklingError as exc:  # weights_only refused something in the file
             raise UserError(
                 f"--resume: refused to load {path}: it holds objects other than tensors and "

@@ -355,6 +355,51 @@ def fastest_adamw(params: list[torch.nn.Parameter]) -> dict:
     return {"foreach": True}
 
 
+class GroupMPU:
+    """DeepSpeed's (Megatron-style) "model parallel unit", naming the ranks an engine's data
+    parallelism spans: co-training's `placement: split` puts each policy's engine on its own
+    group of ranks, which is its data-parallel group; no model parallelism (one rank each)."""
+
+    def __init__(self, data_parallel, model_parallel):
+        self.dp, self.mp = data_parallel, model_parallel
+
+    def get_data_parallel_group(self):
+        return self.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(self.dp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(self.dp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return torch.distributed.get_process_group_ranks(self.dp)
+
+    def get_model_parallel_group(self):
+        return self.mp
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+
+# this process's engines' groups of ranks (None: every rank); DeepSpeed keeps the first `mpu`
+# it is given for the whole process, so every engine of the process must be given the same
+_mpu: GroupMPU | None = None
+
+
+def place_engines(mpu: GroupMPU | None) -> None:
+    """Every engine this process builds from now on spans `mpu`'s data-parallel group."""
+    global _mpu
+    _mpu = mpu
+
+
 def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     """A DeepSpeed engine over `model` with AdamW and the recipe's schedule."""
     import deepspeed
@@ -376,10 +421,10 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
     config = deepspeed_config(recipe, t.micro_batch_size, dtype)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=_mpu
     )
     fresh_optimizer_state(engine)
-    if engine.zero_optimization_stage() == 0 and engine.world_size == 1:
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # alone, DeepSpeed's all-reduce of stage 0 only flattens the gradients and copies
         # them back; stages 1-3 move gradients into their optimizer's buffers there: kept
         engine.enable_backward_allreduce = False
@@ -415,6 +460,6 @@ def shard_frozen(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config, mpu=_mpu)
     engine.module.eval()
     return engine.module

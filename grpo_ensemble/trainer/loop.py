@@ -8,65 +8,46 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from .. import dist, stopping
-from ..errors import AlertStopped, GrpoEnsembleError, Interrupted, RunError, UserError
-from ..models.adapters import merged_state_dict
-from ..models.zero import gathered_params
+from ..errors import GrpoEnsembleError, Interrupted, RunError, UserError
 from ..plugins.interfaces import Generator, GroupEvaluator
 from ..recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ..rundir import (
     MetricsWriter,
     StepProgress,
     prepare_run_dir,
-    rows_up_to,
     write_file,
     write_recipe,
+)
+from .around import (
+    TrainResult,
+    Where,
+    check_disk_space,
+    checkpoint_or_stop,
+    history,
+    save_final,
+    step_or_stop,
+    write_data_report,
 )
 from .checkpoint import (
     find_checkpoint,
     load_checkpoint,
-    rng_state,
-    save_checkpoint,
     set_aside_later,
 )
 from .console import say, say_eval, say_row, say_summary
 from .deepspeed import init_distributed
 from .evaluation import EvalResult, evaluate_policy
 from .heap import kept_between_steps
-from .memory import restore_budget
 from .observers import Observers, build_trackers
 from .records import Records, completion_rows
 from .setup import Run, build_run, seed_everything
-from .step import grpo_step
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    model_dir: Path
-    metrics: list[dict]  # the steps this call ran (after the resumed step, when resuming)
-    before: EvalResult | None = None
-    after: EvalResult | None = None
-    resumed_from: Path | None = None
-
-
-@dataclass
-class _Where:
-    """Where the run is, for the line a stop signal ends it with."""
-
-    during: str = "start-up"
-    kept: str = "nothing was trained"
-    checkpoint: Path | None = None  # the newest one of the run, to continue from
 
 
 def train(
@@ -103,7 +84,7 @@ def train(
     writes the run directory, the progress bar and the final model. Every rank returns the
     same (global) metrics.
     """
-    where, t0 = _Where(), time.time()
+    where, t0 = Where(), time.time()
     with _stops_reported(where), run_plugins(plugins):
         recipe, source = _resolved(recipe, overrides, source)
         if recipe.train.threads:
@@ -119,6 +100,18 @@ def train(
         observers = Observers(dist.agree(lambda: build_trackers(recipe) if main else []))
         data = {"train": train_data, "eval": eval_data}
         console = console if main else None
+        if recipe.policies is not None:
+            from .coloop import train_team
+
+            given = {
+                "generators": generators,
+                "model": model,
+                "reward_scorers": reward_scorers,
+                "group_evaluator": group_evaluator,
+                "data": data,
+                "eval_scorer": eval_scorer,
+            }
+            return train_team(recipe, run_dir, observers, given, resume, console, where, t0)
         note = (lambda line: say(console, f"{line} …")) if console is not None else None
         run = build_run(
             recipe,
@@ -146,7 +139,7 @@ def train(
 def _run_steps(run: Run, start: int, result: TrainResult, console, where, records) -> None:
     """The evaluation before training (a resumed run shows the one its directory holds), the
     steps, the final model and the evaluation after training."""
-    records.run_started(run.recipe.model_dump(mode="json"), _history(where, start))
+    records.run_started(run.recipe.model_dump(mode="json"), history(where, start))
     if run.recipe.eval.before and start == 0:
         where.during = "the evaluation before training"
         result.before = evaluate_policy(run)
@@ -185,16 +178,6 @@ def run_plugins(given: Sequence):
             pm.unregister(name=name)
 
 
-def _history(where: _Where, start: int) -> list[dict]:
-    """The metrics rows of the steps a resumed run already has (every rank gets rank 0's),
-    for the alert rules' history."""
-    rows: list[dict] = []
-    source = where.checkpoint / "metrics.jsonl" if where.checkpoint is not None else None
-    if start and dist.is_main() and source is not None and source.is_file():
-        rows = [json.loads(line) for line in rows_up_to(source, start)]
-    return dist.all_gather_objects(rows)[0] if dist.world_size() > 1 else rows
-
-
 @contextlib.contextmanager
 def _end_recorded(records: Records, result: TrainResult, start: int, console):
     """summary.json and the observers' on_run_end, however the run ends (its status:
@@ -223,11 +206,11 @@ def _row_of(res: EvalResult | None, step: int, when: str) -> dict | None:
     return None if res is None else res.row(step, when)
 
 
-def _finish(run: Run, result: TrainResult, console, where: _Where, records: Records) -> None:
+def _finish(run: Run, result: TrainResult, console, where: Where, records: Records) -> None:
     """The final model, then the evaluation after training: one that fails or is stopped does
     not lose the model."""
     where.during = "the saving of the final model"
-    _save_final(run, result.model_dir)
+    save_final(run, result.model_dir)
     if run.recipe.eval.after:
         where.during = "the evaluation after training"
         where.kept = f"the trained model is in {result.model_dir}"
@@ -237,7 +220,7 @@ def _finish(run: Run, result: TrainResult, console, where: _Where, records: Reco
 
 
 @contextlib.contextmanager
-def _stops_reported(where: _Where):
+def _stops_reported(where: Where):
     """Stop signals handled as `stopping` says inside the block; one that stops the run at
     once becomes `Interrupted` (exit code 128 + signal), saying where the run was and what it
     kept."""
@@ -277,13 +260,13 @@ def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:
     return after
 
 
-def _resume(run: Run, resume: str, result: TrainResult, console, where: _Where) -> int:
+def _resume(run: Run, resume: str, result: TrainResult, console, where: Where) -> int:
     """Restore the checkpoint `resume` names (if any); returns the step it ends."""
     main, run_dir, start = dist.is_main(), run.run_dir, 0
     path = dist.agree(lambda: find_checkpoint(run_dir, resume))
     if path is not None:
         start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
-        restore_budget(run.budget, path, start)
+        run.restored(path, start)
         result.resumed_from = where.checkpoint = path
         where.kept = f"the checkpoints are as they were; the newest is {path}"
         say(console, f"resumed from {path} (step {start})")
@@ -296,26 +279,7 @@ def _resume(run: Run, resume: str, result: TrainResult, console, where: _Where) 
     return start
 
 
-def _save_final(run: Run, model_dir: Path) -> None:
-    """The trained policy and its tokenizer in Hugging Face format (rank 0 writes): with
-    adapters, the PEFT adapter folder (and, with train.save_merged, the merged model in
-    `merged/`)."""
-    module = run.engine.module
-    with gathered_params(module):  # ZeRO-3 holds shards; save whole weights
-        if dist.is_main():
-            if run.adapter is None:
-                module.save_pretrained(model_dir, safe_serialization=True)
-            else:
-                run.adapter.save_pretrained(model_dir, safe_serialization=True)
-                if run.recipe.train.save_merged:
-                    merged = merged_state_dict(module)
-                    module.save_pretrained(model_dir / "merged", state_dict=merged)
-                    run.tokenizer.save_pretrained(model_dir / "merged")
-            run.tokenizer.save_pretrained(model_dir)
-    dist.barrier()  # no rank goes on before the final model is on disk
-
-
-def _steps(run: Run, start: int, result: TrainResult, console, where: _Where, records) -> None:
+def _steps(run: Run, start: int, result: TrainResult, console, where: Where, records) -> None:
     """Steps start+1 … train.steps, with checkpoints, bad-update accounting, alerts,
     evaluations during training and stop requests."""
     t = run.recipe.train
@@ -339,7 +303,7 @@ def _steps(run: Run, start: int, result: TrainResult, console, where: _Where, re
             cleanup.callback(writer.close)
         for step in range(start + 1, t.steps + 1):
             where.during = f"step {step}"
-            metrics = _step_or_stop(run, step, saved, where, _sampler_of(run, step, records))
+            metrics = step_or_stop(run, step, saved, where, _sampler_of(run, step, records))
             result.metrics.append(metrics)
             if writer is not None:
                 writer.write(metrics)
@@ -355,37 +319,7 @@ def _steps(run: Run, start: int, result: TrainResult, console, where: _Where, re
                     f"(steps {step - bad_in_a_row + 1}-{step}), so the run stopped{good}"
                 )
             _evaluate_during(run, step, records, console)
-            saved = _checkpoint_or_stop(run, step, fired, where, saved)
-
-
-def _checkpoint_or_stop(run: Run, step: int, fired, where: _Where, saved: int) -> int:
-    """The checkpoint after `step` when one is due, a stop signal came, or an alert asks for
-    it; then the stop a signal or an alert with action `stop` asks for (every rank raises,
-    rank 0 prints). Returns the step of the newest checkpoint."""
-    t = run.recipe.train
-    halt = next((a for a in fired if a.action == "stop"), None)
-    wanted = any(a.action in ("checkpoint", "stop") for a in fired)
-    due = t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)
-    signum = int(dist.all_max([stopping.requested() or 0])[0]) or None
-    if due or signum or wanted:
-        path = save_checkpoint(run.run_dir, run.engine, run.sampler.state(), run.recipe, step)
-        saved = step
-        where.checkpoint, where.kept = path, f"the last checkpoint is {path}"
-    if signum:
-        name = signal.Signals(signum).name
-        exc = Interrupted(
-            f"stopped by {name} after step {step}; checkpoint {path}", exit_code=128 + signum
-        )
-        exc.agreed = True
-        raise exc
-    if halt is not None:
-        exc = AlertStopped(
-            f"stopped by the alert {halt.rule} after step {step} ({halt.message}); "
-            f"checkpoint {path}"
-        )
-        exc.agreed = True
-        raise exc
-    return saved
+            saved = checkpoint_or_stop(run, step, fired, where, saved)
 
 
 def _sampler_of(run: Run, step: int, records: Records):
@@ -411,79 +345,7 @@ def _evaluate_during(run: Run, step: int, records: Records, console) -> None:
     say_eval(console, f"at step {step} of", res)
     if e.keep_best and (not earlier or res.accuracy > max(earlier)):
         best = run.run_dir / "best"
-        _save_final(run, best)
+        save_final(run, best)
         if dist.is_main():
             write_file(best / "best.json", json.dumps(res.row(step, "during"), indent=1) + "\n")
         say(console, f"best model so far (step {step}) in {best}")
-
-
-def _step_or_stop(run: Run, step: int, saved: int, where: _Where, on_rollout=None) -> dict:
-    """`grpo_step`; when a stop signal abandons a reward scorer's call in it (a clean `Stop`:
-    nothing of the step has changed the weights yet), a checkpoint of the state before the
-    step, from the sampler's and RNGs' states as the step began."""
-    before = run.sampler.state(), rng_state()
-    try:
-        return grpo_step(run, step, on_rollout)
-    except stopping.Stop as stop:
-        if not stop.clean:
-            raise
-        previous = step - 1
-        if previous > saved:
-            sampler, rng = before
-            path = save_checkpoint(run.run_dir, run.engine, sampler, run.recipe, previous, rng)
-            where.checkpoint, where.kept = path, f"checkpoint {path}"
-        where.during = (
-            f"step {step} (the reward scorer {stop.waiting_on!r} had not returned "
-            f"{stopping.GRACE_S:g} s after it; it was abandoned and the step left out)"
-        )
-        raise
-
-
-# bytes a checkpoint takes per parameter, at most: fp32 weights, fp32 master copy, two Adam moments
-CHECKPOINT_BYTES_PER_PARAM = 16
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
-def check_disk_space(run: Run) -> None:
-    """Refuse to start when the run directory cannot hold the checkpoints the recipe keeps
-    (the newest K plus the one being written; with `checkpoint_every: 0`, the one a stop
-    signal writes)."""
-    t = run.recipe.train
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
-    count = t.keep_checkpoints + 1 if t.checkpoint_every else 1
-    need = n_params * CHECKPOINT_BYTES_PER_PARAM * count
-    free = free_bytes(run.run_dir)
-    if free < need:
-        what = (
-            f"{count} checkpoints of {n_params:,} parameters need"
-            if count > 1
-            else f"a checkpoint of {n_params:,} parameters (written on a stop signal) needs"
-        )
-        fewer = "lower train.keep_checkpoints, " if count > 1 else ""
-        raise UserError(
-            f"output_dir: {free / 1e9:.2f} GB free in {str(run.run_dir)!r}, but {what} about "
-            f"{need / 1e9:.2f} GB; free space, {fewer}or choose another output_dir"
-        )
-
-
-def write_data_report(run: Run, console) -> None:
-    """`data_report.json` in the run directory; a line on the console for each source that
-    lost or changed rows (skipped bad rows, dropped duplicates, prompts cut to fit)."""
-    rows = []
-    for r in run.data_reports:
-        rows.append(
-            {
-                "source": r.source,
-                "kept": r.kept,
-                "skipped": dict(r.skipped),
-                "first_skipped": r.first,
-                "duplicates": r.duplicates,
-                "truncated": r.truncated,
-            }
-        )
-        if r.skipped or r.duplicates or r.truncated:
-            say(console, f"data: {r.summary()}")
-    write_file(run.run_dir / "data_report.json", json.dumps(rows, indent=1) + "\n")

@@ -86,6 +86,14 @@ class Observers:
                 sys.stderr.write(f"warning: tracker {name!r} left out: its {hook} raised {line}\n")
 
 
+class Silent(Observers):
+    """No one told: a co-trained policy's records, whose run tells the observers once for all
+    its policies."""
+
+    def emit(self, hook: str, **kwargs) -> None:
+        pass
+
+
 def _accepted(method, kwargs: dict) -> dict:
     """The arguments `method` names (as pluggy passes a hook's): `context` only to those that
     ask for it."""

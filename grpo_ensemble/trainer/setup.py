@@ -59,7 +59,7 @@ from .build import (
     shared_base_generator,
 )
 from .deepspeed import build_engine, init_distributed, resolve_dtype, shard_frozen
-from .memory import TokenBudget, token_budget
+from .memory import TokenBudget, restore_budget, token_budget
 from .settings import StepSettings, loss_settings, resolve
 from .update import train_mode_is_eval_mode
 
@@ -93,6 +93,10 @@ class Run:
     @property
     def policy_generator(self) -> Generator:
         return self.ensemble.policy.generator
+
+    def restored(self, checkpoint: Path, step: int) -> None:
+        """After a resume loaded the engine, sampler and RNGs: the rest of the run's state."""
+        restore_budget(self.budget, checkpoint, step)
 
 
 @dataclass

@@ -10,12 +10,14 @@ previous phase's output); this function is the only place that hands them on.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import dist
 from ..plugins.interfaces import FollowsSteps, Progress, mix64
+from ..rollout.ensemble import Sampled
 from ..rollout.groups import batch_scaled, evaluate_groups
 from ..rollout.injection import peers_wanted
 from ..rollout.scoring import Known, score_groups
@@ -98,9 +100,28 @@ def tell_progress(run: Run, step: int) -> None:
             ws.scorer.begin_step(progress)
 
 
+@dataclass
+class Own:
+    """What the policy sampled in a step, before the peers sample: this rank's prompts, their
+    sampling seeds, the policy's groups and their scores."""
+
+    prompts: list  # this rank's prompts (whole groups)
+    slots: list[int]  # their places in the step's prompts
+    seeds: list[int]  # one per prompt
+    sampled: Sampled  # the policy's candidates, one group per prompt
+    scores: Any  # their scores (`score_groups`)
+    clock: Clock
+
+
 def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
     """One GRPO step; returns the metrics row written to metrics.jsonl. `on_rollout`: called
     with the step's scored rollout (this rank's groups), e.g. to log sample completions."""
+    return finish_step(run, step, sample_own(run, step), on_rollout)
+
+
+def sample_own(run: Run, step: int) -> Own:
+    """The step's prompts drawn, the policy's candidates sampled and scored. (Co-training
+    samples every policy so, with the weights of the step before, before any finishes.)"""
     s, ensemble = run.settings, run.ensemble
     clock = Clock()
     tell_progress(run, step)  # before this step's prompts are drawn
@@ -117,10 +138,18 @@ def grpo_step(run: Run, step: int, on_rollout=None) -> dict[str, Any]:
     # every candidate is scored once: the policy's now, the peers' after they sample
     own_scores = dist.agree(lambda: score_groups(own.groups, run.scorers))
     clock.lap("score")
-    wanted = peers_wanted(own.groups, own_scores, s.inject, s.success_reward)
-    pooled = dist.agree(lambda: ensemble.sample_peers(own.groups, wanted, seeds))
+    return Own(my_prompts, list(mine), seeds, own, own_scores, clock)
+
+
+def finish_step(run: Run, step: int, o: Own, on_rollout=None) -> dict[str, Any]:
+    """The rest of the step after `sample_own`: the peers, the advantages, the update, the
+    weights synced, the metrics row."""
+    s, ensemble, clock, own = run.settings, run.ensemble, o.clock, o.sampled
+    clock.last = dist.now()  # co-training: the time the other policies took is not this one's
+    wanted = peers_wanted(own.groups, o.scores, s.inject, s.success_reward)
+    pooled = dist.agree(lambda: ensemble.sample_peers(own.groups, wanted, o.seeds))
     clock.lap("generate")
-    known = Known([len(g.candidates) for g in own.groups], own_scores)
+    known = Known([len(g.candidates) for g in own.groups], o.scores)
     scores = dist.agree(lambda: score_groups(pooled.groups, run.scorers, known))
     weights = {ws.name: ws.weight for ws in run.scorers}
     rollout = dist.agree(

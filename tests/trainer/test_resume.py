@@ -485,10 +485,10 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, stage):
 def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
     tmp_path, small_recipe, monkeypatch
 ):
-    import grpo_ensemble.trainer.loop as loop
+    import grpo_ensemble.trainer.around as around
     from grpo_ensemble.models.loading import load_model
 
-    monkeypatch.setattr(loop, "free_bytes", lambda path: 10_000)  # a nearly full disk
+    monkeypatch.setattr(around, "free_bytes", lambda path: 10_000)  # a nearly full disk
     out = tmp_path / "run"
     with pytest.raises(UserError) as info:
         train(small_recipe(output_dir=str(out)))
@@ -503,10 +503,10 @@ def test_not_enough_disk_for_the_checkpoints_is_refused_before_training(
     )
     assert not (out / "metrics.jsonl").exists()
     # without periodic checkpoints, room for the one a stop signal writes is enough
-    monkeypatch.setattr(loop, "free_bytes", lambda path: n * 16 * 2)
+    monkeypatch.setattr(around, "free_bytes", lambda path: n * 16 * 2)
     train(small_recipe(output_dir=str(tmp_path / "run2"), train__checkpoint_every=0))
     assert (tmp_path / "run2" / "final").is_dir()
-    monkeypatch.setattr(loop, "free_bytes", lambda path: n * 16 - 1)
+    monkeypatch.setattr(around, "free_bytes", lambda path: n * 16 - 1)
     with pytest.raises(UserError) as info:
         train(small_recipe(output_dir=str(tmp_path / "run3"), train__checkpoint_every=0))
     assert str(info.value) == (
