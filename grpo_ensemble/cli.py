@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shlex
 import sys
 import threading
@@ -86,12 +87,16 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
         check_recipe(r, note=note)
         console.print(f"{recipe}: ok (group size {r.group_size}, {r.train.steps} steps)")
         return
-    from .recipe.cotraining import policy_recipes, renamed
+    from .recipe.cotraining import field_of, policy_recipes, renamed
 
     sizes = []
     for i, (name, own) in enumerate(policy_recipes(r)):  # each policy's own recipe
+
+        def named(line: str, i=i) -> None:  # its fields by the co-training recipe's names
+            note(re.sub(r"\b(policy|peers\.\d+)\.model\b", lambda m: field_of(r, i, m[0]), line))
+
         with renamed(r, i):
-            check_recipe(own, note=note)
+            check_recipe(own, note=named)
         sizes.append(f"{name} {own.group_size}")
     groups = ", ".join(sizes)
     steps = r.train.steps

@@ -137,6 +137,11 @@ def renamed(recipe, i: int):
         raise RecipeError(field, message, source=err.source) from None
 
 
+def field_of(recipe, i: int, dotted: str) -> str:
+    """The co-training recipe's field for the field `dotted` of policy i's recipe."""
+    return _field(recipe.model_dump(mode="json"), i, dotted.split("."))
+
+
 def _field(data: dict, i: int, loc: list[str]) -> str:
     """The co-training recipe's field for a field `loc` of policy i's recipe."""
     own = data["policies"][i]

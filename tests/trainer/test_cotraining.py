@@ -319,3 +319,47 @@ def test_a_resumed_co_training_run_is_bitwise_the_unbroken_one(tmp_path):
         a = load_file(whole.run_dir / "final" / name / "model.safetensors")
         b = load_file(resumed.run_dir / "final" / name / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_policies_of_other_tokenizers_exchange_text_re_tokenized(tmp_path):
+    """small reads a character to a token, pairs two digits: each one's candidates reach the
+    other as text, re-tokenized, and cut at the taker's max_new_tokens of its own tokens (as a
+    peer's are); the lengths each policy's row gives count the taker's tokens."""
+    from grpo_ensemble.models.tiny import build_tokenizer
+
+    data = co_recipe(
+        tmp_path,
+        eval={"before": False, "after": False},
+        log={"progress": False, "completions": {"every": 1, "prompts": 4, "per_member": 2}},
+    )
+    data["policies"][1] = {
+        "name": "pairs",
+        "model": "builtin:tiny-arith-pairs",
+        "n": 2,
+        "sampling": {"max_new_tokens": 5},
+    }
+    data["train"] = {**data["train"], "steps": 1}
+    result = train(recipe_from_dict(data))
+    toks = {"small": build_tokenizer(), "pairs": build_tokenizer("digit-pairs")}
+
+    def logged(name):
+        path = result.run_dir / "policies" / name / "completions.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    for taker, giver in (("small", "pairs"), ("pairs", "small")):
+        tok = toks[taker]
+        expected, lengths = [], []
+        for r in logged(giver):
+            if r["member"] != "policy":
+                continue
+            ids = tok(r["completion"], add_special_tokens=False)["input_ids"]
+            ids += [tok.eos_token_id] if r["finished"] else []
+            cut = tok.decode(ids[:5], skip_special_tokens=True)
+            text = r["completion"] if len(ids) <= 5 else cut
+            expected.append((json.dumps(r["prompt"]), text))
+            lengths.append(min(len(ids), 5))
+        theirs = [r for r in logged(taker) if r["member"] == giver]
+        taken = [(json.dumps(r["prompt"]), r["completion"]) for r in theirs]
+        assert sorted(taken) == sorted(expected)
+        row = result.policies[taker].metrics[0]
+        assert row[f"member/{giver}/completion_len"] == pytest.approx(sum(lengths) / len(lengths))
