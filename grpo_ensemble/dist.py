@@ -165,7 +165,8 @@ def agree(fn: Callable[[], T]) -> T:
     collective. Every rank instead learns the first failing rank's message and raises it: a
     `UserError` stays one (exit code 2), anything else becomes a `RunError` (exit code 1).
     The error is marked `agreed`, so that only rank 0 prints it. A stop signal's `Stop` stays
-    one on every rank.
+    one on every rank. Inside `within(group)` the ranks are the group's, and an error agreed
+    there is agreed again by an `agree` over more ranks (its message as it is).
     """
     err: BaseException | None = None
     result = None
@@ -174,7 +175,8 @@ def agree(fn: Callable[[], T]) -> T:
     except (Exception, Stop) as exc:  # noqa: BLE001 — reported on every rank below
         err = exc
     world = world_size()
-    if world == 1 or getattr(err, "agreed", False):  # an agreed error is on every rank already
+    # an error agreed among these ranks (or all) is on every one of them already
+    if world == 1 or getattr(err, "agreed", None) in (True, _group or True):
         if err is not None:
             raise err
         return result  # type: ignore[return-value]
@@ -182,16 +184,17 @@ def agree(fn: Callable[[], T]) -> T:
     first = int(_reduce(flag, torch.distributed.ReduceOp.MIN))
     if first == world:
         return result  # type: ignore[return-value]
-    payload: list = [None, None]  # the same length on every rank
-    if rank() == first:
-        payload = [_kind(err), _describe(err)]
+    payload: list = [None, None, None]  # the same length on every rank
     src = first if _group is None else torch.distributed.get_global_rank(_group, first)
+    if rank() == first:  # one agreed among fewer ranks already names its rank
+        payload = [_kind(err), _describe(err), bool(getattr(err, "agreed", None))]
     torch.distributed.broadcast_object_list(payload, src=src, group=_group)
-    kind, message = payload
+    kind, message, named = payload
     if isinstance(kind, tuple):  # a stop signal: every rank stops the same way
         raise Stop(*kind) from err
-    exc = (UserError if kind == "user" else RunError)(f"rank {first}: {message}")
-    exc.agreed = True
+    text = message if named else f"rank {src}: {message}"
+    exc = (UserError if kind == "user" else RunError)(text)
+    exc.agreed = True if _group is None else _group
     raise exc from err
 
 

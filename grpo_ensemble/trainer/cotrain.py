@@ -92,12 +92,18 @@ class Team:
     def each(self, fn) -> dict[str, Any]:
         """`fn(name, run)` for every policy this process holds, among that policy's ranks;
         returns every policy's value (the first of its ranks'), on every rank."""
-        local = {}
-        for name, run in self.runs.items():
-            with dist.within(self.groups[name]):
-                local[name] = fn(name, run)
-        if not self.split:
+
+        def mine() -> dict[str, Any]:
+            local = {}
+            for name, run in self.runs.items():
+                with dist.within(self.groups[name]):
+                    local[name] = fn(name, run)
             return local
+
+        if not self.split:
+            return mine()
+        # a failure among one policy's ranks stops the other policies' too
+        local = dist.agree(mine)
         found: dict[str, Any] = {}
         for values in dist.all_gather_objects(local):
             for name, value in values.items():
@@ -135,36 +141,55 @@ def build_team(recipe: Recipe, run_dir: Path, given: Mapping[str, Any], note=Non
     recipes = dict(policy_recipes(recipe))
     names = list(recipes)
     team = Team(recipe, run_dir, names, recipes, place(recipe, names))
-    tokenizers = {}
+    tokenizers = dist.agree(lambda: _tokenizers(recipe))
+
+    def mine() -> None:
+        for i, name in enumerate(names):
+            if not team.split or dist.global_rank() in _ranks(team.groups[name]):
+                _build(team, i, name, tokenizers, given, note)
+
+    if team.split:  # a failure among one policy's ranks stops the other policies' too
+        dist.agree(mine)
+    else:
+        mine()
+    _same_prompts(team)
+    return team
+
+
+def _tokenizers(recipe: Recipe) -> dict[str, Any]:
+    """Every policy's tokenizer, with its chat template: the other policies' peers in a
+    policy's ensemble need theirs, wherever the policy is placed."""
+    out = {}
     for i, p in enumerate(recipe.policies):
         tok = load_field_tokenizer(p.model, f"policies.{i}.model", p.trust_remote_code)
         set_chat_template(tok, p, f"policies.{i}")
-        tokenizers[p.name] = tok
-    for i, name in enumerate(names):
-        if team.split and dist.global_rank() not in _ranks(team.groups[name]):
-            continue
-        views = {other: CoPolicy(other, tokenizers[other]) for other in names if other != name}
-        with dist.within(team.groups[name]), renamed(recipe, i):
-            run = build_run(
-                recipes[name],
-                run_dir / POLICIES_DIR / name,
-                dict(views),
-                given.get("reward_scorers"),
-                given.get("group_evaluator"),
-                given.get("data"),
-                note,
-                given.get("eval_scorer"),
-            )
-        for k, m in enumerate(run.ensemble.members):
-            if m.name in views:
-                views[m.name].k = k
-        # each policy samples from its own random streams: two copies of one model would
-        # otherwise sample the very same candidates
-        seed = recipe.seed if i == 0 else mix64(recipe.seed * 31 + i)
-        run.settings = dataclasses.replace(run.settings, seed=seed)
-        team.runs[name], team.views[name] = run, views
-    _same_prompts(team)
-    return team
+        out[p.name] = tok
+    return out
+
+
+def _build(team: Team, i: int, name: str, tokenizers: dict, given: Mapping, note) -> None:
+    """Policy i's run, among its ranks, its peers of the other policies in it."""
+    recipe, names = team.recipe, team.names
+    views = {other: CoPolicy(other, tokenizers[other]) for other in names if other != name}
+    with dist.within(team.groups[name]), renamed(recipe, i):
+        run = build_run(
+            team.recipes[name],
+            team.run_dir / POLICIES_DIR / name,
+            dict(views),
+            given.get("reward_scorers"),
+            given.get("group_evaluator"),
+            given.get("data"),
+            note,
+            given.get("eval_scorer"),
+        )
+    for k, m in enumerate(run.ensemble.members):
+        if m.name in views:
+            views[m.name].k = k
+    # each policy samples from its own random streams: two copies of one model would
+    # otherwise sample the very same candidates
+    seed = recipe.seed if i == 0 else mix64(recipe.seed * 31 + i)
+    run.settings = dataclasses.replace(run.settings, seed=seed)
+    team.runs[name], team.views[name] = run, views
 
 
 def place(recipe: Recipe, names: list[str]) -> dict[str, Any]:

@@ -157,3 +157,26 @@ def test_a_split_that_does_not_divide_the_ranks_is_one_line_and_exit_2(tmp_path)
     # each rank left with exit code 2, no traceback of its own (torchrun prints its own)
     assert proc.stderr.count("exitcode  : 2") == 2
     assert "grpo_ensemble/" not in proc.stderr
+
+
+def test_a_failure_on_one_policys_ranks_stops_every_rank_in_one_line(tmp_path):
+    """split: the policy on rank 1 cannot be built (its adapters name no layer of its model)
+    while rank 0's is; rank 0 does not wait for rank 1 in the next collective, both leave with
+    exit code 2, and rank 0 prints rank 1's message, naming the co-training recipe's field."""
+    data = {**RECIPE, "placement": "split"}
+    bad = {**RECIPE["policies"][1], "lora": {"target_modules": ["nope"]}}
+    data["policies"] = [RECIPE["policies"][0], bad]
+    recipe = tmp_path / "co.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_port()), "-m", "grpo_ensemble", "train", str(recipe)]
+    cmd += ["--set", f"output_dir={tmp_path / 'run'}", "--set", "train.dist_timeout_s=120"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"),
+        timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: rank 1: "), errors[0]
+    assert "policies.1.lora.target_modules.0: 'nope' matches no module" in errors[0]
+    assert proc.stderr.count("exitcode  : 2") == 2
