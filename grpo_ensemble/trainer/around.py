@@ -19,8 +19,14 @@ from .. import dist, stopping
 from ..errors import AlertStopped, Interrupted, UserError
 from ..models.adapters import merged_state_dict
 from ..models.zero import gathered_params
-from ..rundir import rows_up_to, write_file
-from .checkpoint import rng_state, save_checkpoint
+from ..rundir import rows_up_to, write_file, write_recipe
+from .checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside_later,
+)
 from .console import say
 from .evaluation import EvalResult
 from .setup import Run
@@ -194,3 +200,23 @@ def write_data_report(run: Run, console) -> None:
         if r.skipped or r.duplicates or r.truncated:
             say(console, f"data: {r.summary()}")
     write_file(run.run_dir / "data_report.json", json.dumps(rows, indent=1) + "\n")
+
+
+def resume_from(run: Run, resume: str, result: TrainResult, console, where: Where) -> int:
+    """Restore the checkpoint `resume` names (if any) into `run` (a co-training team: every
+    policy); returns the step it ends."""
+    main, run_dir, start = dist.is_main(), run.run_dir, 0
+    path = dist.agree(lambda: find_checkpoint(run_dir, resume))
+    if path is not None:
+        start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
+        run.restored(path, start)
+        result.resumed_from = where.checkpoint = path
+        where.kept = f"the checkpoints are as they were; the newest is {path}"
+        say(console, f"resumed from {path} (step {start})")
+        # later checkpoints belong to the way the run went before; kept, under another name
+        later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
+        for moved in later or []:
+            say(console, f"a later checkpoint of the earlier run is now {moved}")
+    # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
+    dist.agree(lambda: write_recipe(run_dir, run.recipe) if main else None)
+    return start

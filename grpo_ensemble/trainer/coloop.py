@@ -29,11 +29,11 @@ from .around import (
     check_disk_space,
     checkpoint_or_stop,
     history,
+    resume_from,
     save_final,
     step_or_stop,
     write_data_report,
 )
-from .checkpoint import find_checkpoint, load_checkpoint, set_aside_later
 from .console import say, say_row
 from .cotrain import Team, TeamStep, build_team, team_step
 from .evaluation import EvalResult, evaluate_policy
@@ -54,7 +54,7 @@ def train_team(
     for name in team.names:
         own = run_dir / POLICIES_DIR / name
         result.policies[name] = TrainResult(own, run_dir / "final" / name, [])
-    start = _resume(team, resume, result, console, where) if resume is not None else 0
+    start = resume_from(team, resume, result, console, where) if resume is not None else 0
     records = {}
     for name, r in team.recipes.items():  # every rank holds every policy's records
         members = [POLICY, *(p.name for p in r.peers)]
@@ -233,23 +233,6 @@ def _evaluate_during(team: Team, step: int, records, top, console) -> None:
         return
     for name, res in team.each(lambda name, run: evaluate_policy(run)).items():
         _evaluated(name, step, "during", res, records, top, console)
-
-
-def _resume(team: Team, resume: str, result: TrainResult, console, where: Where) -> int:
-    """Restore every policy from the checkpoint `resume` names (if any); returns its step."""
-    main, run_dir, start = dist.is_main(), team.run_dir, 0
-    path = dist.agree(lambda: find_checkpoint(run_dir, resume))
-    if path is not None:
-        start = load_checkpoint(path, team.engine, team.sampler, team.recipe)
-        team.restored(path, start)
-        result.resumed_from = where.checkpoint = path
-        where.kept = f"the checkpoints are as they were; the newest is {path}"
-        say(console, f"resumed from {path} (step {start})")
-        later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
-        for moved in later or []:
-            say(console, f"a later checkpoint of the earlier run is now {moved}")
-    dist.agree(lambda: write_recipe(run_dir, team.recipe) if main else None)
-    return start
 
 
 @contextlib.contextmanager

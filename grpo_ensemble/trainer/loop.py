@@ -24,7 +24,6 @@ from ..rundir import (
     StepProgress,
     prepare_run_dir,
     write_file,
-    write_recipe,
 )
 from .around import (
     TrainResult,
@@ -32,14 +31,10 @@ from .around import (
     check_disk_space,
     checkpoint_or_stop,
     history,
+    resume_from,
     save_final,
     step_or_stop,
     write_data_report,
-)
-from .checkpoint import (
-    find_checkpoint,
-    load_checkpoint,
-    set_aside_later,
 )
 from .console import say, say_eval, say_row, say_summary
 from .deepspeed import init_distributed
@@ -128,7 +123,7 @@ def train(
             write_data_report(run, console)
         dist.agree(lambda: check_disk_space(run) if main else None)
         result = TrainResult(run_dir=run_dir, model_dir=run_dir / "final", metrics=[])
-        start = _resume(run, resume, result, console, where) if resume is not None else 0
+        start = resume_from(run, resume, result, console, where) if resume is not None else 0
         members = [m.name for m in run.ensemble.members]
         records = Records(run_dir, recipe, observers, members, main, start, t0)
         with _end_recorded(records, result, start, console):
@@ -258,25 +253,6 @@ def _evaluate_after(run: Run, model_dir: Path, console) -> EvalResult | None:
         raise
     say_eval(console, "after", after)
     return after
-
-
-def _resume(run: Run, resume: str, result: TrainResult, console, where: Where) -> int:
-    """Restore the checkpoint `resume` names (if any); returns the step it ends."""
-    main, run_dir, start = dist.is_main(), run.run_dir, 0
-    path = dist.agree(lambda: find_checkpoint(run_dir, resume))
-    if path is not None:
-        start = load_checkpoint(path, run.engine, run.sampler, run.recipe)
-        run.restored(path, start)
-        result.resumed_from = where.checkpoint = path
-        where.kept = f"the checkpoints are as they were; the newest is {path}"
-        say(console, f"resumed from {path} (step {start})")
-        # later checkpoints belong to the way the run went before; kept, under another name
-        later = dist.agree(lambda: set_aside_later(run_dir, start) if main else [])
-        for moved in later or []:
-            say(console, f"a later checkpoint of the earlier run is now {moved}")
-    # only now: a checkpoint that refused this recipe leaves the run's own recipe in place
-    dist.agree(lambda: write_recipe(run_dir, run.recipe) if main else None)
-    return start
 
 
 def _steps(run: Run, start: int, result: TrainResult, console, where: Where, records) -> None:
