@@ -98,14 +98,8 @@ def train(
         if recipe.policies is not None:
             from .coloop import train_team
 
-            given = {
-                "generators": generators,
-                "model": model,
-                "reward_scorers": reward_scorers,
-                "group_evaluator": group_evaluator,
-                "data": data,
-                "eval_scorer": eval_scorer,
-            }
+            given = dict(generators=generators, model=model, reward_scorers=reward_scorers)
+            given |= dict(group_evaluator=group_evaluator, data=data, eval_scorer=eval_scorer)
             return train_team(recipe, run_dir, observers, given, resume, console, where, t0)
         note = (lambda line: say(console, f"{line} …")) if console is not None else None
         run = build_run(

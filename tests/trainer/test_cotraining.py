@@ -363,3 +363,24 @@ def test_policies_of_other_tokenizers_exchange_text_re_tokenized(tmp_path):
         assert sorted(taken) == sorted(expected)
         row = result.policies[taker].metrics[0]
         assert row[f"member/{giver}/completion_len"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_one_policy_trains_adapters_beside_a_fully_trained_one(tmp_path):
+    pytest.importorskip("peft")
+    data = co_recipe(tmp_path, eval={"before": False, "after": False})
+    data["policies"][0]["lora"] = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    data["train"] = {**data["train"], "steps": 1}
+    result = train(recipe_from_dict(data))
+    small, base = result.policies["small"].model_dir, result.policies["base"].model_dir
+    assert (small / "adapter_config.json").is_file() and not (small / "model.safetensors").exists()
+    assert json.loads((small / "adapter_config.json").read_text())["r"] == 4
+    assert (base / "model.safetensors").is_file()
+    trained = load_file(base / "model.safetensors")
+    start = AutoModelForCausalLM.from_pretrained(_builtin("tiny-arith-base")).state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in trained)  # base trained too
+
+
+def _builtin(name: str) -> str:
+    from grpo_ensemble.models.loading import resolve_model
+
+    return resolve_model(f"builtin:{name}", "policy.model")
