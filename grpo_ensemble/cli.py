@@ -67,9 +67,14 @@ def train(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> N
     result = run_train(r, console=console, resume=resume, source=recipe)
     last = result.metrics[-1] if result.metrics else {}
     reward = f", last reward {last['reward']:.3f}" if "reward" in last else ""
-    console.print(
-        f"done: step {r.train.steps} of {r.train.steps}{reward}; final model in {result.model_dir}"
-    )
+    where = f"final model in {result.model_dir}"
+    if result.policies:  # co-training: each policy's own figure and folder
+        rewards = [
+            f"{n} {p.metrics[-1]['reward']:.3f}" for n, p in result.policies.items() if p.metrics
+        ]
+        reward = f", last reward {', '.join(rewards)}" if rewards else ""
+        where = f"final models in {result.model_dir}/<{'|'.join(result.policies)}>"
+    console.print(f"done: step {r.train.steps} of {r.train.steps}{reward}; {where}", soft_wrap=True)
 
 
 @app.command()
