@@ -1,6 +1,7 @@
 """The recipe: its schema (`schema`) and how a YAML file and `--set` overrides become one
 (`reading`)."""
 
+from .members import MemberConfig, PeerConfig, PolicyConfig, SamplingConfig
 from .reading import (
     _line_of,
     apply_overrides,
@@ -16,12 +17,8 @@ from .schema import (
     LimitsConfig,
     LogConfig,
     LossConfig,
-    MemberConfig,
-    PeerConfig,
-    PolicyConfig,
     Recipe,
     RewardConfig,
-    SamplingConfig,
     TrainConfig,
 )
 

@@ -156,18 +156,10 @@ def save_checkpoint(
     def write_own():
         (tmp / f"rng-rank{dist.rank()}.json").write_text(json.dumps(rng or rng_state()))
         if dist.is_main():
-            state = {
-                "step": step,
-                "sampler": sampler_state,
-                "world_size": dist.world_size(),
-                "recipe": recipe.model_dump(mode="json"),
-            }
+            state = {"step": step, "sampler": sampler_state, "world_size": dist.world_size()}
+            state["recipe"] = recipe.model_dump(mode="json")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            for where in {"", *engine_parts(engine)}:  # co-training: each policy's rows too
-                (tmp / where).mkdir(parents=True, exist_ok=True)
-                _keep_metrics(
-                    run_dir / where / "metrics.jsonl", tmp / where / "metrics.jsonl", step
-                )
+            _keep_all_metrics(run_dir, tmp, engine_parts(engine), step)
 
     dist.agree(lambda: _disk_errors(write_own, root))
     dist.barrier()
@@ -197,6 +189,13 @@ def engine_parts(engine) -> dict[str, Any]:
     if isinstance(engine, Mapping):
         return {f"{POLICIES_DIR}/{name}": e for name, e in engine.items()}
     return {"": engine}
+
+
+def _keep_all_metrics(run_dir: Path, tmp: Path, parts, step: int) -> None:
+    """The run's metrics rows up to `step`, and with co-training each policy's (`parts`)."""
+    for where in {"", *parts}:
+        (tmp / where).mkdir(parents=True, exist_ok=True)
+        _keep_metrics(run_dir / where / "metrics.jsonl", tmp / where / "metrics.jsonl", step)
 
 
 def _keep_metrics(source: Path, target: Path, step: int) -> None:
